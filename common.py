@@ -1,0 +1,926 @@
+"""Data loaders and metrics shared by s2sd.py, camd.py, spkd.py and isd.py.
+
+Nothing here knows about a method: no models, no losses, no training loop. Two halves:
+
+Data
+    load_split(name, root, split) -> Split           every dataset the four papers use, plus
+                                                      `digits` (offline) and `synthetic`
+    small images: to_device, batch_indices and batched on-device augmentation (random_crop_flip,
+    random_resized_crop, random_hflip, color_jitter, random_grayscale, normalize, resize)
+    large images: ImageFiles + make_loader with the papers' torchvision transforms
+    class_balanced_batches                            the DML sampler of the released S2SD code
+    embed                                             a whole split through a model, in eval mode
+
+Metrics (tensors in, Python floats in [0, 1] out; exact, chunked, on the embeddings' device)
+    recall_at_k, map_at_r, nmi, knn_accuracy, topk_accuracy
+    retrieval_metrics, knn_metrics                    the bundles every script logs (percentages)
+
+Retrieval conventions (shared/notes/metrics.md): the test set is both query and gallery; a query is
+excluded from its own gallery by index; neighbours are ranked by Euclidean distance on the
+embeddings as given (the same order as cosine similarity for L2-normalised input); ties go to the
+lower gallery index. The N x N distance matrix is never held at once: queries are processed in
+chunks and only the nearest neighbours of each chunk are kept.
+"""
+import hashlib
+import math
+import os
+import shutil
+import sys
+import tarfile
+import time
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)  # RepDistiller
+DIGITS_MEAN, DIGITS_STD = (0.3053,), (0.3759,)  # pixel statistics of all 1,797 sklearn digits
+STL10_MEAN, STL10_STD = (0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)
+DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "stl10", "tinyimagenet",
+            "cub", "cars", "sop", "imagenet", "imagenet100", "folder")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
+
+# The fixed ImageNet-100 subset of CMC (Tian et al., 2019), also used by solo-learn.
+IMAGENET100_WNIDS = """
+n02869837 n01749939 n02488291 n02107142 n13037406 n02091831 n04517823 n04589890 n03062245 n01773797
+n01735189 n07831146 n07753275 n03085013 n04485082 n02105505 n01983481 n02788148 n03530642 n04435653
+n02086910 n02859443 n13040303 n03594734 n02085620 n02099849 n01558993 n04493381 n02109047 n04111531
+n02877765 n04429376 n02009229 n01978455 n02106550 n01820546 n01692333 n07714571 n02974003 n02114855
+n03785016 n03764736 n03775546 n02087046 n07836838 n04099969 n04592741 n03891251 n02701002 n03379051
+n02259212 n07715103 n03947888 n04026417 n02326432 n03637318 n01980166 n02113799 n02086240 n03903868
+n02483362 n04127249 n02089973 n03017168 n02093428 n02804414 n02396427 n04418357 n02172182 n01729322
+n02113978 n03787032 n02089867 n02119022 n03777754 n04238763 n02231487 n03032252 n02138441 n02104029
+n03837869 n03494278 n04136333 n03794056 n03492542 n02018207 n04067472 n03930630 n03584829 n02123045
+n04229816 n02100583 n03642806 n04336792 n03259280 n02116738 n02108089 n03424325 n01855672 n02090622
+""".split()
+
+CUB_URL = "https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz"
+CUB_MD5 = "97eceeb196236b17998738112f37df78"
+SOP_URL = "ftp://cs.stanford.edu/cs/cvgl/Stanford_Online_Products.zip"
+SOP_MD5 = "7f73d41a2f44250d4779881525aea32e"
+TINY_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+TINY_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
+
+
+class DatasetError(Exception):
+    """A dataset is unknown, missing or incomplete. The message is one actionable line."""
+
+
+@dataclass
+class Split:
+    """One split of a dataset: labels plus either in-memory images or image file paths."""
+    name: str
+    labels: torch.Tensor                 # int64 [N]; -1 where the split has no labels
+    num_classes: int
+    mean: tuple
+    std: tuple
+    images: torch.Tensor | None = None   # uint8 [N, C, H, W] (small-image datasets)
+    paths: list | None = None            # image files (large-image datasets)
+
+    def __len__(self):
+        return len(self.labels)
+
+
+# ----------------------------------------------------------------------------------------------
+# Downloads: a file is written as <name>.part and renamed only after its checksum matched, and an
+# archive is extracted into a temporary folder that is renamed only when extraction finished, so
+# an interrupted run can never be mistaken for a finished one.
+
+def download_url(url, path, md5=None):
+    """Download `url` to `path` (resuming a `.part` file over HTTP), verify `md5`, then rename."""
+    if os.path.exists(path) and (md5 is None or file_md5(path) == md5):
+        return path
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    part = path + ".part"
+    done = os.path.getsize(part) if os.path.exists(part) else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={done}-"} if done else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=60)
+    except Exception as e:  # no network, host gone, HTTP error
+        raise DatasetError(f"could not download {url} ({e}); download it by hand to {path}") from None
+    if done and getattr(response, "status", 200) != 206:  # server ignored the range: restart
+        done = 0
+    total = done + int(response.headers.get("Content-Length") or 0)
+    with response, open(part, "ab" if done else "wb") as f:
+        last = 0.0
+        while chunk := response.read(1 << 20):
+            f.write(chunk)
+            done += len(chunk)
+            if time.time() - last > 1.0 or done == total:
+                last = time.time()
+                pct = f" ({100 * done / total:.1f}%)" if total else ""
+                print(f"\rdownloading {os.path.basename(path)}: {done / 2**20:.1f} MiB{pct}",
+                      end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    if md5 is not None and file_md5(part) != md5:
+        os.remove(part)
+        raise DatasetError(f"checksum mismatch for {url} (expected md5 {md5}); the partial file "
+                           f"was deleted, run again to re-download")
+    os.replace(part, path)
+    return path
+
+
+def file_md5(path, chunk=1 << 22):
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def extract(archive, dest_root, top_folder):
+    """Extract `archive` so that `dest_root/top_folder` appears only once extraction is complete."""
+    tmp = os.path.join(dest_root, f".extracting-{top_folder}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    print(f"extracting {archive} ...", file=sys.stderr)
+    if archive.endswith(".zip"):
+        with zipfile.ZipFile(archive) as z:
+            z.extractall(tmp)
+    else:
+        with tarfile.open(archive) as t:
+            t.extractall(tmp, filter="data") if hasattr(tarfile, "data_filter") else t.extractall(tmp)
+    final = os.path.join(dest_root, top_folder)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(os.path.join(tmp, top_folder), final)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading splits
+
+def load_split(name, root="./data", split="train", download=True, image_size=None, channels=None,
+               synthetic_size=(512, 10, 32)):
+    """Load one split of a dataset (see the table in shared/notes/datasets.md).
+
+    Tensor form (uint8 images in memory): digits, synthetic, cifar10, cifar100, stl10,
+    tinyimagenet. File form (paths): cub, cars, sop, imagenet, imagenet100, folder.
+    `image_size` resizes tensor-form images once at load time; `channels=3` turns grey into RGB.
+    `synthetic_size` = (number of images, classes, image side) for `synthetic`.
+    Raises DatasetError with instructions when data are missing or incomplete.
+    """
+    loaders = {"digits": _digits, "synthetic": _synthetic, "cifar10": _cifar, "cifar100": _cifar,
+               "stl10": _stl10, "tinyimagenet": _tinyimagenet, "cub": _cub, "cars": _cars,
+               "sop": _sop, "imagenet": _imagenet, "imagenet100": _imagenet, "folder": _folder}
+    if name not in loaders:
+        raise DatasetError(f"unknown dataset '{name}'; choose from {', '.join(DATASETS)}")
+    kwargs = {"synthetic_size": synthetic_size} if name == "synthetic" else {}
+    out = loaders[name](name, root, split, download, **kwargs)
+    if out.images is not None and image_size is not None and out.images.shape[-1] != image_size:
+        out.images = (resize(out.images, image_size) * 255).round().clamp(0, 255).to(torch.uint8)
+    if out.images is not None and channels is not None and out.images.shape[1] != channels:
+        if out.images.shape[1] != 1:
+            raise DatasetError(f"cannot turn {out.images.shape[1]}-channel {name} into {channels} channels")
+        out.images = out.images.expand(-1, channels, -1, -1).contiguous()
+        out.mean, out.std = out.mean * channels, out.std * channels
+    return out
+
+
+def _check_split(name, split, allowed):
+    if split not in allowed:
+        raise DatasetError(f"dataset '{name}' has no split '{split}'; choose from {', '.join(allowed)}")
+
+
+def _digits(name, root, split, download):
+    """sklearn's 8x8 digits: a zero-shot DML split (0-4 / 5-9) and a stratified 80/20 split."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    _check_split(name, split, ("train", "test", "dml_train", "dml_test"))
+    d = load_digits()
+    images = torch.from_numpy(np.round(d.images * (255 / 16)).astype(np.uint8))[:, None]
+    labels = torch.from_numpy(d.target.astype(np.int64))
+    if split.startswith("dml"):
+        keep = labels < 5 if split == "dml_train" else labels >= 5
+        idx = torch.nonzero(keep).squeeze(1)
+    else:
+        train_idx, test_idx = train_test_split(np.arange(len(labels)), test_size=0.2,
+                                               stratify=d.target, random_state=0)
+        idx = torch.from_numpy(np.sort(train_idx if split == "train" else test_idx))
+    return Split(name, labels[idx], 10, DIGITS_MEAN, DIGITS_STD, images=images[idx].contiguous())
+
+
+def _synthetic(name, root, split, download, synthetic_size=(512, 10, 32)):
+    """Random images with random labels, deterministic per split: for throughput and tests."""
+    _check_split(name, split, ("train", "test", "val"))
+    n, num_classes, size = synthetic_size
+    g = torch.Generator().manual_seed(0 if split == "train" else 1)
+    images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, num_classes, (n,), generator=g)
+    return Split(name, labels, num_classes, IMAGENET_MEAN, IMAGENET_STD, images=images)
+
+
+def _cifar(name, root, split, download):
+    import torchvision
+    _check_split(name, split, ("train", "test"))
+    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    try:
+        ds = cls(root, train=split == "train", download=download)
+    except Exception as e:  # offline, or a corrupt/half-extracted folder
+        folder = "cifar-10-batches-py" if name == "cifar10" else "cifar-100-python"
+        raise DatasetError(f"{name} not found or incomplete under {root}/{folder} ({e}); "
+                           f"run once with network access, or place the python-version archive "
+                           f"from https://www.cs.toronto.edu/~kriz/cifar.html in {root}") from None
+    images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+    mean, std = (CIFAR10_MEAN, CIFAR10_STD) if name == "cifar10" else (CIFAR100_MEAN, CIFAR100_STD)
+    return Split(name, torch.tensor(ds.targets, dtype=torch.int64), 10 if name == "cifar10" else 100,
+                 mean, std, images=images)
+
+
+def _stl10(name, root, split, download):
+    import torchvision
+    _check_split(name, split, ("train", "test", "unlabeled", "train+unlabeled"))
+    try:
+        ds = torchvision.datasets.STL10(root, split=split, download=download)
+    except Exception as e:
+        raise DatasetError(f"stl10 not found or incomplete under {root}/stl10_binary ({e}); run "
+                           f"once with network access or place stl10_binary.tar.gz in {root}") from None
+    return Split(name, torch.from_numpy(ds.labels.astype(np.int64)), 10, STL10_MEAN, STL10_STD,
+                 images=torch.from_numpy(ds.data))
+
+
+def _read_image(path, size=None):
+    from PIL import Image
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        if size is not None and im.size != (size, size):
+            im = im.resize((size, size), Image.BILINEAR)
+        return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def _tinyimagenet(name, root, split, download):
+    """Tiny-ImageNet-200 (64 px): decoded once into a uint8 tensor cached next to the images."""
+    _check_split(name, split, ("train", "val"))
+    base = os.path.join(root, "tiny-imagenet-200")
+    if not os.path.isdir(base) and download:
+        archive = download_url(TINY_URL, os.path.join(root, "tiny-imagenet-200.zip"), TINY_MD5)
+        extract(archive, root, "tiny-imagenet-200")
+    wnids_file = os.path.join(base, "wnids.txt")
+    if not os.path.isfile(wnids_file):
+        raise DatasetError(f"tinyimagenet expected {wnids_file}; download {TINY_URL} and unzip it in {root}")
+    wnids = open(wnids_file).read().split()
+    cls = {w: i for i, w in enumerate(wnids)}
+    cache = os.path.join(base, f"{split}_uint8.pt")
+    if os.path.isfile(cache):
+        images, labels = torch.load(cache)
+        return Split(name, labels, len(wnids), IMAGENET_MEAN, IMAGENET_STD, images=images)
+    paths, labels = [], []
+    if split == "train":
+        for w in wnids:
+            folder = os.path.join(base, "train", w, "images")
+            files = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+            if not files:
+                raise DatasetError(f"tinyimagenet looks incomplete: no images in {folder}; "
+                                   f"delete {base} and run again to re-download")
+            paths += [os.path.join(folder, f) for f in files]
+            labels += [cls[w]] * len(files)
+    else:
+        ann = os.path.join(base, "val", "val_annotations.txt")
+        if not os.path.isfile(ann):
+            raise DatasetError(f"tinyimagenet looks incomplete: {ann} missing; delete {base} and run again")
+        for line in open(ann):
+            parts = line.split("\t")
+            paths.append(os.path.join(base, "val", "images", parts[0]))
+            labels.append(cls[parts[1]])
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise DatasetError(f"tinyimagenet looks incomplete: {len(missing)} images missing, e.g. {missing[0]}")
+    images = torch.stack([_read_image(p, 64) for p in paths])
+    labels = torch.tensor(labels, dtype=torch.int64)
+    torch.save((images, labels), cache + ".tmp")
+    os.replace(cache + ".tmp", cache)
+    return Split(name, labels, len(wnids), IMAGENET_MEAN, IMAGENET_STD, images=images)
+
+
+def _relabel(name, paths, class_ids, split):
+    """Contiguous labels 0..C-1 in sorted class-id order within the split."""
+    uniq = sorted(set(class_ids))
+    index = {c: i for i, c in enumerate(uniq)}
+    labels = torch.tensor([index[c] for c in class_ids], dtype=torch.int64)
+    return Split(name, labels, len(uniq), IMAGENET_MEAN, IMAGENET_STD, paths=paths)
+
+
+def _cub(name, root, split, download):
+    """CUB-200-2011: classes 1-100 train, 101-200 test (DML zero-shot protocol)."""
+    _check_split(name, split, ("train", "test"))
+    base = os.path.join(root, "CUB_200_2011", "images")
+    if not os.path.isdir(base) and download:
+        archive = download_url(CUB_URL, os.path.join(root, "CUB_200_2011.tgz"), CUB_MD5)
+        extract(archive, root, "CUB_200_2011")
+    if not os.path.isdir(base):
+        raise DatasetError(f"cub expected {base}/NNN.Name/*.jpg; download {CUB_URL} and extract it in {root}")
+    folders = sorted(d for d in os.listdir(base) if os.path.isdir(os.path.join(base, d)) and d[:3].isdigit())
+    paths, class_ids = [], []
+    for d in folders:
+        files = sorted(f for f in os.listdir(os.path.join(base, d))
+                       if not f.startswith("._") and f.lower().endswith(IMAGE_EXTENSIONS))
+        if not files:
+            raise DatasetError(f"cub looks incomplete: {os.path.join(base, d)} has no images; "
+                               f"delete {os.path.join(root, 'CUB_200_2011')} and run again")
+        cid = int(d[:3])
+        if (cid <= 100) == (split == "train"):
+            paths += [os.path.join(base, d, f) for f in files]
+            class_ids += [cid] * len(files)
+    if len(folders) != 200:
+        raise DatasetError(f"cub looks incomplete: {len(folders)} of 200 class folders in {base}; "
+                           f"delete {os.path.join(root, 'CUB_200_2011')} and run again")
+    return _relabel(name, paths, class_ids, split)
+
+
+def _cars(name, root, split, download):
+    """Stanford Cars (CARS196): class ids 1-98 train, 99-196 test, all 16,185 images."""
+    import scipy.io
+    _check_split(name, split, ("train", "test"))
+    base = os.path.join(root, "cars")
+    mat = os.path.join(base, "cars_annos.mat")
+    if not os.path.isfile(mat):
+        raise DatasetError(f"cars expected {mat} and {base}/car_ims/; the original host is gone: place "
+                           f"cars_annos.mat and the car_ims folder there by hand")
+    try:
+        ann = scipy.io.loadmat(mat, squeeze_me=True)["annotations"]
+        rel = [str(p) for p in np.atleast_1d(ann["relative_im_path"])]
+        cids = [int(c) for c in np.atleast_1d(ann["class"])]
+    except Exception as e:
+        raise DatasetError(f"cannot read {mat} ({e}); expected the original cars_annos.mat") from None
+    paths, class_ids = [], []
+    for p, c in zip(rel, cids):
+        if (c <= 98) == (split == "train"):
+            paths.append(os.path.join(base, p))
+            class_ids.append(c)
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing or not paths:
+        raise DatasetError(f"cars looks incomplete: {len(missing)} of {len(paths)} {split} images "
+                           f"missing under {base}/car_ims (e.g. {missing[0] if missing else '-'})")
+    return _relabel(name, paths, class_ids, split)
+
+
+def _sop(name, root, split, download):
+    """Stanford Online Products: Ebay_train.txt (11,318 classes) / Ebay_test.txt (11,316)."""
+    _check_split(name, split, ("train", "test"))
+    base = os.path.join(root, "Stanford_Online_Products")
+    listing = os.path.join(base, f"Ebay_{split}.txt")
+    if not os.path.isfile(listing) and download:
+        try:
+            archive = download_url(SOP_URL, os.path.join(root, "Stanford_Online_Products.zip"), SOP_MD5)
+            extract(archive, root, "Stanford_Online_Products")
+        except DatasetError as e:
+            raise DatasetError(f"{e}; or place Stanford_Online_Products/ (Ebay_*.txt and "
+                               f"*_final/ folders) in {root}") from None
+    if not os.path.isfile(listing):
+        raise DatasetError(f"sop expected {listing}; place Stanford_Online_Products/ (from "
+                           f"{SOP_URL}) in {root}")
+    paths, class_ids = [], []
+    with open(listing) as f:
+        next(f)  # header: image_id class_id super_class_id path
+        for line in f:
+            if line.strip():
+                _, cid, _, rel = line.split()
+                paths.append(os.path.join(base, rel))
+                class_ids.append(int(cid))
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise DatasetError(f"sop looks incomplete: {len(missing)} of {len(paths)} images listed in "
+                           f"{listing} are missing (e.g. {missing[0]}); re-extract the archive")
+    return _relabel(name, paths, class_ids, split)
+
+
+def _image_folder(base, wnids=None):
+    """(paths, labels, class names) of an ImageFolder-style tree; `wnids` restricts the classes."""
+    classes = sorted(d for d in os.listdir(base) if os.path.isdir(os.path.join(base, d)))
+    if wnids is not None:
+        missing = sorted(set(wnids) - set(classes))
+        if missing:
+            raise DatasetError(f"{base} lacks {len(missing)} of the {len(wnids)} expected class "
+                               f"folders, e.g. {missing[0]}")
+        classes = sorted(wnids)
+    paths, labels = [], []
+    for i, c in enumerate(classes):
+        for dirpath, _, files in sorted(os.walk(os.path.join(base, c))):
+            for f in sorted(files):
+                if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("._"):
+                    paths.append(os.path.join(dirpath, f))
+                    labels.append(i)
+    return paths, labels, classes
+
+
+def _imagenet(name, root, split, download):
+    """ImageNet-1k or the CMC ImageNet-100 subset: user-placed train/<wnid>/, val/<wnid>/."""
+    _check_split(name, split, ("train", "val", "test"))
+    split = "val" if split == "test" else split
+    base = os.path.join(root, name, split)
+    wnids = None
+    if name == "imagenet100" and not os.path.isdir(base):  # take the subset from a full ImageNet
+        base, wnids = os.path.join(root, "imagenet", split), IMAGENET100_WNIDS
+    if not os.path.isdir(base):
+        raise DatasetError(f"{name} expected {base}/<wnid>/*.JPEG (ImageNet cannot be downloaded "
+                           f"automatically; place train/ and val/ with class sub-folders there; "
+                           f"sort val images into folders with the usual valprep.sh)")
+    paths, labels, classes = _image_folder(base, wnids)
+    expected = 100 if name == "imagenet100" else 1000
+    if len(classes) != expected or not paths:
+        raise DatasetError(f"{name} looks incomplete: {len(classes)} of {expected} class folders and "
+                           f"{len(paths)} images in {base}")
+    return Split(name, torch.tensor(labels), len(classes), IMAGENET_MEAN, IMAGENET_STD, paths=paths)
+
+
+def _folder(name, root, split, download):
+    """Any folder of images: class sub-folders give labels, a flat folder gives labels -1."""
+    if not os.path.isdir(root):
+        raise DatasetError(f"folder dataset: {root} is not a directory (pass it with --data-root)")
+    paths, labels, classes = _image_folder(root)
+    if not paths:  # flat folder: unlabeled
+        paths = sorted(os.path.join(root, f) for f in os.listdir(root)
+                       if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("._"))
+        labels, classes = [-1] * len(paths), []
+    if not paths:
+        raise DatasetError(f"folder dataset: no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
+    return Split(name, torch.tensor(labels, dtype=torch.int64), len(classes), IMAGENET_MEAN,
+                 IMAGENET_STD, paths=paths)
+
+
+# ----------------------------------------------------------------------------------------------
+# Small images: the whole uint8 dataset on the device, whole batches augmented there.
+# Augmentations take uint8 or float [B, C, H, W] and return float32 in [0, 1]; they draw from the
+# global RNG of the tensor's device, so seeding and RNG-state checkpoints make them reproducible.
+
+def to_device(split, device):
+    """(uint8 images, labels) of a tensor-form split on `device`."""
+    if split.images is None:
+        raise DatasetError(f"{split.name} is a file dataset; use ImageFiles + make_loader")
+    return split.images.to(device), split.labels.to(device)
+
+
+def batch_indices(n, batch_size, shuffle=True, drop_last=False, device="cpu"):
+    """One epoch of index batches (a random permutation when `shuffle`)."""
+    order = torch.randperm(n, device=device) if shuffle else torch.arange(n, device=device)
+    stop = n - n % batch_size if drop_last else n
+    return [order[i:i + batch_size] for i in range(0, stop, batch_size)]
+
+
+def _float(x):
+    return x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+
+
+def random_hflip(x, p=0.5):
+    """Flip each image horizontally with probability p."""
+    x = _float(x)
+    flip = torch.rand(x.shape[0], device=x.device) < p
+    return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+
+def random_crop_flip(x, padding=4):
+    """RandomCrop(H, padding, zero fill) + RandomHorizontalFlip, the CIFAR recipe, batched."""
+    x = _float(x)
+    b, _, h, w = x.shape
+    xp = F.pad(x, (padding,) * 4)
+    oy = torch.randint(0, 2 * padding + 1, (b, 1), device=x.device) + torch.arange(h, device=x.device)
+    ox = torch.randint(0, 2 * padding + 1, (b, 1), device=x.device) + torch.arange(w, device=x.device)
+    out = xp[torch.arange(b, device=x.device)[:, None, None], :, oy[:, :, None], ox[:, None, :]]
+    return random_hflip(out.permute(0, 3, 1, 2))
+
+
+def random_resized_crop(x, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """torchvision's RandomResizedCrop for a whole batch: one bilinear grid_sample.
+
+    Like torchvision, up to 10 (area, aspect) draws per image and the first that fits is used;
+    images with no fitting draw fall back to the whole image. No antialiasing when shrinking.
+    """
+    x = _float(x)
+    b, _, h, w = x.shape
+    dev = x.device
+    area = torch.empty(b, 10, device=dev).uniform_(*scale)
+    log_r = torch.empty(b, 10, device=dev).uniform_(math.log(ratio[0]), math.log(ratio[1]))
+    cw = torch.sqrt(area * torch.exp(log_r)) * math.sqrt(h / w)  # crop width / image width
+    ch = torch.sqrt(area / torch.exp(log_r)) * math.sqrt(w / h)  # crop height / image height
+    ok = (cw <= 1) & (ch <= 1)
+    first = torch.argmax(ok.int(), dim=1, keepdim=True)
+    any_ok = ok.any(1)
+    cw = torch.where(any_ok, cw.gather(1, first).squeeze(1), torch.ones(b, device=dev))
+    ch = torch.where(any_ok, ch.gather(1, first).squeeze(1), torch.ones(b, device=dev))
+    cx = (torch.rand(b, device=dev) * (1 - cw) + cw / 2) * 2 - 1  # crop centre in [-1, 1]
+    cy = (torch.rand(b, device=dev) * (1 - ch) + ch / 2) * 2 - 1
+    theta = torch.zeros(b, 2, 3, device=dev)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = cw, cx, ch, cy
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    grid = F.affine_grid(theta, (b, x.shape[1], *size), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def _gray(x):
+    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]) if x.shape[1] == 3 else x
+
+
+def _rgb_to_hsv(x):
+    r, g, b = x.unbind(1)
+    maxc, _ = x.max(1)
+    minc, _ = x.min(1)
+    delta = maxc - minc
+    s = torch.where(maxc > 0, delta / maxc.clamp_min(1e-12), torch.zeros_like(maxc))
+    d = delta.clamp_min(1e-12)
+    h = torch.where(maxc == r, ((g - b) / d) % 6, torch.where(maxc == g, (b - r) / d + 2, (r - g) / d + 4))
+    h = torch.where(delta > 0, h / 6, torch.zeros_like(h))
+    return torch.stack([h, s, maxc], 1)
+
+
+def _hsv_to_rgb(x):
+    h, s, v = x.unbind(1)
+    k = torch.stack([(5 + h * 6) % 6, (3 + h * 6) % 6, (1 + h * 6) % 6], 1)
+    return v[:, None] - v[:, None] * s[:, None] * (torch.minimum(k, 4 - k).clamp(0, 1))
+
+
+def color_jitter(x, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, p=0.8):
+    """ColorJitter applied with probability p per image (MoCo-v2 / SimCLR views).
+
+    Factors are drawn per image as in torchvision; the four operations are applied in a fixed
+    order (brightness, contrast, saturation, hue) rather than torchvision's random order.
+    """
+    x = _float(x)
+    b, dev = x.shape[0], x.device
+    def factor(s):
+        return torch.empty(b, 1, 1, 1, device=dev).uniform_(max(0.0, 1 - s), 1 + s)
+    out = (x * factor(brightness)).clamp(0, 1)
+    mean = _gray(out).mean(dim=(1, 2, 3), keepdim=True)
+    out = ((out - mean) * factor(contrast) + mean).clamp(0, 1)
+    if x.shape[1] == 3:
+        gray = _gray(out)
+        out = ((out - gray) * factor(saturation) + gray).clamp(0, 1)
+        hsv = _rgb_to_hsv(out)
+        shift = torch.empty(b, 1, 1, device=dev).uniform_(-hue, hue)
+        hsv = torch.stack([(hsv[:, 0] + shift) % 1.0, hsv[:, 1], hsv[:, 2]], 1)
+        out = _hsv_to_rgb(hsv).clamp(0, 1)
+    apply = torch.rand(b, device=dev) < p
+    return torch.where(apply[:, None, None, None], out, x)
+
+
+def random_grayscale(x, p=0.2):
+    """Replace each image by its luminance (kept 3-channel) with probability p."""
+    x = _float(x)
+    apply = torch.rand(x.shape[0], device=x.device) < p
+    return torch.where(apply[:, None, None, None], _gray(x).expand_as(x), x)
+
+
+def normalize(x, mean, std):
+    """(x - mean) / std per channel; uint8 input is first scaled to [0, 1]."""
+    x = _float(x)
+    mean = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    std = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    return (x - mean) / std
+
+
+def resize(x, size):
+    """Bilinear resize (antialiased when shrinking) to size x size; returns float in [0, 1]."""
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    return F.interpolate(_float(x), size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Large images: DataLoader with workers and pinned memory, and the papers' torchvision transforms.
+
+def dml_train_transform(size=224):
+    """S2SD / Revisiting-DML training view: RandomResizedCrop(224), flip, ImageNet normalisation."""
+    from torchvision import transforms as T
+    return T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(),
+                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def imagenet_train_transform(size=224):
+    """The torchvision ImageNet classification recipe: RandomResizedCrop + flip."""
+    return dml_train_transform(size)
+
+
+def eval_transform(resize=256, crop=224, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """Resize the shorter side, centre crop, normalise."""
+    from torchvision import transforms as T
+    return T.Compose([T.Resize(resize), T.CenterCrop(crop), T.ToTensor(), T.Normalize(mean, std)])
+
+
+def moco_v2_transform(size=224, strong=True):
+    """MoCo-v2 augmentation (strong) or its weak counterpart: RandomResizedCrop(0.2-1) + flip."""
+    from torchvision import transforms as T
+    ops = [T.RandomResizedCrop(size, scale=(0.2, 1.0))]
+    if strong:
+        ops += [T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), T.RandomGrayscale(p=0.2),
+                T.RandomApply([T.GaussianBlur(23, sigma=(0.1, 2.0))], p=0.5)]
+    ops += [T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    return T.Compose(ops)
+
+
+def _two_views(img, first, second):
+    return first(img), second(img)
+
+
+def two_views(first, second):
+    """A picklable transform returning (first(img), second(img)): the two SSL views."""
+    return partial(_two_views, first=first, second=second)
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """(transform(RGB image), label) for a list of image files."""
+
+    def __init__(self, paths, labels, transform):
+        self.paths, self.labels, self.transform = paths, [int(v) for v in labels], transform
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        with Image.open(self.paths[i]) as im:
+            return self.transform(im.convert("RGB")), self.labels[i]
+
+
+def make_loader(dataset, batch_size=None, shuffle=False, workers=4, drop_last=False,
+                batch_sampler=None, sampler=None):
+    """DataLoader with pinned memory (on CUDA machines) and persistent, prefetching workers."""
+    kw = dict(num_workers=workers, pin_memory=torch.cuda.is_available(),
+              persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+    if batch_sampler is not None:
+        return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, **kw)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None,
+                                       sampler=sampler, drop_last=drop_last, **kw)
+
+
+# ----------------------------------------------------------------------------------------------
+# The class-balanced DML sampler of the released S2SD / Revisiting-DML code
+# (datasampler/class_random_sampler.py): per batch, `classes_per_batch` classes drawn uniformly
+# WITH replacement, and for each `samples_per_class` images of that class WITH replacement;
+# len(labels) // batch_size batches per epoch.
+
+def class_balanced_batches(labels, classes_per_batch, samples_per_class, num_batches=None, generator=None):
+    """LongTensor [num_batches, classes_per_batch * samples_per_class] of dataset indices."""
+    labels = torch.as_tensor(labels).cpu()
+    batch = classes_per_batch * samples_per_class
+    num_batches = len(labels) // batch if num_batches is None else num_batches
+    order = torch.argsort(labels, stable=True)                 # indices grouped by class
+    classes, counts = torch.unique(labels, return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    cls = torch.randint(len(classes), (num_batches, classes_per_batch, 1), generator=generator)
+    offset = (torch.rand(num_batches, classes_per_batch, samples_per_class, generator=generator)
+              * counts[cls]).long().clamp_max(counts[cls] - 1)
+    return order[starts[cls] + offset].reshape(num_batches, batch)
+
+
+# ----------------------------------------------------------------------------------------------
+# Embedding a whole split
+
+@torch.no_grad()
+def embed(fn, split, device, batch_size=256, flip_average=False, workers=4, transform=None):
+    """Run `fn` over a split in order; returns (out0, [out1, ...], labels) as float32 on `device`.
+
+    fn receives a normalised float batch on `device` (tensor form: `transform(uint8 batch)` or
+    normalize with the split's mean/std; file form: `transform` or eval_transform()). It may
+    return a tensor or a tuple. With `flip_average`, output 0 is averaged over the image and its
+    horizontal flip (the CAMD protocol; normalise afterwards); other outputs use the plain image.
+    The caller sets eval mode; autocast, if wanted, belongs inside fn.
+    """
+    if split.images is not None:
+        prep = transform or (lambda u: normalize(u, split.mean, split.std))
+        batches = ((prep(split.images[i:i + batch_size].to(device, non_blocking=True)), None)
+                   for i in range(0, len(split), batch_size))
+    else:
+        ds = ImageFiles(split.paths, split.labels, transform or eval_transform())
+        loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers,
+                                             pin_memory=torch.cuda.is_available())
+        batches = ((x.to(device, non_blocking=True), None) for x, _ in loader)
+    outs = None
+    for x, _ in batches:
+        out = fn(x)
+        out = list(out) if isinstance(out, (tuple, list)) else [out]
+        if flip_average:
+            flipped = fn(x.flip(3))
+            flipped = flipped[0] if isinstance(flipped, (tuple, list)) else flipped
+            out[0] = (out[0].float() + flipped.float()) / 2
+        outs = [[] for _ in out] if outs is None else outs
+        for acc, o in zip(outs, out):
+            acc.append(o.float())
+    return (*[torch.cat(o) for o in outs], split.labels.to(device))
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics
+
+def _chunk_rows(n_gallery, budget=1 << 26):
+    """Query rows per chunk so a chunk's distance matrix stays near `budget` floats (256 MB)."""
+    return max(1, min(4096, budget // max(1, n_gallery)))
+
+
+def _nearest(query, gallery, k, exclude_self):
+    """Indices [Nq, k] of the k nearest gallery items (Euclidean), ties to the lower index.
+
+    Chunked over queries; the query's own index is excluded when `exclude_self` (query set =
+    gallery). Exact: rows whose k-th distance is tied with an item outside the top k are
+    re-selected so that the lowest-indexed tied items win, then every row is ordered by
+    (distance, index).
+    """
+    query, gallery = query.float(), gallery.float()
+    n_g = gallery.shape[0]
+    k = min(k, n_g - (1 if exclude_self else 0))
+    g_sq = (gallery * gallery).sum(1)
+    out = []
+    step = _chunk_rows(n_g)
+    for s in range(0, query.shape[0], step):
+        q = query[s:s + step]
+        # ||q - g||^2 up to the per-row constant ||q||^2, which does not change the order
+        d = torch.addmm(g_sq[None, :], q, gallery.T, alpha=-2)
+        if exclude_self:
+            rows = torch.arange(q.shape[0], device=q.device)
+            d[rows, rows + s] = float("inf")
+        # one extra neighbour tells whether ties straddle position k (then the choice among the
+        # tied items is topk's, not "lowest index first")
+        val, idx = torch.topk(d, min(k + 1, n_g), dim=1, largest=False, sorted=True)
+        straddle = val[:, k] == val[:, k - 1] if val.shape[1] > k else torch.zeros_like(val[:, 0], dtype=torch.bool)
+        val, idx = val[:, :k], idx[:, :k]
+        kth = val[:, -1:]
+        ambiguous = torch.nonzero(straddle).squeeze(1)
+        if ambiguous.numel():  # rare: ties straddle position k; take the lowest-indexed ties
+            da, ka = d[ambiguous], kth[ambiguous]
+            less = da < ka
+            need = k - less.sum(1, keepdim=True)
+            tie = (da == ka) & (torch.cumsum((da == ka).int(), 1) <= need)
+            chosen = torch.nonzero(less | tie)[:, 1].view(-1, k)
+            idx[ambiguous] = chosen
+            val[ambiguous] = da.gather(1, chosen)
+        if k > 1 and (val[:, 1:] == val[:, :-1]).any():  # ties inside the list: order by (distance, index)
+            by_index = torch.argsort(idx, dim=1)
+            idx, val = idx.gather(1, by_index), val.gather(1, by_index)
+            idx = idx.gather(1, torch.argsort(val, dim=1, stable=True))
+        out.append(idx)
+    return torch.cat(out) if out else torch.empty(0, k, dtype=torch.long, device=query.device)
+
+
+# recall_at_k and map_at_r on the same embeddings share one neighbour search (as one call of
+# pytorch-metric-learning's AccuracyCalculator does): the last result is kept, keyed by the tensor
+# object and its in-place version counter, and reused when it holds enough neighbours.
+_last_search = {}
+
+
+def _self_neighbours(emb, k):
+    hit = _last_search.get("emb") is emb and _last_search["version"] == emb._version
+    if not (hit and _last_search["nn"].shape[1] >= k):
+        _last_search.clear()
+        _last_search.update(emb=emb, version=emb._version, nn=_nearest(emb, emb, k, exclude_self=True))
+    return _last_search["nn"][:, :k]
+
+
+def _same_class_counts(labels):
+    """For each item, how many OTHER items share its label."""
+    _, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+    return counts[inverse] - 1
+
+
+def _recall_from_neighbours(nn_labels, labels, ks):
+    hits = nn_labels == labels[:, None]
+    return {k: hits[:, :k].any(1).double().mean().item() for k in ks}
+
+
+def _map_at_r_from_neighbours(nn_labels, labels):
+    r = _same_class_counts(labels)
+    valid = r > 0
+    if not valid.any():
+        return 0.0
+    rel = (nn_labels == labels[:, None]).float()
+    pos = torch.arange(1, rel.shape[1] + 1, device=rel.device, dtype=torch.float32)
+    within_r = pos[None, :] <= r[:, None]
+    precision = torch.cumsum(rel, 1) / pos
+    ap = (precision * rel * within_r).sum(1) / r.clamp_min(1)
+    return ap[valid].double().mean().item()
+
+
+def recall_at_k(emb, labels, ks=(1, 2, 4, 8)):
+    """Recall@k: fraction of queries with a same-label item among their k nearest (self excluded).
+
+    Queries whose class has no other member count as misses.
+    """
+    labels = labels.to(emb.device)
+    k = max(ks)
+    max_r = int(_same_class_counts(labels).max().item()) if len(labels) else 0
+    if max_r <= 128:  # cheap to fetch enough neighbours for a following map_at_r as well
+        k = max(k, max_r)
+    return _recall_from_neighbours(labels[_self_neighbours(emb, k)[:, :max(ks)]], labels, ks)
+
+
+def map_at_r(emb, labels):
+    """MAP@R (Musgrave et al., 2020): per query with R = #other same-label items >= 1,
+    (1/R) sum_{i<=R} P(i) rel(i); mean over those queries."""
+    labels = labels.to(emb.device)
+    max_r = int(_same_class_counts(labels).max().item()) if len(labels) else 0
+    if max_r == 0:
+        return 0.0
+    return _map_at_r_from_neighbours(labels[_self_neighbours(emb, max_r)], labels)
+
+
+def _kmeans(x, k, seed=0, max_iter=100):
+    """Batched Lloyd k-means in torch with greedy k-means++ initialisation; returns assignments.
+
+    Why not scikit-learn: on SOP's test set (60,502 x 128, 11,316 clusters) sklearn's KMeans runs
+    on the CPU only and takes many minutes; this version runs on the embeddings' device (seconds on
+    a GPU) with the same algorithm. Settings: greedy k-means++ init with 2 + ln(k) candidates per
+    centre (as scikit-learn), then Lloyd iterations until no assignment changes (at most
+    `max_iter`), one run (n_init = 1). Empty clusters keep their previous centre.
+    """
+    x = x.float()
+    n = x.shape[0]
+    dev = x.device
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    trials = 2 + int(math.log(k))
+    x_sq = (x * x).sum(1)
+    step = _chunk_rows(k)
+
+    def sq_dist_to(c):  # [n, m] squared distances to a few centres
+        return (x_sq[:, None] - 2 * x @ c.T + (c * c).sum(1)[None, :]).clamp_min_(0)
+
+    centers = torch.empty(k, x.shape[1], device=dev)
+    first = torch.randint(n, (1,), generator=gen).item()
+    centers[0] = x[first]
+    closest = sq_dist_to(x[first:first + 1]).squeeze(1)
+    for c in range(1, k):
+        probs = (closest / closest.sum().clamp_min(1e-12)).cpu()
+        if not torch.isfinite(probs).all() or probs.sum() <= 0:
+            probs = torch.ones(n)
+        cand = torch.multinomial(probs, trials, replacement=True, generator=gen).to(dev)
+        d = torch.minimum(closest[:, None], sq_dist_to(x[cand]))   # [n, trials]
+        best = torch.argmin(d.sum(0))
+        centers[c] = x[cand[best]]
+        closest = d[:, best]
+
+    assign = torch.full((n,), -1, dtype=torch.long, device=dev)
+    for _ in range(max_iter):
+        c_sq = (centers * centers).sum(1)
+        new = torch.cat([torch.addmm(c_sq[None, :], x[s:s + step], centers.T, alpha=-2).argmin(1)
+                         for s in range(0, n, step)])
+        if torch.equal(new, assign):
+            break
+        assign = new
+        sums = torch.zeros_like(centers).index_add_(0, assign, x)
+        counts = torch.bincount(assign, minlength=k).float()
+        nonempty = counts > 0
+        centers[nonempty] = sums[nonempty] / counts[nonempty, None]
+    return assign
+
+
+def nmi(emb, labels, seed=0):
+    """Normalised mutual information between labels and k-means clusters (k = #distinct labels),
+    sklearn's normalized_mutual_info_score (arithmetic mean). k-means: see _kmeans."""
+    from sklearn.metrics import normalized_mutual_info_score
+    k = int(torch.unique(labels).numel())
+    assign = _kmeans(emb, k, seed=seed)
+    return float(normalized_mutual_info_score(labels.cpu().numpy(), assign.cpu().numpy()))
+
+
+def knn_accuracy(train_emb, train_labels, test_emb, test_labels, k=20, weighted=False, temperature=0.1):
+    """k-NN classification accuracy of test items against the train gallery (no self-exclusion).
+
+    Neighbours by Euclidean distance. Unweighted: majority vote, ties to the smaller label (as
+    scikit-learn). Weighted: each neighbour votes exp(cos / temperature) with cos the cosine
+    similarity (the InstDisc / SSL-library monitor, k = 200, temperature 0.1).
+    """
+    dev = test_emb.device
+    train_emb, train_labels = train_emb.to(dev).float(), train_labels.to(dev)
+    test_labels = test_labels.to(dev)
+    nn = _nearest(test_emb, train_emb, k, exclude_self=False)
+    votes_labels = train_labels[nn]
+    num_classes = int(max(train_labels.max().item(), test_labels.max().item())) + 1
+    if weighted:
+        q = F.normalize(test_emb.float(), dim=1)
+        g = F.normalize(train_emb, dim=1)
+        weight = torch.cat([torch.exp(torch.einsum("qd,qkd->qk", q[s:s + 256], g[nn[s:s + 256]]) / temperature)
+                            for s in range(0, len(q), 256)])
+    else:
+        weight = torch.ones_like(votes_labels, dtype=torch.float32)
+    scores = torch.zeros(len(test_labels), num_classes, device=dev).scatter_add_(1, votes_labels, weight)
+    return (scores.argmax(1) == test_labels).double().mean().item()
+
+
+def topk_accuracy(logits, labels, ks=(1, 5)):
+    """Fraction of rows whose label is among the top-k logits."""
+    labels = labels.to(logits.device)
+    top = torch.topk(logits.float(), min(max(ks), logits.shape[1]), dim=1).indices
+    hits = top == labels[:, None]
+    return {k: hits[:, :k].any(1).double().mean().item() for k in ks}
+
+
+def retrieval_metrics(emb, labels, ks=(1, 2, 4, 8), with_map=True, with_nmi=True, seed=0):
+    """{"R@k": .., "MAP@R": .., "NMI": ..} in percent, from one shared neighbour search."""
+    labels = labels.to(emb.device)
+    need = max(ks)
+    if with_map:
+        need = max(need, int(_same_class_counts(labels).max().item()))
+    nn_labels = labels[_self_neighbours(emb, need)]
+    out = {f"R@{k}": 100 * v for k, v in _recall_from_neighbours(nn_labels, labels, ks).items()}
+    if with_map:
+        out["MAP@R"] = 100 * _map_at_r_from_neighbours(nn_labels, labels)
+    if with_nmi:
+        out["NMI"] = 100 * nmi(emb, labels, seed=seed)
+    return out
+
+
+def knn_metrics(train_emb, train_labels, test_emb, test_labels):
+    """ISD's k-NN protocol in percent: 1-NN, 20-NN (majority) and weighted 200-NN (T = 0.1)."""
+    return {"knn1": 100 * knn_accuracy(train_emb, train_labels, test_emb, test_labels, k=1),
+            "knn20": 100 * knn_accuracy(train_emb, train_labels, test_emb, test_labels, k=20),
+            "knn200w": 100 * knn_accuracy(train_emb, train_labels, test_emb, test_labels, k=200,
+                                          weighted=True, temperature=0.1)}
