@@ -1,0 +1,482 @@
+"""The test suite: CPU only, offline.  Run:  python -m pytest -q test_smoke.py
+
+Sections: common.py metrics (against brute force and scikit-learn), dataset loaders on generated
+fixture folders, the DML sampler, on-device augmentation, downloads, eval.py, then one section per
+method script (losses against re-derivations of the papers' equations, end-to-end digits runs,
+checkpoint -> eval.py round trips, resume, bad inputs).
+"""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+
+def run_script(*argv, env=None, timeout=600):
+    """Run a repository script in a subprocess; returns CompletedProcess (text)."""
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    return subprocess.run([sys.executable, *argv], cwd=HERE, capture_output=True, text=True,
+                          timeout=timeout, env=full_env)
+
+
+# ------------------------------------------------------------------------------------------------
+# Metrics against brute-force definitions (shared/notes/metrics.md)
+
+def brute_ranking(emb, i):
+    d = ((emb.double() - emb[i].double()) ** 2).sum(1)
+    return sorted((j for j in range(len(emb)) if j != i), key=lambda j: (d[j].item(), j))
+
+
+def brute_recall_map(emb, labels, ks):
+    hits, aps = {k: 0 for k in ks}, []
+    for i in range(len(emb)):
+        order = brute_ranking(emb, i)
+        rel = [int(labels[j] == labels[i]) for j in order]
+        for k in ks:
+            hits[k] += any(rel[:k])
+        r = sum(rel)
+        if r:
+            aps.append(sum(sum(rel[:p + 1]) / (p + 1) for p in range(r) if rel[p]) / r)
+    return {k: v / len(emb) for k, v in hits.items()}, float(np.mean(aps)) if aps else 0.0
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_recall_and_map_match_brute_force_with_ties_duplicates_singletons(seed, monkeypatch):
+    g = torch.Generator().manual_seed(seed)
+    emb = torch.randint(0, 3, (61, 4), generator=g).float()   # many exact ties and duplicates
+    labels = torch.randint(0, 5, (61,), generator=g)
+    labels[:3] = torch.tensor([100, 101, 102])                 # single-member classes
+    monkeypatch.setattr(common, "_chunk_rows", lambda n: 7)    # 61 rows: chunks do not divide N
+    common._last_search.clear()
+    rec, mapr = common.recall_at_k(emb, labels), common.map_at_r(emb, labels)
+    ref_rec, ref_map = brute_recall_map(emb, labels, (1, 2, 4, 8))
+    for k in (1, 2, 4, 8):
+        assert rec[k] == pytest.approx(ref_rec[k], abs=1e-12)
+    assert mapr == pytest.approx(ref_map, abs=1e-7)
+
+
+def test_self_excluded_by_index_not_by_first_neighbour():
+    # two identical points of different classes: dropping "the first neighbour" would drop the
+    # wrong one for one of them; exclusion by index must not
+    emb = torch.tensor([[0.0, 1.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.0]])
+    labels = torch.tensor([0, 1, 0, 1])
+    assert common.recall_at_k(emb, labels, ks=(1,))[1] == 0.0
+    labels = torch.tensor([0, 0, 1, 1])
+    assert common.recall_at_k(emb.clone(), labels, ks=(1,))[1] == 1.0
+    assert common.map_at_r(emb.clone(), labels) == 1.0
+
+
+def test_tie_broken_to_lower_index():
+    # query 0 has two equidistant neighbours, index 1 (other class) and 2 (same class)
+    emb = torch.tensor([[0.0], [1.0], [-1.0], [5.0]])
+    labels = torch.tensor([0, 1, 0, 1])
+    # query 0's tie goes to index 1 (miss); queries 2 and 3 hit: 0.5 (0.75 if the tie went to 2)
+    assert common.recall_at_k(emb, labels, ks=(1,))[1] == 0.5
+    assert common.recall_at_k(emb.clone(), labels, ks=(2,))[2] == 0.75  # query 1 misses
+
+
+def test_recall_at_1_matches_sklearn_nearest_neighbour():
+    from sklearn.neighbors import NearestNeighbors
+    g = torch.Generator().manual_seed(0)
+    emb = F.normalize(torch.randn(300, 16, generator=g), dim=1)
+    labels = torch.randint(0, 12, (300,), generator=g)
+    nn = NearestNeighbors(n_neighbors=2).fit(emb.numpy()).kneighbors(emb.numpy(), return_distance=False)
+    ref = float(np.mean(labels.numpy()[nn[:, 1]] == labels.numpy()))
+    assert common.recall_at_k(emb, labels, ks=(1,))[1] == pytest.approx(ref)
+
+
+def test_metric_bundle_equals_single_functions_and_cache_respects_inplace_changes():
+    g = torch.Generator().manual_seed(1)
+    emb = F.normalize(torch.randn(200, 8, generator=g), dim=1)
+    labels = torch.randint(0, 7, (200,), generator=g)
+    bundle = common.retrieval_metrics(emb, labels, with_nmi=False)
+    rec = common.recall_at_k(emb, labels)
+    assert bundle["R@1"] == pytest.approx(100 * rec[1]) and bundle["R@8"] == pytest.approx(100 * rec[8])
+    assert bundle["MAP@R"] == pytest.approx(100 * common.map_at_r(emb, labels))
+    before = common.map_at_r(emb, labels)
+    emb.mul_(-1).add_(torch.randn(200, 8, generator=g))      # in place: the cache must not be reused
+    common_ref = brute_recall_map(emb, labels, (1,))[1]
+    assert common.map_at_r(emb, labels) == pytest.approx(common_ref, abs=1e-7)
+    assert before != pytest.approx(common_ref)
+
+
+def test_nmi_matches_sklearn_on_separated_clusters():
+    from sklearn.cluster import KMeans
+    from sklearn.datasets import make_blobs
+    from sklearn.metrics import normalized_mutual_info_score
+    for seed in range(3):
+        x, y = make_blobs(n_samples=400, centers=9, n_features=12, cluster_std=0.5, random_state=seed)
+        ref = normalized_mutual_info_score(y, KMeans(9, n_init=3, random_state=0).fit_predict(x))
+        ours = common.nmi(torch.tensor(x, dtype=torch.float32), torch.tensor(y))
+        assert ours == pytest.approx(ref, abs=1e-6) and ours == pytest.approx(1.0)
+    # random embeddings: same ballpark as sklearn (different local optima are allowed)
+    x = F.normalize(torch.randn(500, 16, generator=torch.Generator().manual_seed(0)), dim=1)
+    y = torch.arange(500) % 20
+    ref = normalized_mutual_info_score(y.numpy(), KMeans(20, n_init=1, random_state=0).fit_predict(x.numpy()))
+    assert abs(common.nmi(x, y) - ref) < 0.05
+
+
+def test_knn_accuracy_matches_sklearn_and_weighted_brute_force():
+    from sklearn.neighbors import KNeighborsClassifier
+    g = torch.Generator().manual_seed(0)
+    tr = F.normalize(torch.randn(400, 8, generator=g), dim=1)
+    te = F.normalize(torch.randn(97, 8, generator=g), dim=1)
+    ytr, yte = torch.randint(0, 6, (400,), generator=g), torch.randint(0, 6, (97,), generator=g)
+    for k in (1, 20):
+        clf = KNeighborsClassifier(n_neighbors=k, algorithm="brute").fit(tr.numpy(), ytr.numpy())
+        ref = float(np.mean(clf.predict(te.numpy()) == yte.numpy()))
+        assert common.knn_accuracy(tr, ytr, te, yte, k=k) == pytest.approx(ref)
+    correct = 0
+    for i in range(len(te)):
+        sims = tr @ te[i]
+        top = torch.topk(sims, 50).indices
+        votes = torch.zeros(6).index_add_(0, ytr[top], torch.exp(sims[top] / 0.1))
+        correct += int(votes.argmax() == yte[i])
+    assert common.knn_accuracy(tr, ytr, te, yte, k=50, weighted=True) == pytest.approx(correct / len(te))
+    keys = common.knn_metrics(tr, ytr, te, yte)
+    assert set(keys) == {"knn1", "knn20", "knn200w"}
+
+
+def test_topk_accuracy():
+    logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1], [0.2, 0.3, 0.5]])
+    labels = torch.tensor([1, 2, 0])
+    acc = common.topk_accuracy(logits, labels, ks=(1, 2, 3))
+    assert acc[1] == pytest.approx(1 / 3) and acc[2] == pytest.approx(1 / 3) and acc[3] == 1.0
+
+
+# ------------------------------------------------------------------------------------------------
+# Loaders on fixture folders in each dataset's layout
+
+def write_image(path, seed=0, size=6):
+    from PIL import Image
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(path)
+
+
+def test_digits_and_synthetic_splits():
+    tr, te = common.load_split("digits", split="train"), common.load_split("digits", split="test")
+    assert (len(tr), len(te)) == (1437, 360) and tr.images.dtype == torch.uint8
+    assert torch.bincount(te.labels).min() >= 35                       # stratified
+    dtr, dte = common.load_split("digits", split="dml_train"), common.load_split("digits", split="dml_test")
+    assert set(dtr.labels.tolist()) == {0, 1, 2, 3, 4} and set(dte.labels.tolist()) == {5, 6, 7, 8, 9}
+    assert len(dtr) + len(dte) == 1797
+    big = common.load_split("digits", split="train", image_size=32, channels=3)
+    assert big.images.shape[1:] == (3, 32, 32) and len(big.mean) == 3
+    a = common.load_split("synthetic", split="train", synthetic_size=(20, 4, 16))
+    b = common.load_split("synthetic", split="train", synthetic_size=(20, 4, 16))
+    assert torch.equal(a.images, b.images) and a.images.shape == (20, 3, 16, 16)
+    assert not torch.equal(a.images, common.load_split("synthetic", split="test", synthetic_size=(20, 4, 16)).images)
+
+
+def test_unknown_dataset_and_split_raise_dataset_error(tmp_path):
+    with pytest.raises(common.DatasetError, match="unknown dataset"):
+        common.load_split("mnist", root=str(tmp_path))
+    with pytest.raises(common.DatasetError, match="no split"):
+        common.load_split("digits", split="validation")
+    with pytest.raises(common.DatasetError, match="cifar100"):
+        common.load_split("cifar100", root=str(tmp_path), download=False)
+
+
+def make_cub(root, n_classes=200):
+    for c in range(1, n_classes + 1):
+        write_image(os.path.join(root, "CUB_200_2011", "images", f"{c:03d}.Bird_{c}", f"img_{c}_0.jpg"), c)
+        if c % 2:
+            write_image(os.path.join(root, "CUB_200_2011", "images", f"{c:03d}.Bird_{c}", f"img_{c}_1.jpg"), c)
+        open(os.path.join(root, "CUB_200_2011", "images", f"{c:03d}.Bird_{c}", f"._img_{c}_0.jpg"), "w").close()
+
+
+def test_cub_fixture_split_and_half_extracted(tmp_path):
+    make_cub(str(tmp_path))
+    tr = common.load_split("cub", str(tmp_path), "train", download=False)
+    te = common.load_split("cub", str(tmp_path), "test", download=False)
+    assert (tr.num_classes, te.num_classes) == (100, 100)
+    assert (len(tr), len(te)) == (150, 150)                          # '._' files ignored
+    assert all("/001." in p or int(p.split("/images/")[1][:3]) <= 100 for p in tr.paths)
+    assert tr.labels.max() == 99 and te.labels.min() == 0
+    half = tmp_path / "half"
+    make_cub(str(half), n_classes=150)
+    with pytest.raises(common.DatasetError, match="incomplete"):
+        common.load_split("cub", str(half), "train", download=False)
+    with pytest.raises(common.DatasetError, match="CUB_200_2011"):
+        common.load_split("cub", str(tmp_path / "nothing"), "train", download=False)
+
+
+def test_cars_fixture_from_mat(tmp_path):
+    import scipy.io
+    base = tmp_path / "cars"
+    recs = []
+    for i, c in enumerate(list(range(1, 197)) + [1, 99]):
+        rel = f"car_ims/{i:06d}.jpg"
+        write_image(str(base / rel), i)
+        recs.append((rel, c, i % 2))
+    ann = np.array(recs, dtype=[("relative_im_path", "O"), ("class", "O"), ("test", "O")])
+    scipy.io.savemat(str(base / "cars_annos.mat"), {"annotations": ann[None, :]})
+    tr = common.load_split("cars", str(tmp_path), "train")
+    te = common.load_split("cars", str(tmp_path), "test")
+    assert (len(tr), len(te), tr.num_classes, te.num_classes) == (99, 99, 98, 98)   # test flag ignored
+    os.remove(base / "car_ims" / "000005.jpg")
+    with pytest.raises(common.DatasetError, match="incomplete"):
+        common.load_split("cars", str(tmp_path), "train")
+
+
+def test_sop_fixture_and_missing_file(tmp_path):
+    base = tmp_path / "Stanford_Online_Products"
+    for split, classes in (("train", range(1, 6)), ("test", range(6, 10))):
+        lines = ["image_id class_id super_class_id path"]
+        for c in classes:
+            for j in range(2):
+                rel = f"bicycle_final/{c}_{j}.JPG"
+                write_image(str(base / rel), c * 10 + j)
+                lines.append(f"{len(lines)} {c} 1 {rel}")
+        (base / f"Ebay_{split}.txt").write_text("\n".join(lines) + "\n")
+    tr = common.load_split("sop", str(tmp_path), "train", download=False)
+    te = common.load_split("sop", str(tmp_path), "test", download=False)
+    assert (len(tr), tr.num_classes, len(te), te.num_classes) == (10, 5, 8, 4)
+    assert tr.labels.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    os.remove(base / "bicycle_final" / "7_1.JPG")
+    with pytest.raises(common.DatasetError, match="1 of 8 images"):
+        common.load_split("sop", str(tmp_path), "test", download=False)
+
+
+def test_tinyimagenet_fixture_and_cache(tmp_path):
+    base = tmp_path / "tiny-imagenet-200"
+    wnids = ["n001", "n002", "n003"]
+    (base).mkdir()
+    (base / "wnids.txt").write_text("\n".join(wnids))
+    for i, w in enumerate(wnids):
+        for j in range(2):
+            write_image(str(base / "train" / w / "images" / f"{w}_{j}.JPEG"), i * 2 + j, size=64)
+    lines = []
+    for j in range(4):
+        write_image(str(base / "val" / "images" / f"val_{j}.JPEG"), 50 + j, size=64)
+        lines.append(f"val_{j}.JPEG\t{wnids[j % 3]}\t0\t0\t10\t10")
+    (base / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
+    tr = common.load_split("tinyimagenet", str(tmp_path), "train", download=False)
+    va = common.load_split("tinyimagenet", str(tmp_path), "val", download=False)
+    assert tr.images.shape == (6, 3, 64, 64) and tr.labels.tolist() == [0, 0, 1, 1, 2, 2]
+    assert va.labels.tolist() == [0, 1, 2, 0] and tr.num_classes == 3
+    assert (base / "train_uint8.pt").exists()
+    again = common.load_split("tinyimagenet", str(tmp_path), "train", download=False)
+    assert torch.equal(again.images, tr.images)
+    import shutil
+    shutil.rmtree(base / "train" / "n002")
+    os.remove(base / "train_uint8.pt")
+    with pytest.raises(common.DatasetError, match="incomplete"):
+        common.load_split("tinyimagenet", str(tmp_path), "train", download=False)
+
+
+def test_imagenet100_subset_and_folder(tmp_path):
+    for w in common.IMAGENET100_WNIDS + ["n99999999"]:
+        write_image(str(tmp_path / "imagenet" / "val" / w / "a.JPEG"), 1)
+    assert len(set(common.IMAGENET100_WNIDS)) == 100
+    sub = common.load_split("imagenet100", str(tmp_path), "val")
+    assert sub.num_classes == 100 and len(sub) == 100 and "n99999999" not in " ".join(sub.paths)
+    with pytest.raises(common.DatasetError, match="incomplete"):
+        common.load_split("imagenet", str(tmp_path), "val")              # 101 of 1000 folders
+    with pytest.raises(common.DatasetError, match="imagenet"):
+        common.load_split("imagenet", str(tmp_path), "train")
+    flat = tmp_path / "flat"
+    for j in range(3):
+        write_image(str(flat / f"{j}.png"), j)
+    f = common.load_split("folder", str(flat))
+    assert len(f) == 3 and f.labels.tolist() == [-1, -1, -1]
+    lab = common.load_split("folder", str(tmp_path / "imagenet" / "val"))
+    assert lab.num_classes == 101
+    with pytest.raises(common.DatasetError):
+        common.load_split("folder", str(tmp_path / "empty_nowhere"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Sampler and augmentation
+
+def test_class_balanced_batches_released_semantics():
+    labels = torch.arange(1000) % 50                       # 50 classes x 20
+    g = torch.Generator().manual_seed(0)
+    b = common.class_balanced_batches(labels, 8, 2, generator=g)
+    assert b.shape == (1000 // 16, 16)
+    pairs = labels[b].view(-1, 8, 2)
+    assert torch.equal(pairs[..., 0], pairs[..., 1])      # 2 samples of the same class per draw
+    again = common.class_balanced_batches(labels, 8, 2, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(b, again)
+    many = common.class_balanced_batches(labels, 8, 2, num_batches=4000, generator=g)
+    counts = torch.bincount(labels[many].flatten(), minlength=50).float()
+    assert (counts / counts.mean() - 1).abs().max() < 0.15  # classes uniform (binomial noise ~4%)
+    # classes are drawn WITH replacement: some of 62 batches of 8 draws from 50 classes repeat one
+    assert any(len(set(row)) < 8 for row in pairs[..., 0].tolist())
+    idx_counts = torch.bincount(many.flatten(), minlength=1000).float()
+    assert (idx_counts > 0).all()
+
+
+def test_augmentations_shapes_ranges_and_identities():
+    x = torch.randint(0, 256, (6, 3, 12, 12), dtype=torch.uint8)
+    xf = x.float() / 255
+    out = common.random_crop_flip(x, padding=4)
+    assert out.shape == xf.shape and out.min() >= 0 and out.max() <= 1
+    same = common.random_crop_flip(x, padding=0)
+    assert all(torch.equal(same[i], xf[i]) or torch.equal(same[i], xf[i].flip(2)) for i in range(6))
+    # crops of a padded image contain only original pixels or zeros
+    assert torch.isin(out.flatten(), torch.cat([xf.flatten(), torch.zeros(1)])).all()
+    full = common.random_resized_crop(x, 12, scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    assert torch.allclose(full, xf, atol=1e-5)
+    assert common.random_resized_crop(x, 7).shape == (6, 3, 7, 7)
+    gray = common.random_grayscale(x, p=1.0)
+    assert torch.allclose(gray[:, 0], gray[:, 1]) and torch.allclose(gray[:, 1], gray[:, 2])
+    assert torch.equal(common.color_jitter(x, p=0.0), xf)
+    cj = common.color_jitter(x, p=1.0)
+    assert cj.shape == xf.shape and cj.min() >= 0 and cj.max() <= 1
+    hsv = common._rgb_to_hsv(xf)
+    assert torch.allclose(common._hsv_to_rgb(hsv), xf, atol=1e-5)
+    n = common.normalize(x, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    assert torch.allclose(n, (xf - 0.5) / 0.25)
+    assert common.resize(x, 6).shape == (6, 3, 6, 6)
+    batches = common.batch_indices(10, 4, shuffle=True)
+    assert [len(b) for b in batches] == [4, 4, 2] and sorted(torch.cat(batches).tolist()) == list(range(10))
+    assert [len(b) for b in common.batch_indices(10, 4, drop_last=True)] == [4, 4]
+
+
+def test_embed_flip_average_and_file_form(tmp_path):
+    split = common.load_split("synthetic", split="test", synthetic_size=(10, 3, 8))
+    w = torch.randn(3 * 8 * 8, 5)
+
+    def fn(x):
+        return x.flatten(1) @ w, x.flatten(1)[:, :2]
+    emb, second, labels = common.embed(fn, split, "cpu", batch_size=3, flip_average=True)
+    x = common.normalize(split.images, split.mean, split.std)
+    assert torch.allclose(emb, ((x.flatten(1) @ w) + (x.flip(3).flatten(1) @ w)) / 2, atol=1e-4)
+    assert torch.allclose(second, x.flatten(1)[:, :2]) and torch.equal(labels, split.labels)
+    for j in range(3):
+        write_image(str(tmp_path / "c" / f"{j}.png"), j, size=20)
+    files = common.load_split("folder", str(tmp_path))
+    out, lab = common.embed(lambda x: x.mean((2, 3)), files, "cpu", batch_size=2, workers=0,
+                            transform=common.eval_transform(16, 12))
+    assert out.shape == (3, 3) and lab.tolist() == [0, 0, 0]
+    ds = common.ImageFiles(files.paths, files.labels, common.two_views(common.moco_v2_transform(12),
+                                                                      common.moco_v2_transform(12, strong=False)))
+    (v1, v2), _ = ds[0]
+    assert v1.shape == v2.shape == (3, 12, 12)
+
+
+# ------------------------------------------------------------------------------------------------
+# Downloads: checksum verified, a failed download never looks finished
+
+def test_download_checksum_and_extract(tmp_path):
+    src = tmp_path / "src" / "payload"
+    src.mkdir(parents=True)
+    (src / "a.txt").write_text("hello")
+    archive = tmp_path / "payload.tgz"
+    with tarfile.open(archive, "w:gz") as t:
+        t.add(src, arcname="payload")
+    md5 = hashlib.md5(archive.read_bytes()).hexdigest()
+    dest = tmp_path / "dl" / "payload.tgz"
+    with pytest.raises(common.DatasetError, match="checksum"):
+        common.download_url(archive.as_uri(), str(dest), md5="0" * 32)
+    assert not dest.exists() and not (tmp_path / "dl" / "payload.tgz.part").exists()
+    common.download_url(archive.as_uri(), str(dest), md5=md5)
+    assert dest.exists()
+    common.extract(str(dest), str(tmp_path / "dl"), "payload")
+    assert (tmp_path / "dl" / "payload" / "a.txt").read_text() == "hello"
+    assert not any(p.name.startswith(".extracting") for p in (tmp_path / "dl").iterdir())
+    with pytest.raises(common.DatasetError, match="could not download"):
+        common.download_url((tmp_path / "missing.tgz").as_uri(), str(tmp_path / "x.tgz"))
+
+
+# ------------------------------------------------------------------------------------------------
+# eval.py with a tiny method module that follows the contract
+
+TINY_METHOD = '''
+import torch, common
+def model_from_args(args):
+    torch.manual_seed(123)  # weights are overwritten by the checkpoint
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, args.dim))
+def evaluate(model, args, device):
+    model.eval()
+    split = common.load_split(args.dataset, args.data_root, "dml_test")
+    emb, labels = common.embed(lambda x: torch.nn.functional.normalize(model(x), dim=1), split, device)
+    return common.retrieval_metrics(emb, labels)
+def features(model, args, device, split):
+    model.eval()
+    s = common.load_split(args.dataset, args.data_root, "dml_train" if split == "train" else "dml_test")
+    return common.embed(model, s, device)
+'''
+
+
+def make_tiny_checkpoint(tmp_path):
+    (tmp_path / "tinymethod.py").write_text(TINY_METHOD)
+    sys.path.insert(0, str(tmp_path))
+    import importlib
+    mod = importlib.import_module("tinymethod")
+    args = {"dataset": "digits", "data_root": str(tmp_path), "dim": 8}
+    import argparse
+    model = mod.model_from_args(argparse.Namespace(**args))
+    torch.manual_seed(0)
+    for p in model.parameters():
+        p.data.normal_()
+    metrics = mod.evaluate(model, argparse.Namespace(**args), "cpu")
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"method": "tinymethod", "args": args, "model": model.state_dict(), "metrics": metrics},
+               run / "model.pt")
+    return run, metrics
+
+
+def test_eval_py_reproduces_checkpoint_metrics(tmp_path):
+    run, metrics = make_tiny_checkpoint(tmp_path)
+    r = run_script("eval.py", str(run / "model.pt"), "--linear-probe", env={"PYTHONPATH": str(tmp_path)})
+    assert r.returncode == 0, r.stderr
+    out = json.loads((run / "eval.json").read_text())
+    for k, v in metrics.items():
+        assert out[k] == pytest.approx(v, abs=1e-6)
+    assert set(out) >= {"R@1", "R@2", "R@4", "R@8", "MAP@R", "NMI", "linear"}
+    assert 0 <= out["linear"] <= 100 and "R@1" in r.stdout
+
+
+def test_eval_py_embeddings_file(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    emb = F.normalize(torch.randn(120, 6, generator=g), dim=1)
+    labels = torch.arange(120) % 10
+    train = F.normalize(torch.randn(200, 6, generator=g), dim=1)
+    np.savez(tmp_path / "e.npz", emb=emb.numpy(), labels=labels.numpy(), train_emb=train.numpy(),
+             train_labels=(torch.arange(200) % 10).numpy())
+    r = run_script("eval.py", "--embeddings", str(tmp_path / "e.npz"))
+    assert r.returncode == 0, r.stderr
+    out = json.loads((tmp_path / "e_eval.json").read_text())
+    assert out["R@1"] == pytest.approx(100 * common.recall_at_k(emb, labels)[1])
+    assert out["MAP@R"] == pytest.approx(100 * common.map_at_r(emb, labels))
+    assert {"NMI", "knn1", "knn20", "knn200w"} <= set(out)
+
+
+def test_eval_py_bad_inputs_exit_2(tmp_path):
+    run, _ = make_tiny_checkpoint(tmp_path)
+    env = {"PYTHONPATH": str(tmp_path)}
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    torch.save({"method": "no_such_method", "args": {}, "model": {}}, tmp_path / "unknown.pt")
+    torch.save({"weights": 1}, tmp_path / "foreign.pt")
+    ck = torch.load(run / "model.pt", weights_only=True)
+    ck["args"]["dim"] = 9
+    torch.save(ck, tmp_path / "mismatch.pt")
+    np.savez(tmp_path / "bad.npz", emb=np.zeros((3, 2)))
+    cases = [([str(tmp_path / "missing.pt")], "does not exist"),
+             ([str(tmp_path / "junk.pt")], "cannot read checkpoint"),
+             ([str(tmp_path / "unknown.pt")], "cannot be imported"),
+             ([str(tmp_path / "foreign.pt")], "not a checkpoint"),
+             ([str(tmp_path / "mismatch.pt")], "do not fit"),
+             ([str(run / "model.pt"), "--dataset", "cifar10", "--data-root", str(tmp_path / "none")], "cifar10"),
+             (["--embeddings", str(tmp_path / "bad.npz")], "lacks array"),
+             (["--embeddings", str(tmp_path / "nope.npz")], "does not exist")]
+    for argv, message in cases:
+        r = run_script("eval.py", *argv, env=env)
+        assert r.returncode == 2, (argv, r.stderr)
+        assert message in r.stderr and "Traceback" not in r.stderr, (argv, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
