@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+import s2sd
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -480,3 +481,257 @@ def test_eval_py_bad_inputs_exit_2(tmp_path):
         assert r.returncode == 2, (argv, r.stderr)
         assert message in r.stderr and "Traceback" not in r.stderr, (argv, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# s2sd.py: losses against per-anchor re-derivations, end-to-end runs, eval round trip, resume
+
+_S2SD_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _s2sd_naive_ms(emb, labels, alpha=2.0, beta=40.0, lam=0.5, eps=0.1):
+    """Per-anchor loop of the Multisimilarity loss with Revisiting-DML mining (reference semantics)."""
+    sim = emb @ emb.T
+    terms = []
+    for i in range(len(emb)):
+        pos = [sim[i, j] for j in range(len(emb)) if j != i and labels[j] == labels[i]]
+        neg = [sim[i, k] for k in range(len(emb)) if labels[k] != labels[i]]
+        if not pos or not neg:
+            continue
+        min_p, max_n = min(v.item() for v in pos), max(v.item() for v in neg)
+        pos_m = [v for v in pos if v.item() - eps < max_n]
+        neg_m = [v for v in neg if v.item() + eps > min_p]
+        if not pos_m or not neg_m:
+            continue
+        lp = torch.log(1 + sum(torch.exp(-alpha * (v - lam)) for v in pos_m)) / alpha
+        ln = torch.log(1 + sum(torch.exp(beta * (v - lam)) for v in neg_m)) / beta
+        terms.append(lp + ln)
+    return sum(terms) / len(terms) if terms else emb.sum() * 0
+
+
+def _s2sd_naive_kl(student, teacher, T=1.0):
+    """T^2/B * sum_i sum_j p_ij (log p_ij - log q_ij), p from the teacher Gram row, q from the student's."""
+    b = len(student)
+    total = 0.0
+    for i in range(b):
+        ls = [torch.dot(student[i], student[j]) / T for j in range(b)]
+        lt = [torch.dot(teacher[i], teacher[j]).detach() / T for j in range(b)]
+        zs, zt = sum(torch.exp(v) for v in ls), sum(torch.exp(v) for v in lt)
+        for j in range(b):
+            p, q = torch.exp(lt[j]) / zt, torch.exp(ls[j]) / zs
+            total = total + p * (torch.log(p) - torch.log(q))
+    return total * T * T / b
+
+
+def _s2sd_naive_margin(emb, labels, beta, triplets, margin=0.2):
+    loss, active = 0.0, 0
+    for a, p, n in zip(*[t.tolist() for t in triplets]):
+        d_ap = torch.sqrt(((emb[a] - emb[p]) ** 2).sum() + 1e-8)
+        d_an = torch.sqrt(((emb[a] - emb[n]) ** 2).sum() + 1e-8)
+        lp = torch.clamp(d_ap - beta[labels[a]] + margin, min=0)
+        ln = torch.clamp(beta[labels[a]] - d_an + margin, min=0)
+        active += int(lp > 0 or ln > 0)
+        loss = loss + lp + ln
+    return loss / max(active, 1)
+
+
+def _s2sd_emb(seed, b=12, d=6, classes=4):
+    g = torch.Generator().manual_seed(seed)
+    x = F.normalize(torch.randn(b, d, generator=g, dtype=torch.float64), dim=1).requires_grad_(True)
+    y = torch.randint(0, classes, (b,), generator=g)
+    return x, y
+
+
+def _s2sd_close(a, b, tol=1e-6):
+    a, b = a.detach(), b.detach()
+    return float((a - b).abs().max()) <= tol * max(1.0, float(b.abs().max()))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_s2sd_multisimilarity_matches_naive(seed):
+    x, y = _s2sd_emb(seed, b=10 + seed, classes=3 + seed % 3)  # includes singleton classes / no-positive anchors
+    x2 = x.detach().clone().requires_grad_(True)
+    got, ref = s2sd.multisimilarity_loss(x, y), _s2sd_naive_ms(x2, y)
+    got.backward()
+    ref.backward()
+    assert got.dtype == torch.float64 and _s2sd_close(got, ref)
+    assert _s2sd_close(x.grad, x2.grad)
+
+
+def test_s2sd_multisimilarity_no_survivor_is_connected_zero():
+    x = torch.tensor([[1.0, 0], [1, 0], [0, 1], [0, 1]], dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 0, 1, 1])  # s_pos = 1, s_neg = 0: no negative passes s + 0.1 > 1
+    loss = s2sd.multisimilarity_loss(x, y)
+    loss.backward()
+    assert loss.item() == 0.0 and loss.requires_grad and torch.all(x.grad == 0)
+    assert float(_s2sd_naive_ms(x.detach(), y)) == 0.0
+
+
+@pytest.mark.parametrize("seed,T", [(0, 1.0), (1, 0.5), (2, 2.0)])
+def test_s2sd_similarity_kl_matches_naive(seed, T):
+    s, _ = _s2sd_emb(seed, b=7, d=5)
+    t, _ = _s2sd_emb(seed + 10, b=7, d=9)
+    s2 = s.detach().clone().requires_grad_(True)
+    got, ref = s2sd.similarity_kl(s, t, T), _s2sd_naive_kl(s2, t, T)
+    got.backward()
+    ref.backward()
+    assert _s2sd_close(got, ref) and _s2sd_close(s.grad, s2.grad)
+    assert t.grad is None  # teacher side detached (dagger in Eq. 3)
+
+
+def test_s2sd_similarity_kl_zero_for_identical_and_positive_otherwise():
+    s, _ = _s2sd_emb(3, b=9, d=4)
+    assert abs(s2sd.similarity_kl(s, s.detach().clone()).item()) < 1e-12
+    t, _ = _s2sd_emb(4, b=9, d=4)
+    assert s2sd.similarity_kl(s, t).item() > 0
+
+
+def test_s2sd_margin_loss_matches_naive_and_miner():
+    x, y = _s2sd_emb(5, b=16, d=8, classes=4)
+    beta = torch.full((4,), 1.2, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(0)
+    trip = s2sd.distance_weighted_triplets(x, y)
+    a, p, n = trip
+    assert torch.all(y[a] == y[p]) and torch.all(y[a] != y[n])
+    x2, b2 = x.detach().clone().requires_grad_(True), beta.detach().clone().requires_grad_(True)
+    got, ref = s2sd.margin_loss(x, y, beta, trip), _s2sd_naive_margin(x2, y, b2, trip)
+    got.backward()
+    ref.backward()
+    assert _s2sd_close(got, ref) and _s2sd_close(x.grad, x2.grad) and _s2sd_close(beta.grad, b2.grad)
+    # R-Margin: swapped triplets are (a, a, same-class sample); about p of them
+    swaps = 0
+    for _ in range(50):
+        a, p, n = s2sd.distance_weighted_triplets(x, y, rho=0.2)
+        sw = a == p
+        assert torch.all(y[a[sw]] == y[n[sw]]) and torch.all(n[sw] != a[sw]) and torch.all(y[a[~sw]] != y[n[~sw]])
+        swaps += int(sw.sum())
+    assert 0.12 < swaps / (50 * len(a)) < 0.28
+
+
+def test_s2sd_distance_weighted_negative_distribution():
+    x, y = _s2sd_emb(6, b=8, d=5, classes=3)
+    d = torch.cdist(x.detach(), x.detach()).clamp(min=0.5)
+    w = d ** (2 - 5) * (1 - d * d / 4) ** (-(5 - 3) / 2)  # 1 / q(d) on the unit sphere, D = 5
+    w[y[:, None] == y[None, :]] = 0
+    expect = w / w.sum(1, keepdim=True)
+    torch.manual_seed(1)
+    counts, calls = torch.zeros(8, 8, dtype=torch.float64), 500
+    for _ in range(calls):
+        a, p, n = s2sd.distance_weighted_triplets(x, y)
+        counts[a, n] += 1
+    assert float((counts / calls - expect).abs().max()) < 0.08
+
+
+def test_s2sd_losses_bf16_autocast():
+    x, y = _s2sd_emb(7, b=14, d=16)
+    xf = x.detach().float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ms = s2sd.multisimilarity_loss(xf.bfloat16(), y)
+        kl = s2sd.similarity_kl(xf.bfloat16(), xf[:, :8].bfloat16())
+    assert ms.dtype == torch.float32 and kl.dtype == torch.float32
+    assert abs(float(ms) - float(s2sd.multisimilarity_loss(xf.bfloat16().float(), y))) < 1e-5
+    assert torch.isfinite(kl)
+
+
+def _s2sd_args(tmp_path, *extra):
+    return s2sd.get_args(["--device", "cpu", "--save-dir", str(tmp_path), "--log-every", "1000", *extra])
+
+
+@pytest.mark.parametrize("variant,loss", [("baseline", "multisimilarity"), ("dsd", "multisimilarity"),
+                                          ("msd", "margin"), ("msdf", "rmargin"), ("msdfa", "multisimilarity")])
+def test_s2sd_variants_and_losses_run_on_digits(tmp_path, variant, loss, capsys):
+    args = _s2sd_args(tmp_path, "--variant", variant, "--loss", loss, "--max-steps", "4", "--feat-delay", "2",
+                      "--run-name", "r")
+    s2sd.run(args)
+    ck = torch.load(tmp_path / "r" / "model.pt", weights_only=True)
+    assert len(ck["args"]["target_dims"]) == {"baseline": 0, "dsd": 1}.get(variant, 4)
+    assert 0 <= ck["metrics"]["R@1"] <= 100 and "NMI" in ck["metrics"] and "MAP@R" in ck["metrics"]
+    out = capsys.readouterr().out
+    assert "final (last epoch)" in out and "best epoch (chosen on the test set" in out
+
+
+def test_s2sd_save_eval_identical(tmp_path):
+    cmd = [sys.executable, "s2sd.py", "--epochs", "1", "--max-steps", "6", "--save-dir", str(tmp_path),
+           "--run-name", "e"]
+    r = subprocess.run(cmd, cwd=_S2SD_HERE, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    path = tmp_path / "e" / "model.pt"
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    args = s2sd.argparse.Namespace(**ck["args"])
+    model = s2sd.model_from_args(args)
+    model.load_state_dict(ck["model"])
+    again = s2sd.evaluate(model, args, "cpu")
+    assert all(abs(again[k] - ck["metrics"][k]) <= 1e-6 for k in ck["metrics"])
+    assert (tmp_path / "e" / "config.json").exists() and (tmp_path / "e" / "metrics.jsonl").exists()
+    if os.path.exists(os.path.join(_S2SD_HERE, "eval.py")):
+        r = subprocess.run([sys.executable, "eval.py", str(path)], cwd=_S2SD_HERE, capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        ev = json.loads((tmp_path / "e" / "eval.json").read_text())
+        ev = ev.get("metrics", ev)
+        assert all(abs(ev[k] - ck["metrics"][k]) <= 1e-6 for k in ck["metrics"])
+
+
+def test_s2sd_resume_equivalence(tmp_path):
+    # 22 steps per digits epoch: stop mid-epoch at 7, resume across the epoch boundary (and its eval) to 26.
+    flags = ["--eval-every", "1", "--feat-delay", "5", "--loss", "rmargin"]
+    s2sd.run(_s2sd_args(tmp_path, *flags, "--max-steps", "26", "--run-name", "full"))
+    s2sd.run(_s2sd_args(tmp_path, *flags, "--max-steps", "7", "--run-name", "part"))
+    s2sd.run(_s2sd_args(tmp_path, *flags, "--max-steps", "26", "--resume", str(tmp_path / "part" / "last.pt")))
+    a = torch.load(tmp_path / "full" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "part" / "model.pt", weights_only=True)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert a["metrics"] == b["metrics"]
+    la = torch.load(tmp_path / "full" / "last.pt", weights_only=False)
+    lb = torch.load(tmp_path / "part" / "last.pt", weights_only=False)
+    assert (la["epoch"], la["next_batch"], la["step"]) == (lb["epoch"], lb["next_batch"], lb["step"]) == (1, 4, 26)
+    assert torch.equal(la["betas"]["0"], lb["betas"]["0"])
+
+
+@pytest.mark.parametrize("flags,needle", [(["--dataset", "imagenet5"], "unknown dataset"),
+                                          (["--arch", "vgg"], "unknown arch"),
+                                          (["--dataset", "cub", "--no-pretrained"], "cub"),
+                                          (["--variant", "dsd", "--target-dims", "8", "16"], "dsd"),
+                                          (["--resume", "nonexistent.pt"], "cannot resume")])
+def test_s2sd_bad_inputs_exit_2(tmp_path, flags, needle, monkeypatch, capsys):
+    # an empty CUB_200_2011/images folder = half-extracted dataset: error without any download attempt
+    os.makedirs(tmp_path / "data" / "CUB_200_2011" / "images")
+    argv = ["s2sd.py", "--data-root", str(tmp_path / "data"), "--save-dir", str(tmp_path), *flags]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as ex:
+        s2sd.main()
+    err = capsys.readouterr().err
+    assert ex.value.code == 2 and err.startswith("error:") and needle in err.lower()
+    assert len(err.strip().splitlines()) == 1
+    if "cub" in flags:  # the same through a real process: one line, exit 2, no traceback
+        r = subprocess.run([sys.executable, *argv], cwd=_S2SD_HERE, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and r.stderr == err and "Traceback" not in r.stderr
+
+
+def test_s2sd_nonfinite_loss_exits_2_and_keeps_last(tmp_path, monkeypatch, capsys):
+    s2sd.run(_s2sd_args(tmp_path, "--max-steps", "2", "--run-name", "n"))
+    last = tmp_path / "n" / "last.pt"
+    before = last.read_bytes()
+    monkeypatch.setattr(s2sd, "similarity_kl", lambda s, t, T=1.0: (s.sum() * float("nan")))
+    with pytest.raises(SystemExit) as ex:
+        s2sd.run(_s2sd_args(tmp_path, "--max-steps", "4", "--resume", str(last)))
+    assert ex.value.code == 2 and "non-finite distill loss at step 3" in capsys.readouterr().err
+    assert last.read_bytes() == before
+
+
+def test_s2sd_image_files_path_on_cub_fixture(tmp_path):
+    # 200 class folders x 2 tiny JPEGs in the CUB layout: exercises the DataLoader + eval_transform path
+    from PIL import Image
+    base = tmp_path / "data" / "CUB_200_2011" / "images"
+    g = torch.Generator().manual_seed(0)
+    for c in range(1, 201):
+        os.makedirs(base / f"{c:03d}.Bird_{c}")
+        for i in range(2):
+            arr = torch.randint(0, 256, (40, 48, 3), generator=g, dtype=torch.uint8).numpy()
+            Image.fromarray(arr).save(base / f"{c:03d}.Bird_{c}" / f"img_{i}.jpg")
+    args = _s2sd_args(tmp_path, "--dataset", "cub", "--data-root", str(tmp_path / "data"), "--arch", "smallcnn",
+                      "--no-pretrained", "--image-size", "16", "--workers", "0", "--batch-size", "8",
+                      "--max-steps", "2", "--embed-dim", "8", "--target-dims", "16", "32", "--run-name", "c")
+    s2sd.run(args)
+    ck = torch.load(tmp_path / "c" / "model.pt", weights_only=True)
+    assert ck["args"]["in_channels"] == 3 and 0 <= ck["metrics"]["R@1"] <= 100
