@@ -5,6 +5,7 @@ fixture folders, the DML sampler, on-device augmentation, downloads, eval.py, th
 method script (losses against re-derivations of the papers' equations, end-to-end digits runs,
 checkpoint -> eval.py round trips, resume, bad inputs).
 """
+import argparse
 import hashlib
 import json
 import os
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 
 import common
 import s2sd
+import spkd
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -735,3 +737,229 @@ def test_s2sd_image_files_path_on_cub_fixture(tmp_path):
     s2sd.run(args)
     ck = torch.load(tmp_path / "c" / "model.pt", weights_only=True)
     assert ck["args"]["in_channels"] == 3 and 0 <= ck["metrics"]["R@1"] <= 100
+
+
+# ------------------------------------------------------------------------------------------------
+# spkd.py: sp_loss against Eq. 2-4 loops, model zoo, teacher formats, end-to-end, resume
+
+_SPKD_DIR = os.path.dirname(os.path.abspath(__file__))
+_SPKD_TINY = ["--dataset", "digits", "--teacher-arch", "resnet8", "--student-arch", "resnet8", "--teacher-epochs", "1",
+              "--batch-size", "256", "--log-every", "1000"]
+
+
+def _spkd_run(args, save_dir, check=True):
+    r = subprocess.run([sys.executable, "spkd.py", *args, "--save-dir", str(save_dir)], cwd=_SPKD_DIR,
+                       capture_output=True, text=True, timeout=300)
+    if check:
+        assert r.returncode == 0, r.stderr[-2000:]
+    return r
+
+
+def _spkd_naive_sp(f_s, f_t):
+    """Eq. 2-4 entry by entry: G_ij = <q_i, q_j> / ||(<q_i, q_k>)_k||_2, then sum_ij (G_t - G_s)_ij^2 / b^2."""
+    b = f_s.shape[0]
+    q_s, q_t = f_s.reshape(b, -1), f_t.reshape(b, -1)
+    total = 0.0
+    for i in range(b):
+        row_s = [torch.dot(q_s[i], q_s[j]) for j in range(b)]
+        row_t = [torch.dot(q_t[i], q_t[j]) for j in range(b)]
+        n_s = torch.sqrt(sum(v * v for v in row_s))
+        n_t = torch.sqrt(sum(v * v for v in row_t))
+        for j in range(b):
+            total = total + (row_t[j] / n_t - row_s[j] / n_s) ** 2
+    return total / (b * b)
+
+
+def test_spkd_sp_loss_matches_naive_loop():
+    g = torch.Generator().manual_seed(0)
+    f_s = torch.randn(6, 3, 4, 4, generator=g, dtype=torch.float64)
+    f_t = torch.randn(6, 5, 2, 2, generator=g, dtype=torch.float64)
+    a, b = f_s.clone().requires_grad_(True), f_t.clone().requires_grad_(True)
+    fast = spkd.sp_loss(a, b)
+    ga, gb = torch.autograd.grad(fast, (a, b))
+    a2, b2 = f_s.clone().requires_grad_(True), f_t.clone().requires_grad_(True)
+    ref = _spkd_naive_sp(a2, b2)
+    ra, rb = torch.autograd.grad(ref, (a2, b2))
+    assert fast.shape == () and fast.dtype == torch.float64
+    assert abs(fast.item() - ref.item()) / ref.item() <= 1e-6
+    for g1, g2 in ((ga, ra), (gb, rb)):  # gradients w.r.t. student and teacher activations
+        assert (g1 - g2).norm() / g2.norm() <= 1e-6
+    # fp32 / bf16 inputs are computed in fp32
+    assert spkd.sp_loss(f_s.float(), f_t.float()).dtype == torch.float32
+    assert spkd.sp_loss(f_s.bfloat16(), f_t.bfloat16()).dtype == torch.float32
+
+
+def test_spkd_sp_loss_matches_repdistiller_formula():
+    """RepDistiller distiller_zoo/SP.py: G = F.normalize(mm(f, f.t())), ((G_t - G_s)^2).view(-1,1).sum(0) / b^2."""
+    torch.manual_seed(1)
+    f_s, f_t = torch.randn(8, 16, 4, 4), torch.rand(8, 32, 2, 2)
+    qs, qt = f_s.view(8, -1), f_t.view(8, -1)
+    d = F.normalize(torch.mm(qt, qt.t())) - F.normalize(torch.mm(qs, qs.t()))
+    ref = (d * d).view(-1, 1).sum(0) / 64
+    assert torch.allclose(spkd.sp_loss(f_s, f_t), ref[0], rtol=1e-6)
+
+
+def test_spkd_sp_loss_limits():
+    torch.manual_seed(2)
+    f = torch.randn(5, 8, 3, 3)
+    assert spkd.sp_loss(f, f.clone()).item() == pytest.approx(0.0, abs=1e-12)
+    assert spkd.sp_loss(3.0 * f, f).item() == pytest.approx(0.0, abs=1e-10)  # global scale cancels (Eq. 2)
+    f_t = torch.randn(5, 8, 3, 3)
+    rot = torch.linalg.qr(torch.randn(8, 8))[0]  # orthogonal transform of the teacher's channels
+    f_rot = torch.einsum("dc,bchw->bdhw", rot, f_t)
+    assert spkd.sp_loss(f, f_rot).item() == pytest.approx(spkd.sp_loss(f, f_t).item(), rel=1e-5)
+    assert spkd.sp_loss(f, f_t).item() > 1e-3
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # fp32 inside autocast
+        v = spkd.sp_loss(f.bfloat16(), f_t.bfloat16())
+    assert v.dtype == torch.float32
+    assert v.item() == pytest.approx(spkd.sp_loss(f.bfloat16().float(), f_t.bfloat16().float()).item(), rel=1e-5)
+
+
+def test_spkd_kd_loss_matches_naive():
+    torch.manual_seed(3)
+    zs, zt = torch.randn(4, 7, dtype=torch.float64, requires_grad=True), torch.randn(4, 7, dtype=torch.float64)
+    T = 4.0
+    ref = 0.0
+    for i in range(4):  # T^2 * mean_i sum_c p_t log(p_t / p_s)
+        es, et = [torch.exp(zs[i, c] / T) for c in range(7)], [torch.exp(zt[i, c] / T) for c in range(7)]
+        ps, pt = [e / sum(es) for e in es], [e / sum(et) for e in et]
+        ref = ref + sum(pt[c] * torch.log(pt[c] / ps[c]) for c in range(7))
+    ref = ref / 4 * T * T
+    out = spkd.kd_loss(zs, zt, T)
+    assert abs(out.item() - ref.item()) / ref.item() <= 1e-6
+    g1, g2 = torch.autograd.grad(out, zs)[0], torch.autograd.grad(ref, zs)[0]
+    assert (g1 - g2).norm() / g2.norm() <= 1e-6
+    assert spkd.kd_loss(zt, zt, T).item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("arch", list(spkd.ARCHS))
+def test_spkd_zoo_shapes(arch):
+    torch.manual_seed(0)
+    tv = arch in spkd.TV_ARCHS
+    m = spkd.build_model(arch, 7).eval()
+    x = torch.randn(2, 3, 64 if tv else 32, 64 if tv else 32)
+    with torch.no_grad():
+        feats, pooled, logits = m(x, with_features=True)
+        assert torch.equal(m(x), logits)
+    assert logits.shape == (2, 7)
+    width = pooled.shape[1]
+    expect = {"resnet8x4": 256, "resnet32x4": 256, "wrn_16_2": 128, "wrn_40_2": 128, "wrn_16_8": 512,
+              "vgg8": 512, "vgg13": 512, "resnet18": 512, "resnet34": 512, "resnet50": 2048}.get(arch, 64)
+    assert width == expect and feats[-1].shape[1] == expect
+    n_stages = 5 if arch.startswith("vgg") else 4 if tv else 3
+    assert len(feats) == n_stages
+    if not tv:  # last map: 8x8 (resnet/wrn) or 4x4 (vgg) at 32 px
+        assert feats[-1].shape[-1] == (4 if arch.startswith("vgg") else 8)
+    if arch.startswith("wrn"):  # SP map is block3's output BEFORE the final BN-ReLU: can be negative
+        assert feats[-1].min() < 0
+    elif not tv:
+        assert feats[-1].min() >= 0
+
+
+def test_spkd_zoo_repdistiller_state_dict_names():
+    sd = spkd.build_model("resnet8x4", 100).state_dict()
+    assert sd["layer1.0.downsample.0.weight"].shape == (64, 32, 1, 1) and sd["fc.weight"].shape == (100, 256)
+    sd = spkd.build_model("wrn_16_2", 100).state_dict()
+    assert sd["block1.layer.0.convShortcut.weight"].shape == (32, 16, 1, 1) and sd["fc.weight"].shape == (100, 128)
+    assert "block1.layer.1.convShortcut.weight" not in sd and not any(k.endswith("conv1.bias") for k in sd)
+    sd = spkd.build_model("vgg13", 100).state_dict()
+    assert {"block0.0.bias", "block0.1.running_mean", "block0.3.weight", "block0.4.weight", "classifier.weight"} <= set(sd)
+    sd = spkd.build_model("resnet8", 100).state_dict()
+    assert sd["layer2.0.downsample.0.weight"].shape == (32, 16, 1, 1) and "layer1.0.downsample.0.weight" not in sd
+
+
+def test_spkd_teacher_checkpoint_formats(tmp_path):
+    torch.manual_seed(0)
+    src = spkd.build_model("wrn_16_1", 10).eval()
+    x = torch.randn(3, 3, 32, 32)
+    shared = {"epoch": 240, "model": src.state_dict(), "accuracy": 71.5, "optimizer": {"state": {}},
+              "opt": argparse.Namespace(model="wrn_16_1")}  # a non-tensor object: needs the trusted-pickle path
+    paths = {"shared": shared, "bare": src.state_dict(),
+             "repo": {"method": "spkd", "args": {"student_arch": "wrn_16_1"}, "model": src.state_dict(), "metrics": {}}}
+    for name, obj in paths.items():
+        torch.save(obj, tmp_path / f"{name}.pt")
+        t = spkd.load_teacher(str(tmp_path / f"{name}.pt"), "wrn_16_1", 10).eval()
+        with torch.no_grad():
+            assert torch.equal(t(x), src(x)), name
+    with pytest.raises(ValueError, match="does not match"):
+        spkd.load_teacher(str(tmp_path / "shared.pt"), "wrn_16_2", 10)
+    with pytest.raises(ValueError, match="does not match"):
+        spkd.load_teacher(str(tmp_path / "bare.pt"), "wrn_16_1", 100)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="unreadable"):
+        spkd.load_teacher(str(tmp_path / "junk.pt"), "wrn_16_1", 10)
+
+
+@pytest.fixture(scope="module")
+def _spkd_runs(tmp_path_factory):
+    """One full tiny run (teacher trained + cached, 2 student epochs) and a 1 + 1 epoch resumed run."""
+    d = tmp_path_factory.mktemp("spkd")
+    full = _spkd_run([*_SPKD_TINY, "--epochs", "2", "--run-name", "full"], d)
+    _spkd_run([*_SPKD_TINY, "--epochs", "1", "--run-name", "half"], d)
+    resumed = _spkd_run([*_SPKD_TINY, "--epochs", "2", "--run-name", "half", "--resume", str(d / "half" / "last.pt")], d)
+    return d, full, resumed
+
+
+def test_spkd_digits_teacher_then_student(_spkd_runs):
+    d, full, resumed = _spkd_runs
+    assert "teacher: training resnet8" in full.stdout and "teacher: reusing" in resumed.stdout
+    assert "teacher resnet8: top1" in full.stdout and "best epoch, chosen on the test set" in full.stdout
+    ckpt = torch.load(d / "full" / "model.pt", map_location="cpu", weights_only=True)
+    assert ckpt["method"] == "spkd" and set(ckpt["metrics"]) == {"top1", "error", "Rank-1", "Rank-2"}
+    assert ckpt["metrics"]["top1"] > 10.0  # better than chance after 2 epochs
+    lines = [json.loads(s) for s in open(d / "full" / "metrics.jsonl")]
+    assert [r["epoch"] for r in lines] == [1, 2] and "Rank-1" in lines[-1] and "images_per_s" in lines[-1]
+    assert json.load(open(d / "full" / "config.json"))["sp_weight"] == 3000.0
+
+
+def test_spkd_eval_reproduces_metrics(_spkd_runs):
+    d, _, _ = _spkd_runs
+    path = d / "full" / "model.pt"
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    args = argparse.Namespace(**ckpt["args"])
+    model = spkd.model_from_args(args)
+    model.load_state_dict(ckpt["model"])
+    got = spkd.evaluate(model, args, torch.device("cpu"))
+    for k, v in ckpt["metrics"].items():
+        assert abs(got[k] - v) <= 1e-6, k
+    if os.path.exists(os.path.join(_SPKD_DIR, "eval.py")):
+        r = subprocess.run([sys.executable, "eval.py", str(path)], cwd=_SPKD_DIR, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        ev = json.load(open(d / "full" / "eval.json"))
+        ev = ev.get("metrics", ev)
+        for k, v in ckpt["metrics"].items():
+            assert abs(ev[k] - v) <= 1e-6, k
+
+
+def test_spkd_resume_matches_uninterrupted(_spkd_runs):
+    d, _, _ = _spkd_runs
+    a = torch.load(d / "full" / "model.pt", map_location="cpu", weights_only=True)
+    b = torch.load(d / "half" / "model.pt", map_location="cpu", weights_only=True)
+    for k, v in a["metrics"].items():
+        assert abs(b["metrics"][k] - v) <= 1e-6, k
+    for k in a["model"]:
+        assert torch.allclose(a["model"][k].float(), b["model"][k].float(), atol=1e-6), k
+
+
+def test_spkd_bad_inputs(tmp_path, capsys):
+    torch.save({"model": spkd.build_model("resnet14", 10).state_dict(), "epoch": 1}, tmp_path / "wrong.pt")
+    r = _spkd_run([*_SPKD_TINY, "--teacher-path", str(tmp_path / "wrong.pt"), "--epochs", "1"], tmp_path, check=False)
+    assert r.returncode == 2 and "does not match --teacher-arch resnet8" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    capsys.readouterr()
+    for bad, msg in ((["--student-arch", "resnet9"], "unknown architecture"), (["--dataset", "mnist"], "unknown dataset"),
+                     (["--teacher-path", str(tmp_path / "none.pt")], "no such file"),
+                     (["--epochs", "0"], "must be >= 1"), (["--resume", str(tmp_path / "wrong.pt")], "cannot resume")):
+        with pytest.raises(SystemExit) as e:  # in-process: same code path as the CLI, without interpreter start-up
+            spkd.main([*bad, "--save-dir", str(tmp_path)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("error:") and msg in err and len(err.strip().splitlines()) == 1, (bad, err)
+
+
+def test_spkd_non_finite_loss_exits(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        spkd.main(["--kd-weight", "0", "--sp-weight", "0", "--lr", "1e30", "--max-steps", "4", "--log-every", "2",
+                   "--run-name", "nan", "--save-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "non-finite" in err and "loss at step" in err
+    assert not (tmp_path / "nan" / "last.pt").exists() and not (tmp_path / "nan" / "model.pt").exists()
