@@ -8,6 +8,7 @@ checkpoint -> eval.py round trips, resume, bad inputs).
 import argparse
 import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import camd
 import common
 import s2sd
 import spkd
@@ -963,3 +965,242 @@ def test_spkd_non_finite_loss_exits(tmp_path, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and "non-finite" in err and "loss at step" in err
     assert not (tmp_path / "nan" / "last.pt").exists() and not (tmp_path / "nan" / "model.pt").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# camd.py: amd_loss / collaborative_kl against per-anchor loops, cut-off, variants, DDP, resume
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY = ["--dataset", "digits", "--image-size", "16", "--teacher-arch", "resnet8", "--student-arch", "resnet8",
+        "--batch-size", "32",
+        "--epochs", "1", "--log-every", "1"]
+
+
+def _camd_naive_amd(t, s, y, gamma, weights="adaptive", mining="hard"):
+    """Per-anchor loop of Eq. 2-4 (float64): teacher anchors, Euclidean distances of L2-normalised vectors."""
+    t = t / t.norm(dim=1, keepdim=True)
+    s = s / s.norm(dim=1, keepdim=True)
+    n, terms = len(y), []
+    for i in range(n):
+        pos = [j for j in range(n) if y[j] == y[i]]  # j = i included
+        neg = [k for k in range(n) if y[k] != y[i]]
+        if not neg:
+            continue
+        dist = lambda a, b: torch.sqrt(((a - b) ** 2).sum())
+        if mining == "hard":
+            dps = [dist(t[i], s[j]) for j in pos]
+            dns = [dist(t[i], s[k]) for k in neg]
+            jj = pos[max(range(len(pos)), key=lambda q: dps[q].item())]
+            kk = neg[min(range(len(neg)), key=lambda q: dns[q].item())]
+            pairs = [(jj, kk)]
+        else:
+            pairs = [(j, k) for j in pos for k in neg]
+        for j, k in pairs:
+            dp, dn = dist(t[i], s[j]), dist(t[i], s[k])
+            if weights == "adaptive":
+                ap = max(0.0, dp.item() - dist(t[i], t[j]).item())
+                an = max(0.0, dist(t[i], t[k]).item() - dn.item())
+            else:
+                ap = an = 1.0
+            terms.append(torch.log(1 + torch.exp(gamma * (ap * dp - an * dn))))
+    return torch.stack(terms).mean()
+
+
+def _camd_naive_kl(zm, zb, tau):
+    out = 0.0
+    for i in range(len(zm)):
+        pm, pb = torch.softmax(zm[i] / tau, 0), torch.softmax(zb[i] / tau, 0)
+        out = out + (pm * (torch.log(pm) - torch.log(pb))).sum()
+    return tau ** 2 * out / len(zm)
+
+
+def _camd_rel(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("weights,mining", [("adaptive", "hard"), ("fixed", "hard"), ("adaptive", "all"),
+                                            ("fixed", "all")])
+def test_camd_amd_loss_matches_naive_loop(weights, mining):
+    g = torch.Generator().manual_seed(0)
+    for n, d, c, gamma in [(12, 8, 3, 80.0), (9, 5, 4, 30.0), (16, 16, 5, 1.0)]:
+        y = torch.randint(0, c, (n,), generator=g)
+        y[-1] = c  # a class with a single member: its only positive is the anchor itself (j = i)
+        t = torch.randn(n, d, generator=g, dtype=torch.float64) * 3
+        s = torch.randn(n, d, generator=g, dtype=torch.float64)
+        t1, s1 = t.clone().requires_grad_(), s.clone().requires_grad_()
+        t2, s2 = t.clone().requires_grad_(), s.clone().requires_grad_()
+        fast = camd.amd_loss(t1, s1, y, gamma, weights=weights, mining=mining)
+        slow = _camd_naive_amd(t2, s2, y, gamma, weights=weights, mining=mining)
+        assert fast.dtype == torch.float64 and fast.dim() == 0
+        assert abs(fast.item() - slow.item()) <= 1e-6 * abs(slow.item())
+        fast.backward()
+        slow.backward()
+        assert _camd_rel(s1.grad, s2.grad) <= 1e-6 and _camd_rel(t1.grad, t2.grad) <= 1e-6
+
+
+def test_camd_amd_loss_cutoff_and_limits():
+    g = torch.Generator().manual_seed(1)
+    y = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2])
+    t = torch.randn(8, 6, generator=g, dtype=torch.float64)
+    # student == teacher: every distance equals its teacher template -> a^p = a^n = 0 (cut-off), loss = log 2,
+    # no gradient; with fixed weights the same input still gets a gradient
+    s = (t * 2.5).clone().requires_grad_()
+    loss = camd.amd_loss(t, s, y, 80.0)
+    loss.backward()
+    assert abs(loss.item() - math.log(2)) < 1e-12 and s.grad.abs().max().item() < 1e-12
+    s2 = (t * 2.5).clone().requires_grad_()
+    camd.amd_loss(t, s2, y, 80.0, weights="fixed").backward()
+    assert s2.grad.abs().max().item() > 1e-3
+    # student beating the teacher on an anchor (positive closer than the teacher's own positive) -> zero weight:
+    # anchor 0's hardest positive is the student copy of t_0 itself when the positives collapse onto t_0
+    tt = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]], dtype=torch.float64)
+    ss = torch.tensor([[1.0, 0.0], [1.0, 0.01], [-1.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    yy = torch.tensor([0, 0, 1])
+    camd.amd_loss(tt, ss, yy, 80.0).backward()
+    # anchor 0: d^p = ||t0 - s1|| ~ 0.01 < D(t0, t1) = sqrt 2 -> a^p = 0; d^n = 2 = D(t0, t2) -> a^n = 0
+    # anchor 1: d^p = ||t1 - s0|| = sqrt 2 = D(t1, t0) -> a^p = 0; anchor 2 (class 1): d^p = 0 -> a^p = 0
+    assert torch.allclose(ss.grad, torch.zeros_like(ss.grad), atol=1e-12)
+    # no anchor has a negative -> 0 with a graph, finite gradient
+    s3 = torch.randn(4, 3, requires_grad=True)
+    z = camd.amd_loss(torch.randn(4, 3), s3, torch.zeros(4, dtype=torch.long), 80.0)
+    z.backward()
+    assert z.item() == 0.0 and torch.isfinite(s3.grad).all()
+    # float32 / bf16 inputs are computed in fp32
+    assert camd.amd_loss(t.float(), t.bfloat16(), y, 80.0).dtype == torch.float32
+
+
+def test_camd_collaborative_kl_matches_naive_and_stops_gradient():
+    g = torch.Generator().manual_seed(2)
+    zm = (torch.randn(7, 5, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    zb = (torch.randn(7, 5, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    for tau in (1.0, 4.0):
+        zm2, zb2 = zm.detach().clone().requires_grad_(), zb.detach().clone().requires_grad_()
+        fast = camd.collaborative_kl(zm, zb, tau)
+        slow = _camd_naive_kl(zm2.detach(), zb2, tau)
+        assert abs(fast.item() - slow.item()) <= 1e-6 * slow.item()
+        gb, = torch.autograd.grad(fast, zb)
+        gb2, = torch.autograd.grad(slow, zb2)
+        assert _camd_rel(gb, gb2) <= 1e-6
+        assert not fast.requires_grad or torch.autograd.grad(fast, zm, allow_unused=True)[0] is None
+    full = camd.collaborative_kl(zm, zb, 4.0, stopgrad=False)  # Eq. 6 ablation: gradient into z_m too
+    gm, = torch.autograd.grad(full, zm)
+    gm2, = torch.autograd.grad(_camd_naive_kl(zm, zb.detach(), 4.0), zm)
+    assert _camd_rel(gm, gm2) <= 1e-6
+    assert camd.collaborative_kl(zb, zb, 4.0).abs().item() < 1e-12
+
+
+@pytest.fixture(scope="module")
+def _camd_teacher(tmp_path_factory):
+    """A resnet8 'teacher' state_dict on disk (random weights, digits classes): loading is what is tested."""
+    path = tmp_path_factory.mktemp("teacher") / "teacher_sd.pt"
+    torch.manual_seed(0)
+    torch.save(camd.build_model("resnet8", 10).state_dict(), path)
+    return str(path)
+
+
+def _camd_run(args, timeout=300):
+    return subprocess.run([sys.executable, os.path.join(HERE, "camd.py"), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=HERE)
+
+
+def _camd_metrics(run_dir):
+    return torch.load(os.path.join(run_dir, "model.pt"), map_location="cpu", weights_only=True)["metrics"]
+
+
+@pytest.mark.parametrize("extra", [["--variant", "amd_b"], ["--variant", "amd_e"], ["--variant", "kd"],
+                                   ["--variant", "ce"],
+                                   ["--variant", "camd_kd", "--weights", "fixed", "--mining", "all", "--no-stopgrad",
+                                    "--no-detach-weights"]])
+def test_camd_variants_and_ablations_run(tmp_path, _camd_teacher, extra):
+    camd.main(TINY + ["--teacher-path", _camd_teacher, "--max-steps", "2", "--save-dir", str(tmp_path),
+                      "--run-name", "r"] + extra)
+    rows = [json.loads(line) for line in open(tmp_path / "r" / "metrics.jsonl")]
+    assert rows[-1]["step"] == 2 and all(math.isfinite(rows[-1][k]) for k in ("top1", "Rank-1", "Rank-2"))
+    assert set(_camd_metrics(tmp_path / "r")) == {"top1", "Rank-1", "Rank-2"}
+
+
+def test_camd_end_to_end_save_eval_identical(tmp_path, _camd_teacher):
+    r = _camd_run(TINY + ["--teacher-path", _camd_teacher, "--max-steps", "3", "--save-dir", str(tmp_path),
+                          "--run-name", "e2e"])
+    assert r.returncode == 0, r.stderr
+    assert "teacher resnet8 test:" in r.stdout and "best epoch (chosen on the test set)" in r.stdout
+    ckpt = torch.load(tmp_path / "e2e" / "model.pt", map_location="cpu", weights_only=True)
+    assert ckpt["method"] == "camd" and json.load(open(tmp_path / "e2e" / "config.json"))["variant"] == "camd"
+    args = argparse.Namespace(**ckpt["args"])
+    model = camd.model_from_args(args)
+    model.load_state_dict(ckpt["model"])  # the deployable student only (no embedding block)
+    again = camd.evaluate(model, args, "cpu")
+    assert all(abs(again[k] - ckpt["metrics"][k]) <= 1e-6 for k in ckpt["metrics"])
+    if os.path.exists(os.path.join(HERE, "eval.py")):
+        e = subprocess.run([sys.executable, os.path.join(HERE, "eval.py"), str(tmp_path / "e2e" / "model.pt")],
+                           capture_output=True, text=True, timeout=300, cwd=HERE)
+        assert e.returncode == 0, e.stderr
+        ev = json.load(open(tmp_path / "e2e" / "eval.json"))
+        ev = ev.get("metrics", ev)
+        assert all(abs(ev[k] - ckpt["metrics"][k]) <= 1e-6 for k in ckpt["metrics"])
+
+
+def test_camd_resume_continues_exactly(tmp_path, _camd_teacher):
+    base = TINY + ["--teacher-path", _camd_teacher, "--save-dir", str(tmp_path)]
+    camd.main(base + ["--max-steps", "4", "--run-name", "full"])
+    camd.main(base + ["--max-steps", "2", "--run-name", "half"])  # stops mid-epoch, last.pt holds the position
+    camd.main(base + ["--max-steps", "4", "--resume", str(tmp_path / "half" / "last.pt")])
+    a, b = _camd_metrics(tmp_path / "full"), _camd_metrics(tmp_path / "half")
+    assert all(abs(a[k] - b[k]) <= 1e-6 for k in a)
+    sa = torch.load(tmp_path / "full" / "model.pt", weights_only=True)["model"]
+    sb = torch.load(tmp_path / "half" / "model.pt", weights_only=True)["model"]
+    assert all(torch.allclose(sa[k].float(), sb[k].float(), atol=1e-6) for k in sa)
+
+
+def test_camd_teacher_formats_and_cache(tmp_path, _camd_teacher, capsys):
+    sd = torch.load(_camd_teacher, weights_only=True)
+    # RepDistiller ckpt {"epoch", "model", "accuracy", "optimizer"} with a pickled object (needs the trusted load),
+    # this repo's model.pt layout, and a bare state_dict (with a DataParallel "module." prefix) all load strictly
+    torch.save({"epoch": 240, "model": sd, "accuracy": 0.5, "optimizer": _camd_pickled_obj()}, tmp_path / "rep.pth")
+    torch.save({"method": "camd", "args": {}, "model": sd, "metrics": {}}, tmp_path / "own.pt")
+    torch.save({"module." + k: v for k, v in sd.items()}, tmp_path / "dp.pt")
+    for name in ("rep.pth", "own.pt", "dp.pt"):
+        model = camd.build_model("resnet8", 10)
+        camd.load_teacher(model, str(tmp_path / name), "resnet8")
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in sd.items())
+    # no --teacher-path: a CE-trained teacher is cached under <save-dir>/teachers and reused by the next run
+    cached = TINY + ["--teacher-epochs", "1", "--max-steps", "1", "--save-dir", str(tmp_path)]
+    camd.main(cached + ["--run-name", "c"])
+    assert len(os.listdir(tmp_path / "teachers")) == 1 and "training teacher" in capsys.readouterr().out
+    camd.main(cached + ["--run-name", "d", "--variant", "amd_b"])
+    assert "loaded from " + str(tmp_path / "teachers") in capsys.readouterr().out
+
+
+def _camd_pickled_obj():
+    return argparse.Namespace(lr=0.05)
+
+
+def test_camd_bad_inputs_exit_2(tmp_path, _camd_teacher, capsys):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    torch.save(camd.build_model("resnet14", 10).state_dict(), tmp_path / "r14.pt")
+    cases = [(["--student-arch", "resnet9"], "unknown architecture"),
+             (["--variant", "amd_b", "--teacher-arch", "resnet8x4", "--student-arch", "resnet8"], "amd_b needs equal"),
+             (["--teacher-path", str(garbage)], "cannot read teacher checkpoint"),
+             (["--teacher-path", str(tmp_path / "r14.pt"), "--teacher-arch", "resnet8"], "does not match"),
+             (["--teacher-path", _camd_teacher, "--teacher-arch", "resnet8", "--student-arch", "resnet8",
+               "--lr", "1e30", "--max-steps", "3", "--log-every", "1", "--run-name", "nan"], "non-finite")]
+    for extra, msg in cases:  # in-process (fast); one real process below checks exit code and stderr
+        with pytest.raises(SystemExit) as exc:
+            camd.main(["--save-dir", str(tmp_path), "--epochs", "1"] + extra)
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and msg in err and len(err.strip().splitlines()) == 1, (extra, err)
+    assert not (tmp_path / "nan" / "last.pt").exists()
+    r = _camd_run(["--dataset", "nope"])
+    assert r.returncode == 2 and r.stderr.startswith("error: unknown dataset") and "Traceback" not in r.stderr
+
+
+def test_camd_two_process_cpu_ddp(tmp_path, _camd_teacher):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(HERE, "camd.py")] + TINY + ["--teacher-path", _camd_teacher, "--max-steps", "2",
+                                                    "--save-dir", str(tmp_path), "--run-name", "ddp"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=HERE)
+    assert r.returncode == 0, r.stderr[-2000:]
+    cfg = json.load(open(tmp_path / "ddp" / "config.json"))
+    assert cfg["world_size"] == 2 and r.stdout.count("final (last epoch") == 1  # rank-0 logging only
+    assert set(_camd_metrics(tmp_path / "ddp")) == {"top1", "Rank-1", "Rank-2"}
