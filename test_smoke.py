@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 import camd
 import common
+import isd
 import s2sd
 import spkd
 
@@ -1204,3 +1205,281 @@ def test_camd_two_process_cpu_ddp(tmp_path, _camd_teacher):
     cfg = json.load(open(tmp_path / "ddp" / "config.json"))
     assert cfg["world_size"] == 2 and r.stdout.count("final (last epoch") == 1  # rank-0 logging only
     assert set(_camd_metrics(tmp_path / "ddp")) == {"top1", "Rank-1", "Rank-2"}
+
+
+# ------------------------------------------------------------------------------------------------
+# isd.py: isd_loss against a naive loop, queue/EMA arithmetic, moco variant, k-NN rise, resume, DDP
+
+_isd_here = os.path.dirname(os.path.abspath(__file__))
+_isd_tiny_run = ["--dataset", "digits", "--epochs", "10", "--eval-every", "10", "--seed", "0"]
+_isd_tiny = ["--dataset", "digits", "--batch-size", "64", "--queue-size", "256", "--seed", "1"]
+
+
+def _isd_run(args, tmp, name, timeout=300):
+    cmd = [sys.executable, os.path.join(_isd_here, "isd.py"), *args, "--save-dir", str(tmp), "--run-name", name]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=_isd_here,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def _isd_unit(*shape):
+    return F.normalize(torch.randn(*shape, dtype=torch.float64), dim=-1)
+
+
+def _isd_naive_kl(q, k, queue, tau_s, tau_t):
+    """Sec. 2 written out per query and per anchor: mean_b sum_i p_t(i) (log p_t(i) - log p_s(i))."""
+    total = 0.0
+    for b in range(len(q)):
+        s_t = torch.stack([torch.dot(k[b], a) / tau_t for a in queue])
+        s_s = torch.stack([torch.dot(q[b], a) / tau_s for a in queue])
+        z_t, z_s = torch.exp(s_t).sum(), torch.exp(s_s).sum()
+        total = total + sum(torch.exp(s_t[i]) / z_t * (s_t[i] - torch.log(z_t) - s_s[i] + torch.log(z_s))
+                            for i in range(len(queue)))
+    return total / len(q)
+
+
+def test_isd_loss_matches_naive_loop_values_and_gradients():
+    torch.manual_seed(0)
+    for tau_s, tau_t in [(0.1, 0.01), (0.2, 0.2), (0.5, 0.1)]:
+        q0, k, queue = _isd_unit(4, 6), _isd_unit(4, 6), _isd_unit(9, 6)
+        q1, q2 = q0.clone().requires_grad_(), q0.clone().requires_grad_()
+        kg, queue_g = k.clone().requires_grad_(), queue.clone().requires_grad_()
+        fast = isd.isd_loss(q1, kg, queue_g, tau_s, tau_t)
+        slow = _isd_naive_kl(q2, k, queue, tau_s, tau_t)
+        fast.backward()
+        slow.backward()
+        assert fast.dtype == torch.float64 and fast.dim() == 0
+        assert abs(fast.item() - slow.item()) <= 1e-6 * abs(slow.item())
+        assert torch.allclose(q1.grad, q2.grad, rtol=1e-6, atol=1e-12)
+        assert kg.grad is None and queue_g.grad is None  # no gradient into the teacher keys or the queue
+
+
+def test_isd_loss_equals_released_kld_and_cross_entropy_gradient():
+    torch.manual_seed(1)
+    q, k, queue = (F.normalize(torch.randn(*s), dim=1) for s in [(8, 16), (8, 16), (64, 16)])
+    ref = F.kl_div(F.log_softmax(q @ queue.t() / 0.1, 1), F.softmax(k @ queue.t() / 0.01, 1), reduction="batchmean")
+    assert torch.allclose(isd.isd_loss(q, k, queue, 0.1, 0.01), ref, rtol=1e-6, atol=0)
+    # Sec. 2: since the teacher gets no gradient, KL and cross-entropy H(p_t, p_s) give the same student gradient
+    qa, qb = q.clone().requires_grad_(), q.clone().requires_grad_()
+    isd.isd_loss(qa, k, queue, 0.1, 0.01).backward()
+    p_t = F.softmax(k @ queue.t() / 0.01, 1)
+    (-(p_t * F.log_softmax(qb @ queue.t() / 0.1, 1)).sum(1).mean()).backward()
+    assert torch.allclose(qa.grad, qb.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_isd_loss_zero_when_student_equals_teacher():
+    q, queue = _isd_unit(5, 8).requires_grad_(), _isd_unit(20, 8)
+    loss = isd.isd_loss(q, q.detach(), queue, 0.07, 0.07)
+    loss.backward()
+    assert abs(loss.item()) < 1e-12 and q.grad.abs().max().item() < 1e-10
+    assert isd.isd_loss(q, _isd_unit(5, 8), queue, 0.07, 0.07).item() > 0  # KL > 0 otherwise
+
+
+def test_isd_moco_variant_is_infonce_with_target_zero():
+    torch.manual_seed(2)
+    q0, k, queue, tau = _isd_unit(3, 5), _isd_unit(3, 5), _isd_unit(7, 5), 0.2
+    q1, q2 = q0.clone().requires_grad_(), q0.clone().requires_grad_()
+    fast = isd.moco_loss(q1, k, queue, tau)
+    slow = 0.0
+    for b in range(3):  # -log( e^{q.k/t} / (e^{q.k/t} + sum_j e^{q.Q_j/t}) )
+        pos = torch.exp(torch.dot(q2[b], k[b]) / tau)
+        slow = slow - torch.log(pos / (pos + sum(torch.exp(torch.dot(q2[b], a) / tau) for a in queue)))
+    slow = slow / 3
+    fast.backward()
+    slow.backward()
+    assert abs(fast.item() - slow.item()) <= 1e-6 * abs(slow.item())
+    assert torch.allclose(q1.grad, q2.grad, rtol=1e-6, atol=1e-12)
+    logits = torch.cat([(q0 * k).sum(1, keepdim=True), q0 @ queue.t()], 1) / tau
+    assert torch.allclose(fast, F.cross_entropy(logits, torch.zeros(3, dtype=torch.long)), rtol=1e-12)
+
+
+def test_isd_queue_fifo_and_wraparound():
+    queue, labels = torch.zeros(5, 2), torch.full((5,), -1)
+    keys = torch.arange(14, dtype=torch.float32).view(7, 2)
+    ptr = isd.enqueue(queue, labels, 0, keys[:2], torch.tensor([0, 1]))
+    assert ptr == 2 and queue[:2].tolist() == keys[:2].tolist() and labels.tolist() == [0, 1, -1, -1, -1]
+    ptr = isd.enqueue(queue, labels, ptr, keys[2:4], torch.tensor([2, 3]))
+    ptr = isd.enqueue(queue, labels, ptr, keys[4:7], torch.tensor([4, 5, 6]))  # wraps: rows 4, 0, 1
+    assert ptr == 2
+    assert queue.tolist() == [keys[5].tolist(), keys[6].tolist(), keys[2].tolist(), keys[3].tolist(), keys[4].tolist()]
+    assert labels.tolist() == [5, 6, 2, 3, 4]  # the oldest entries (0, 1) were overwritten first
+
+
+def test_isd_purity_counts_teacher_top5_same_label():
+    queue = torch.eye(6)
+    queue_labels = torch.tensor([1, 1, 1, 2, 2, -1])
+    k = F.normalize(torch.tensor([[5.0, 4, 3, 2, 1, 0], [0, 0, 0, 5, 4, 3]]), dim=1)
+    s, n = isd.purity(k, queue, torch.tensor([1, -1]), queue_labels)
+    assert n.item() == 1 and abs(s.item() - 3 / 5) < 1e-6  # only the labelled query counts
+
+
+def test_isd_ema_update_arithmetic_and_order():
+    torch.manual_seed(3)
+    model = isd.ISD("small", True, projection=True)
+    with torch.no_grad():
+        for p in model.teacher_params():
+            p.normal_()
+    t0 = [p.clone() for p in model.teacher_params()]
+    s0 = [p.clone() for p in model.student_params()]
+    bn_t = model.backbone_t[1].running_mean.clone()
+    model.momentum_update(0.9)
+    for t, a, b in zip(model.teacher_params(), t0, s0):
+        assert torch.allclose(t, 0.9 * a + 0.1 * b, rtol=1e-6, atol=1e-7)
+    assert torch.equal(model.backbone_t[1].running_mean, bn_t)  # buffers are not averaged
+    assert all(not p.requires_grad for p in model.teacher_params())
+    # forward(): the teacher is updated BEFORE it embeds x_t
+    x = torch.randn(4, 3, 16, 16)
+    ref = isd.ISD("small", True, projection=True)
+    ref.load_state_dict(model.state_dict())
+    ref.momentum_update(0.5)
+    model.train()
+    ref.train()
+    _, k = model(x, x, 0.5)
+    with torch.no_grad():
+        k_ref = F.normalize(ref.proj_t(ref.backbone_t(x)), dim=1)
+    assert torch.allclose(k, k_ref, atol=1e-6)
+
+
+def test_isd_recipes_resolve_to_paper_settings():
+    a = isd.resolve(isd.get_args(["--dataset", "imagenet", "--recipe", "r18"]))
+    assert (a.arch, a.tau_s, a.tau_t, a.ema, a.projection, a.teacher_view, a.lr, a.lr_schedule) == \
+        ("resnet18", 0.02, 0.02, 0.999, False, "strong", 0.01, "step")
+    assert a.lr_milestones == [140, 180] and a.queue_size == 128000 and a.batch_size == 256 and not a.cifar_stem
+    b = isd.resolve(isd.get_args(["--dataset", "imagenet", "--recipe", "r50", "--tau-t", "0.02"]))
+    assert (b.arch, b.tau_s, b.tau_t, b.ema, b.projection, b.teacher_view, b.lr, b.lr_schedule) == \
+        ("resnet50", 0.1, 0.02, 0.99, True, "weak", 0.05, "cosine")
+    m = isd.model_from_args(b)
+    assert m.predictor[0].in_features == 512 and m.predictor[0].out_features == 4096 and m.out_dim == 512
+    c = isd.resolve(isd.get_args(["--dataset", "cifar10"]))
+    assert c.cifar_stem and c.queue_size < 50000
+    r = isd.model_from_args(c)
+    assert r.backbone_s.conv1.kernel_size == (3, 3) and isinstance(r.backbone_s.maxpool, torch.nn.Identity)
+
+
+@pytest.fixture(scope="module")
+def _isd_digits_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("isd_digits")
+    r = _isd_run(_isd_tiny_run, tmp, "run")
+    assert r.returncode == 0, r.stderr[-2000:]
+    return tmp / "run", r
+
+
+
+def test_isd_digits_run_improves_knn_and_saves(_isd_digits_run):
+    run, r = _isd_digits_run
+    lines = [json.loads(x) for x in open(run / "metrics.jsonl")]
+    assert lines[0]["epoch"] == 0 and lines[-1]["epoch"] == 10
+    for key in ("knn200w", "knn20", "teacher/knn200w"):  # the untrained network (epoch 0) is the baseline
+        assert lines[-1][key] > lines[0][key] + (3.0 if key == "knn200w" else 0.0), (key, lines[0], lines[-1])
+    assert 0 <= lines[-1]["purity"] <= 100 and lines[-1]["loss"] > 0
+    cfg = json.load(open(run / "config.json"))
+    assert cfg["tau_s"] == 0.1 and cfg["arch"] == "small" and "torch" in cfg
+    assert "best epoch (chosen on the test set)" in r.stdout
+
+
+def test_isd_model_pt_reloads_with_identical_metrics(_isd_digits_run):
+    run, _ = _isd_digits_run
+    ck = torch.load(run / "model.pt", map_location="cpu", weights_only=True)
+    assert ck["method"] == "isd" and set(ck["metrics"]) >= {"knn1", "knn20", "knn200w", "teacher/knn1"}
+    import argparse
+    args = argparse.Namespace(**ck["args"])
+    model = isd.model_from_args(args)
+    model.load_state_dict(ck["model"])
+    again = isd.evaluate(model, args, "cpu")
+    assert all(abs(again[k] - v) <= 1e-6 for k, v in ck["metrics"].items())
+    emb, labels = isd.features(model, args, "cpu", "test")
+    assert emb.shape == (360, 128) and torch.allclose(emb.norm(dim=1), torch.ones(360), atol=1e-5)
+    if os.path.exists(os.path.join(_isd_here, "eval.py")):
+        r = subprocess.run([sys.executable, os.path.join(_isd_here, "eval.py"), str(run / "model.pt"), "--linear-probe"],
+                           capture_output=True, text=True, timeout=120, cwd=_isd_here)
+        assert r.returncode == 0, r.stderr[-2000:]
+        out = json.load(open(run / "eval.json"))
+        out = out.get("metrics", out)
+        assert all(abs(out[k] - v) <= 1e-6 for k, v in ck["metrics"].items())
+        assert 50 < out["linear"] <= 100  # features() feeds eval.py's linear protocol
+
+
+def test_isd_resume_equals_uninterrupted(tmp_path):
+    base = _isd_tiny + ["--batch-size", "128", "--epochs", "2", "--eval-every", "0", "--save-dir", str(tmp_path)]
+    isd.main(base + ["--run-name", "full"])  # in-process: saves two interpreter start-ups
+    isd.main(base + ["--run-name", "part", "--max-steps", "15"])  # stops mid-epoch 2 (11 steps per epoch)
+    isd.main(base + ["--run-name", "part", "--resume", str(tmp_path / "part" / "last.pt")])
+    a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "part" / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == 22 and a["queue_ptr"] == b["queue_ptr"] == (22 * 128) % 256
+    assert torch.allclose(a["queue"], b["queue"], atol=1e-6) and torch.equal(a["queue_labels"], b["queue_labels"])
+    for key, v in a["model"].items():  # student, predictor, teacher (EMA) and every BN buffer
+        assert torch.allclose(v.float(), b["model"][key].float(), atol=1e-5), key
+    ma = torch.load(tmp_path / "full" / "model.pt", weights_only=True)["metrics"]
+    mb = torch.load(tmp_path / "part" / "model.pt", weights_only=True)["metrics"]
+    assert all(abs(ma[k] - mb[k]) < 1e-6 for k in ma)
+
+
+def test_isd_two_process_cpu_run(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(_isd_here, "isd.py"), *_isd_tiny, "--epochs", "1", "--max-steps", "3", "--eval-every", "0",
+           "--save-dir", str(tmp_path), "--run-name", "ddp"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=_isd_here,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    ck = torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)
+    assert ck["step"] == 3 and ck["queue_ptr"] == (3 * 64) % 256  # keys of BOTH ranks were enqueued
+    assert (ck["queue_labels"] >= 0).sum().item() == 3 * 64 and len(ck["rng_cpu"]) == 2
+    assert json.load(open(tmp_path / "ddp" / "config.json"))["world_size"] == 2
+    assert (tmp_path / "ddp" / "model.pt").exists()
+
+
+def test_isd_unlabeled_folder_uses_dataloader_path(tmp_path):
+    from PIL import Image
+    data = tmp_path / "imgs"
+    data.mkdir()
+    for i in range(12):
+        Image.fromarray((torch.rand(40, 40, 3) * 255).byte().numpy()).save(data / f"{i}.png")
+    r = _isd_run(["--dataset", "folder", "--data-root", str(data), "--image-size", "32", "--batch-size", "4",
+                  "--queue-size", "16", "--workers", "0", "--epochs", "1", "--max-steps", "2"], tmp_path, "f")
+    assert r.returncode == 0, r.stderr[-2000:]
+    ck = torch.load(tmp_path / "f" / "last.pt", weights_only=True)
+    assert ck["step"] == 2 and ck["queue_ptr"] == 8 and ck["best"] is None  # no labels: no k-NN monitor
+    assert torch.load(tmp_path / "f" / "model.pt", weights_only=True)["metrics"] == {}
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--dataset", "nope"], "unknown dataset"),
+    (["--queue-size", "16", "--batch-size", "64"], "--queue-size"),
+    (["--dataset", "cifar10", "--data-root", "/nonexistent/isd"], "cifar10"),
+    (["--dataset", "folder", "--data-root", "/nonexistent/isd"], "not a directory"),
+    (["--tau-s", "0"], "tau"),
+])
+def test_isd_bad_inputs_exit_2(argv, msg, capsys, monkeypatch):
+    monkeypatch.setattr(isd.common, "load_split", _isd_no_download(isd.common.load_split))
+    with pytest.raises(SystemExit) as e:
+        isd.main(argv + ["--save-dir", "/tmp/isd_bad_inputs"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and msg in err and "Traceback" not in err
+
+
+def _isd_no_download(fn):
+    return lambda *a, **kw: fn(*a, **dict(kw, download=False))
+
+
+def test_isd_bad_checkpoints_exit_2(tmp_path, capsys):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit) as e:
+        isd.main(_isd_tiny + ["--resume", str(junk), "--save-dir", str(tmp_path)])
+    assert e.value.code == 2 and "cannot read checkpoint" in capsys.readouterr().err
+    other = tmp_path / "other.pt"
+    torch.save({"method": "isd", "optimizer": {}, "args": dict(vars(isd.resolve(isd.get_args(_isd_tiny))),
+                                                                queue_size=512)}, other)
+    with pytest.raises(SystemExit) as e:
+        isd.main(_isd_tiny + ["--resume", str(other), "--save-dir", str(tmp_path)])
+    assert e.value.code == 2 and "queue-size" in capsys.readouterr().err
+
+
+def test_isd_non_finite_loss_exits_2_naming_step(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        isd.main(_isd_tiny + ["--lr", "1e30", "--max-steps", "6", "--log-every", "3", "--eval-every", "0",
+                              "--save-dir", str(tmp_path), "--run-name", "nan"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "non-finite isd loss at step" in err
+    assert not (tmp_path / "nan" / "last.pt").exists()  # nothing written after the bad step
