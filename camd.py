@@ -2,9 +2,9 @@
 
 Paper: H. Liu, M. Ye, Y. Wang, S. Zhao, P. Li, J. Shen, "A New Framework of Collaborative Learning for Adaptive
 Metric Distillation", IEEE TNNLS 2023. No public code: this file is the reference (open choices: notes/camd.md).
-Idea: teacher features are anchors; the hardest positive / negative STUDENT embeddings of the batch are pulled /
-pushed by a soft-margin triplet weighted by the gaps to the teacher's own distances (zero once the student beats the
-teacher). This embedding branch teaches the baseline classifier via a stop-gradient KL; only the baseline is kept.
+Idea: teacher features are anchors; the batch's hardest positive / negative STUDENT embeddings are pulled / pushed by
+a soft-margin triplet weighted by the gaps to the teacher's own distances (zero once the student beats the teacher).
+This embedding branch teaches the baseline classifier via a stop-gradient KL; only the baseline is kept.
 
 Usage:
   python camd.py                        # digits on CPU (teacher CE-trained and cached first)
@@ -16,9 +16,9 @@ Implementation details:
  1. Teacher frozen (eval, no_grad); feature = pooled penultimate vector. --teacher-path: this repo's model.pt, a
     RepDistiller ckpt ({"model": sd}, trusted pickle) or a state_dict, strict; else CE-trained and cached (reused).
  2. Embedding block e = Linear(d_s -> d_t) -> BatchNorm1d -> ReLU + classifier z^m (Sec. III-B.4, Table V).
- 3. L_amd (Eq. 2-4, Alg. 1): normalised features, Euclidean d_ij = ||t_i - s_j||; per teacher anchor the hardest
-    positive (y_j = y_i, j = i included) and negative; a^p = [d^p - D(t_i, t_j)]_+, a^n = [D(t_i, t_k) - d^n]_+
-    held constant; mean over anchors with a negative of softplus(gamma (a^p d^p - a^n d^n)); vectorised.
+ 3. L_amd (Eq. 2-4, Alg. 1), vectorised: normalised features, d_ij = ||t_i - s_j||; per teacher anchor the hardest
+    positive (y_j = y_i, j = i included) and negative; constants a^p = [d^p - D(t_i, t_j)]_+, a^n = [D(t_i, t_k) -
+    d^n]_+; mean over anchors with a negative of softplus(gamma (a^p d^p - a^n d^n)).
  4. camd = CE(z^b) + [CE(z^m) + L_amd] (Eq. 5) + tau^2 KL(stopgrad(p^m) || p^b) (Eq. 7) = Eq. 8. amd_b = CE(z^b) +
     L_amd on the backbone feature (d_s = d_t); amd_e = no KL; camd_kd = Eq. 8 + kd_beta KD; kd = 0.1 CE + 0.9 KD.
     Table VII: --weights fixed (a = 1), --mining all (mean over all (i, j, k)), --no-stopgrad (Eq. 6).
@@ -29,15 +29,14 @@ Implementation details:
     of a DistributedSampler; L_amd mines within the local batch.
 Deviations: batch means where Eq. 5/6 sum; stop-gradient on a^p, a^n is our reading (--no-detach-weights);
 kd_beta = 1 is ours; TinyImageNet crops pad by 8 (size / 8); 1-sample batches are skipped.
-Measured results (shared 2-core CPU, torch 2.15, OMP_NUM_THREADS=1, seed 0; top-1 / Rank-1 / Rank-2):
- - `python camd.py` (digits, resnet14 teacher 6 CE epochs -> resnet8, 6 epochs): 28.9 s wall incl. the teacher.
-   Teacher 90.28 / 94.17 / 95.56; camd 83.06 / 88.06 / 93.61; --variant kd 82.22 / 88.89 / 93.06; ce 78.33 / 84.44
-   / 90.56; camd --gamma 80: 36.11 / 59.72 / 71.11 (L_amd dominates short runs). --epochs 20 --milestones 14 17
-   --teacher-epochs 6: camd (gamma 80) 91.67 / 91.94 / 95.28, kd 91.67 / 93.06 / 95.83, ce 98.06 / 97.50 / 98.33
-   (the 6-epoch toy teacher is weaker than a 20-epoch student).
- - `python camd.py --dataset synthetic --max-steps 16 --variant {ce,kd,camd}` (resnet32x4 -> resnet8x4, batch 64,
-   32 px, random teacher): 421 / 1086 / 1100 ms per step (CAMD +1.3% over KD); peak RSS ~1.2 GB.
- - Paper Table I, CIFAR-100 resnet32x4 -> resnet8x4, CAMD: 76.58 / 68.01 / 76.51 (paper, mean of 3 runs).
+Measured (shared 2-core CPU, torch 2.15, OMP_NUM_THREADS=1, seed 0; top-1 / Rank-1 / Rank-2):
+ - `python camd.py` (digits, resnet14 teacher 6 CE epochs -> resnet8, 6 epochs; 28.9 s wall incl. the teacher):
+   teacher 90.28 / 94.17 / 95.56; camd 83.06 / 88.06 / 93.61; kd 82.22 / 88.89 / 93.06; ce 78.33 / 84.44 / 90.56;
+   camd --gamma 80 36.11 / 59.72 / 71.11 (L_amd dominates short runs). --epochs 20 --milestones 14 17 --teacher-epochs
+   6: camd (gamma 80) 91.67 / 91.94 / 95.28, kd 91.67 / 93.06 / 95.83, ce 98.06 / 97.50 / 98.33 (weak toy teacher).
+ - synthetic --max-steps 16 (resnet32x4 -> resnet8x4, batch 64, 32 px, random teacher): ce / kd / camd 421 / 1086 /
+   1100 ms per step (CAMD +1.3% over KD), peak RSS ~1.2 GB. Paper Table I (CIFAR-100, resnet32x4 -> resnet8x4, CAMD,
+   mean of 3 runs): 76.58 / 68.01 / 76.51.
 """
 import argparse
 import itertools
@@ -358,21 +357,20 @@ def amd_loss(t_feat, s_emb, labels, gamma, weights="adaptive", mining="hard", de
     (a^p d^p - a^n d^n)), 0 if none. weights="fixed": a = 1; mining="all": mean over all (i, j, k) (Table VII)."""
     dtype = torch.promote_types(torch.promote_types(t_feat.dtype, s_emb.dtype), torch.float32)  # >= fp32 (autocast)
     t, s = F.normalize(t_feat.to(dtype), dim=1), F.normalize(s_emb.to(dtype), dim=1)
-    # METHOD: cross distances d_ij = ||t_i - s_j|| and teacher templates D(t_i, t_j); the direct (non-matmul) cdist
-    # is exact and has a zero (not NaN) gradient at d = 0
+    # METHOD: d_ij = ||t_i - s_j||, teacher templates D(t_i, t_j); direct cdist: exact, zero (not NaN) gradient at 0
     d = torch.cdist(t[None], s[None], compute_mode="donot_use_mm_for_euclid_dist")[0]
     d_tt = torch.cdist(t[None], t[None], compute_mode="donot_use_mm_for_euclid_dist")[0].detach()
     same = labels[:, None] == labels[None, :]
     has_neg = (~same).any(1)
-    if not bool(has_neg.any()):
+    if not has_neg.any():
         return s.sum() * 0.0
     if mining == "hard":  # Eq. 2: hardest positive (j = i allowed) and hardest negative per teacher anchor
         d_p, j = d.masked_fill(~same, -math.inf).max(1)
         d_n, k = d.masked_fill(same, math.inf).min(1)
-        a_p = (d_p - d_tt.gather(1, j[:, None])[:, 0]).clamp_min(0)  # Eq. 4, "cut-off at zero"
-        a_n = (d_tt.gather(1, k[:, None])[:, 0] - d_n).clamp_min(0)
+        t_p, t_n = d_tt.gather(1, j[:, None])[:, 0], d_tt.gather(1, k[:, None])[:, 0]
     else:  # batch all: a weight per pair, then every (i, j, k) combination
-        d_p, d_n, a_p, a_n = d, d, (d - d_tt).clamp_min(0), (d_tt - d).clamp_min(0)
+        d_p, d_n, t_p, t_n = d, d, d_tt, d_tt
+    a_p, a_n = (d_p - t_p).clamp_min(0), (t_n - d_n).clamp_min(0)  # Eq. 4, "cut-off at zero"
     if weights == "fixed":
         a_p, a_n = torch.ones_like(a_p), torch.ones_like(a_n)
     elif detach_weights:
@@ -403,8 +401,8 @@ def camd_losses(net, teacher, x, y, args):
     if args.variant in ("kd", "camd_kd"):  # Hinton KD on the baseline logits
         out["kd"] = (args.kd_alpha if args.variant == "kd" else args.kd_beta) * collaborative_kl(z_t, z_b, args.tau)
     if args.variant != "kd":  # amd_b: on the backbone feature; otherwise on the embedding, plus CE(z^m) = L_m (Eq. 5)
-        s = f if e is None else e
-        out["amd"] = amd_loss(t_feat, s, y, args.gamma, args.weights, args.mining, args.detach_weights)
+        out["amd"] = amd_loss(t_feat, f if e is None else e, y, args.gamma, args.weights, args.mining,
+                              args.detach_weights)
     if e is not None:
         out["ce_m"] = F.cross_entropy(z_m.float(), y)
     if args.variant in ("camd", "camd_kd"):
@@ -470,17 +468,15 @@ def train(args, net, teacher, data, ctx, run_dir=None, state=None, test_split=No
     model = torch.compile(model) if args.compile else model
     opt = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(args.milestones), 0.1)
-    st = state or {"epoch": 0, "batch": 0, "step": 0, "hist": []}
-    start, skip, step, hist = st["epoch"], st["batch"], st["step"], st["hist"]
-    if state is not None:  # exact continuation: weights, optimizer, schedule, position in the epoch, RNG streams
-        net.load_state_dict(state["net"]), opt.load_state_dict(state["opt"]), sched.load_state_dict(state["sched"])
-        torch.set_rng_state(state["rng"])
+    start, skip, step, hist = (state[k] for k in ("epoch", "batch", "step", "hist")) if state else (0, 0, 0, [])
+    if state:  # exact continuation (run() loaded the weights): optimizer, schedule, epoch position, RNG streams
+        opt.load_state_dict(state["opt"]), sched.load_state_dict(state["sched"]), torch.set_rng_state(state["rng"])
         if cuda and state["cuda_rng"] is not None:
             torch.cuda.set_rng_state(state["cuda_rng"], dev)
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync, log = torch.cuda.synchronize if cuda else (lambda: None), print if main_rank else (lambda *a: None)
     bs, t0, paused, ips, epoch, pos = max(1, args.batch_size // world), time.time(), 0.0, 0.0, start, skip
     acc, cnt, seen, ran, nb = {}, 0, 0, 0, 1
-    warm, t_warm, seen_warm, paused_warm = min(10, (args.max_steps or 40) // 4), 0.0, 0, 0.0
+    warm, t_warm, seen_warm = min(10, (args.max_steps or 40) // 4), 0.0, 0
 
     def save_last(epoch, pos):
         if run_dir and main_rank:
@@ -489,7 +485,7 @@ def train(args, net, teacher, data, ctx, run_dir=None, state=None, test_split=No
                          "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state(dev) if cuda else None},
                         os.path.join(run_dir, "last.pt"))
 
-    def do_eval(epoch):  # rank 0 only; the other ranks wait in their next all-reduce
+    def do_eval(epoch):  # rank 0 only; the other ranks wait in their next all-reduce. The next epoch re-enters train()
         nonlocal paused
         if run_dir and main_rank:
             tic = time.time()
@@ -499,7 +495,6 @@ def train(args, net, teacher, data, ctx, run_dir=None, state=None, test_split=No
             with open(os.path.join(run_dir, "metrics.jsonl"), "a") as fh:
                 fh.write(json.dumps(row) + "\n")
             print(f"eval epoch {row['epoch']} step {step}: " + "  ".join(f"{k} {row[k]:.2f}" for k in METRICS))
-            net.train()
             paused += time.time() - tic
 
     try:
@@ -507,16 +502,16 @@ def train(args, net, teacher, data, ctx, run_dir=None, state=None, test_split=No
             net.train()
             if "loader" in data:  # file-form data: DistributedSampler (one process too: a seeded epoch order)
                 data["sampler"].set_epoch(epoch)
-                batches, nb = iter(data["loader"]), len(data["loader"])
+                batches, nb = data["loader"], len(data["loader"])
             else:  # the same permutation on every rank (own generator), padded like DistributedSampler, sharded
                 perm = torch.randperm(data["n"], generator=torch.Generator().manual_seed(args.seed * 100003 + epoch))
                 perm = torch.cat([perm, perm[:(-data["n"]) % world]])[ctx["rank"]::world]
-                batches, nb = iter(perm.split(bs)), math.ceil(len(perm) / bs)
-            pos, stop, t_log, seen_log = skip, False, time.time(), seen
-            for batch in itertools.islice(batches, skip, None):
+                batches, nb = perm.split(bs), math.ceil(len(perm) / bs)
+            pos, skip, stop, t_log, seen_log = skip, 0, False, time.time(), seen  # skip: resumed inside this epoch
+            for batch in itertools.islice(batches, pos, None):
                 pos += 1
                 if "loader" in data:
-                    x, y = batch[0].to(dev, non_blocking=True), batch[1].to(dev, non_blocking=True)
+                    x, y = (t.to(dev, non_blocking=True) for t in batch)
                 else:  # device-resident uint8 images: batched pad-crop + flip (RepDistiller aug), normalise
                     x, y = data["x"][batch.to(dev)], data["y"][batch.to(dev)]
                     x = common.normalize(common.random_crop_flip(x, args.image_size // 8), data["mean"], data["std"])
@@ -530,24 +525,21 @@ def train(args, net, teacher, data, ctx, run_dir=None, state=None, test_split=No
                 opt.step()
                 step, ran, cnt, seen = step + 1, ran + 1, cnt + 1, seen + len(y) * world
                 acc = {k: acc.get(k, 0.0) + v.detach() for k, v in losses.items()}
-                if ran == warm:  # steady-state timing starts after the warm-up steps
+                if ran == warm:  # steady-state timing starts after the warm-up steps (minus later evaluation time)
                     sync()
-                    t_warm, seen_warm, paused_warm = time.time(), seen, paused
+                    t_warm, seen_warm = time.time() - paused, seen
                 stop = args.max_steps is not None and step >= args.max_steps
-                if step % args.log_every == 0 or pos == nb or stop:  # the only host syncs of a step
+                if step % args.log_every == 0 or pos == nb or stop:  # the only host syncs of a step (float())
                     vals = {k: float(v) / cnt for k, v in acc.items()}
                     for k in [k for k, v in vals.items() if not math.isfinite(v)][:1]:
                         raise CAMDError(f"non-finite {k} loss at step {step} (checked every --log-every steps)")
-                    sync()
                     ips = (seen - seen_log) / (time.time() - t_log)
                     eta = (time.time() - t0 - paused) / ran * max(nb * args.epochs - step, 0) / 60
-                    if main_rank:
-                        print(f"epoch {epoch + 1}/{args.epochs} step {step} " + " ".join(f"{k} {v:.4f}" for k, v in
-                              vals.items()) + f" lr {opt.param_groups[0]['lr']:.1e} {ips:.0f} img/s eta {eta:.1f} min")
+                    log(f"epoch {epoch + 1}/{args.epochs} step {step} " + " ".join(f"{k} {v:.4f}" for k, v in
+                        vals.items()) + f" lr {opt.param_groups[0]['lr']:.1e} {ips:.0f} img/s eta {eta:.1f} min")
                     acc, cnt, t_log, seen_log = {}, 0, time.time(), seen
                 if stop:
                     break
-            skip = 0
             if pos < nb:  # stopped inside the epoch (--max-steps): last.pt below keeps the position
                 break
             sched.step()
@@ -561,7 +553,7 @@ def train(args, net, teacher, data, ctx, run_dir=None, state=None, test_split=No
         sys.exit(f"interrupted: resumable last.pt written (epoch {epoch}, batch {pos})")
     sync()
     if main_rank and ran > warm:
-        dt = time.time() - t_warm - (paused - paused_warm)
+        dt = time.time() - t_warm - paused
         mem = torch.cuda.max_memory_allocated(dev) if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10
         print(f"speed ({args.variant}): {(seen - seen_warm) / dt:.1f} images/s, {1000 * dt / (ran - warm):.1f} ms/step "
               f"(steady state, steps {warm + 1}-{ran}); peak {'device' if cuda else 'RSS'} memory {mem >> 20} MiB")
@@ -573,18 +565,16 @@ def train(args, net, teacher, data, ctx, run_dir=None, state=None, test_split=No
 
 
 def main(argv=None):
-    args = parse_args(argv)
     try:
-        run(args)
+        run(parse_args(argv))
     except (CAMDError, common.DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
 
 def run(args):
-    for k, v in PRESETS.get(args.dataset, {}).items():  # explicit flags win over the preset
-        if getattr(args, k, None) is None:
-            setattr(args, k, list(v) if isinstance(v, tuple) else v)
+    vars(args).update({k: list(v) if isinstance(v, tuple) else v for k, v in PRESETS.get(args.dataset, {}).items()
+                       if getattr(args, k, None) is None})  # explicit flags win over the preset
     for what, name, known in (("dataset", args.dataset, PRESETS), ("variant", args.variant, VARIANTS),
                               ("architecture", args.teacher_arch, ARCHS), ("architecture", args.student_arch, ARCHS)):
         if name not in known:
@@ -592,8 +582,8 @@ def run(args):
     if args.batch_size < 2 or min(args.epochs, args.max_steps or 1, args.log_every, args.eval_every) < 1:
         raise CAMDError("--batch-size must be >= 2; --epochs, --max-steps, --log-every, --eval-every >= 1")
     args.teacher_epochs = args.epochs if args.teacher_epochs is None else args.teacher_epochs
-    args.run_name = args.run_name or "_".join(
-        [args.dataset, args.variant, args.teacher_arch, args.student_arch, f"s{args.seed}"])
+    args.run_name = args.run_name or "_".join([args.dataset, args.variant, args.teacher_arch, args.student_arch,
+                                               f"s{args.seed}"])
     world, rank, local = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
     kind = args.device if args.device != "auto" else (
         "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
@@ -657,11 +647,11 @@ def run(args):
         t_metrics = evaluate(teacher, args, dev, test_split) if main_rank else None
         log(f"teacher {args.teacher_arch} test: {show(t_metrics) if main_rank else ''}")
 
-    # student + embedding block, run directory, resume
+    # student + embedding block; run directory (a resumed run continues in place), resume
     torch.manual_seed(args.seed + 1 + rank)  # per-rank augmentation stream (the epoch permutation has its own seed)
     net = cl(CAMDNet(student, d_t, args.num_classes, args.variant in ("amd_e", "camd", "camd_kd")).to(dev))
     run_dir = os.path.join(args.save_dir, args.run_name)
-    run_dir = os.path.dirname(os.path.abspath(args.resume)) if args.resume else run_dir  # resume in place
+    run_dir = os.path.dirname(os.path.abspath(args.resume)) if args.resume else run_dir
     try:
         state = torch.load(args.resume, map_location="cpu", weights_only=True) if args.resume else None
         net.load_state_dict(state["net"] if state else net.state_dict())
@@ -669,7 +659,7 @@ def run(args):
         raise CAMDError(f"cannot resume from {args.resume}: {' '.join(str(e).split())[:300]}")
     if main_rank:
         os.makedirs(run_dir, exist_ok=True)
-        log("config: " + json.dumps(vars(args)))
+        print("config: " + json.dumps(vars(args)))
         git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                              cwd=os.path.dirname(os.path.abspath(__file__))) if shutil.which("git") else None
         with open(os.path.join(run_dir, "config.json"), "w") as fh:
@@ -679,15 +669,14 @@ def run(args):
     hist = train(args, net, teacher, data, ctx, run_dir, state, test_split)
 
     if main_rank:
-        final, best = hist[-1], max(hist, key=lambda r: r["top1"])
+        final, best, path = hist[-1], max(hist, key=lambda r: r["top1"]), os.path.join(run_dir, "model.pt")
         atomic_save({"method": "camd", "args": vars(args), "model": net.student.state_dict(),
-                     "teacher_metrics": t_metrics, "metrics": {k: final[k] for k in METRICS}},
-                    os.path.join(run_dir, "model.pt"))
+                     "teacher_metrics": t_metrics, "metrics": {k: final[k] for k in METRICS}}, path)
         if t_metrics:
             print(f"teacher {args.teacher_arch}: {show(t_metrics)}")
         print(f"final (last epoch {final['epoch']}, step {final['step']}) student {args.student_arch}: {show(final)}")
         print(f"best epoch (chosen on the test set) {best['epoch']}: {show(best)}")
-        print(f"saved {os.path.join(run_dir, 'model.pt')}")
+        print(f"saved {path}")
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
