@@ -63,7 +63,7 @@ def test_recall_and_map_match_brute_force_with_ties_duplicates_singletons(seed, 
     emb = torch.randint(0, 3, (61, 4), generator=g).float()   # many exact ties and duplicates
     labels = torch.randint(0, 5, (61,), generator=g)
     labels[:3] = torch.tensor([100, 101, 102])                 # single-member classes
-    monkeypatch.setattr(common, "_chunk_rows", lambda n: 7)    # 61 rows: chunks do not divide N
+    monkeypatch.setattr(common, "_chunk_rows", lambda n, device: 7)    # 61 rows: chunks do not divide N
     common._last_search.clear()
     rec, mapr = common.recall_at_k(emb, labels), common.map_at_r(emb, labels)
     ref_rec, ref_map = brute_recall_map(emb, labels, (1, 2, 4, 8))
