@@ -7,7 +7,7 @@ a soft-margin triplet weighted by the gaps to the teacher's own distances (zero 
 This embedding branch teaches the baseline classifier via a stop-gradient KL; only the baseline is kept.
 
 Usage:
-  python camd.py                        # digits on CPU (teacher CE-trained and cached first)
+  python camd.py                        # digits on CPU (teacher, then vanilla student CE-trained and cached first)
   python camd.py --dataset cifar100 --teacher-path cifar_teachers/resnet32x4_vanilla/ckpt_epoch_240.pth [--variant kd]
   torchrun --nproc_per_node=8 camd.py --dataset imagenet --data-root /data   # ResNet-34 -> ResNet-18, DDP
   python camd.py --dataset synthetic --max-steps 40 --variant {camd,kd,ce}   # images/s, ms/step, peak memory
@@ -15,6 +15,7 @@ Usage:
 Implementation details:
  1. Teacher frozen (eval, no_grad); feature = pooled penultimate vector. --teacher-path: this repo's model.pt, a
     RepDistiller ckpt ({"model": sd}, trusted pickle) or a state_dict, strict; else CE-trained and cached (reused).
+    --vanilla (digits default): the student CE-trained (= --variant ce), cached beside it, reported as a reference.
  2. Embedding block e = Linear(d_s -> d_t) -> BatchNorm1d -> ReLU + classifier z^m (Sec. III-B.4, Table V).
  3. L_amd (Eq. 2-4, Alg. 1), vectorised: normalised features, d_ij = ||t_i - s_j||; per teacher anchor the hardest
     positive (y_j = y_i, j = i included) and negative; constants a^p = [d^p - D(t_i, t_j)]_+, a^n = [D(t_i, t_k) -
@@ -39,6 +40,7 @@ Measured (shared 2-core CPU, torch 2.15, OMP_NUM_THREADS=1, seed 0; top-1 / Rank
    mean of 3 runs): 76.58 / 68.01 / 76.51.
 """
 import argparse
+import copy
 import itertools
 import json
 import math
@@ -58,15 +60,15 @@ import torchvision
 
 import common
 
-RD = dict(epochs=240, batch_size=64, lr=0.05, weight_decay=5e-4, momentum=0.9, milestones=(150, 180, 210),
-          teacher_arch="resnet32x4", student_arch="resnet8x4", gamma=80.0, tau=4.0, image_size=32, workers=0)
+RD = dict(epochs=240, batch_size=64, lr=0.05, weight_decay=5e-4, momentum=0.9, milestones=(150, 180, 210), workers=0,
+          teacher_arch="resnet32x4", student_arch="resnet8x4", gamma=80.0, tau=4.0, image_size=32, vanilla=False)
 PRESETS = {
     "cifar100": RD,  # Sec. IV-A = RepDistiller train_student.py recipe (kd_cifar.md); gamma 80, tau 4 (Sec. IV-A)
     "tinyimagenet": {**RD, "image_size": 64},  # Sec. IV-A: the CIFAR-100 recipe on 64-px images
     "imagenet": dict(  # Table IV pair; torchvision references/classification 100-epoch recipe; gamma 30 (Sec. IV-A)
-        epochs=100, batch_size=256, lr=0.1, weight_decay=1e-4, momentum=0.9, milestones=(30, 60, 90),
+        epochs=100, batch_size=256, lr=0.1, weight_decay=1e-4, momentum=0.9, milestones=(30, 60, 90), vanilla=False,
         teacher_arch="resnet34", student_arch="resnet18", gamma=30.0, tau=4.0, image_size=224, workers=8),
-    "digits": {**RD, "epochs": 6, "milestones": (4, 5), "teacher_arch": "resnet14",  # ours: offline CPU smoke run;
+    "digits": {**RD, "epochs": 6, "milestones": (4, 5), "teacher_arch": "resnet14", "vanilla": True,  # ours: CPU run;
                "student_arch": "resnet8", "gamma": 10.0},  # gamma 10 (Fig. 5 range): 80 needs longer runs (below)
     "synthetic": {**RD, "epochs": 1, "teacher_epochs": 0},  # ours: speed at the paper's runtime pair (Sec. IV-A)
 }
@@ -109,6 +111,7 @@ def parse_args(argv=None):
     m.add_argument("--student-arch", help="default: preset (resnet8x4 CIFAR, resnet18 ImageNet)")
     m.add_argument("--teacher-path", help="teacher checkpoint: this repo's, RepDistiller's, or a state_dict")
     m.add_argument("--teacher-epochs", type=int, help="CE epochs to train a missing teacher (default: --epochs)")
+    m.add_argument("--vanilla", action=argparse.BooleanOptionalAction, help="report a CE student (default: digits)")
     m.add_argument("--gamma", type=float, help="scale in Eq. 3 (default 80 CIFAR/TinyImageNet, 30 ImageNet)")
     m.add_argument("--tau", type=float, help="temperature of Eq. 6 and KD (default 4, Sec. IV-A)")
     m.add_argument("--weights", default="adaptive", choices=["adaptive", "fixed"], help="Eq. 4 or a=1 (Table VII)")
@@ -476,7 +479,7 @@ def train(args, net, teacher, data, ctx, run_dir=None, state=None, test_split=No
     sync, log = torch.cuda.synchronize if cuda else (lambda: None), print if main_rank else (lambda *a: None)
     bs, t0, paused, ips, epoch, pos = max(1, args.batch_size // world), time.time(), 0.0, 0.0, start, skip
     acc, cnt, seen, ran, nb = {}, 0, 0, 0, 1
-    warm, t_warm, seen_warm = min(10, (args.max_steps or 40) // 4), 0.0, 0
+    warm, t_warm, seen_warm = max(1, min(10, (args.max_steps or 40) // 4)), 0.0, 0
 
     def save_last(epoch, pos):
         if run_dir and main_rank:
@@ -622,9 +625,19 @@ def run(args):
     if args.variant == "amd_b" and d_s != d_t:
         raise CAMDError(f"--variant amd_b needs equal feature widths, but student {args.student_arch} has {d_s} and "
                         f"teacher {args.teacher_arch} has {d_t}; use --variant amd_e or camd (embedding block)")
-    smoke = f"_max{args.max_steps}" if args.max_steps else ""  # --max-steps also caps teacher training: keep apart
-    cache = os.path.join(args.save_dir, "teachers", f"{args.dataset}_{args.teacher_arch}_e{args.teacher_epochs}_bs"
-                         f"{args.batch_size}_lr{args.lr:g}_s{args.seed}{smoke}.pt")
+    smoke = f"_max{args.max_steps}" if args.max_steps else ""  # --max-steps also caps CE pre-training: keep apart
+    key = f"_bs{args.batch_size}_lr{args.lr:g}_s{args.seed}{smoke}.pt"
+    cache = os.path.join(args.save_dir, "teachers", f"{args.dataset}_{args.teacher_arch}_e{args.teacher_epochs}{key}")
+    v_cache = os.path.join(args.save_dir, "teachers", f"{args.dataset}_vanilla_{args.student_arch}_e{args.epochs}{key}")
+
+    def ce_train(who, model, arch, epochs, path):  # CE training (variant ce) of the teacher / vanilla student, cached
+        targs = argparse.Namespace(**{**vars(args), "variant": "ce", "epochs": epochs, "student_arch": arch,
+                                      "teacher_path": None})
+        log(f"training {who} {arch} with CE for {epochs} epochs -> {path}")
+        train(targs, cl(CAMDNet(model, d_t, args.num_classes, False).to(dev)), None, data, ctx)
+        if main_rank:  # stored like a model.pt, so eval.py can evaluate it as well
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            atomic_save({"method": "camd", "args": vars(targs), "model": model.state_dict(), "metrics": {}}, path)
     src = args.teacher_path or (cache if os.path.isfile(cache) else None)
     if args.variant == "ce":
         teacher = None
@@ -632,20 +645,25 @@ def run(args):
         load_teacher(teacher, src, args.teacher_arch)
         log(f"teacher {args.teacher_arch} loaded from {src}")
     elif not tv_teacher and args.teacher_epochs > 0:
-        targs = argparse.Namespace(**{**vars(args), "variant": "ce", "epochs": args.teacher_epochs,
-                                      "student_arch": args.teacher_arch, "teacher_path": None})
-        log(f"training teacher {args.teacher_arch} with CE for {args.teacher_epochs} epochs -> {cache}")
-        train(targs, cl(CAMDNet(teacher, d_t, args.num_classes, False).to(dev)), None, data, ctx)
-        if main_rank:  # stored like a model.pt, so eval.py can evaluate the teacher as well
-            os.makedirs(os.path.dirname(cache), exist_ok=True)
-            atomic_save({"method": "camd", "args": vars(targs), "model": teacher.state_dict(), "metrics": {}}, cache)
+        ce_train("teacher", teacher, args.teacher_arch, args.teacher_epochs, cache)
     elif not tv_teacher:
         log("warning: --teacher-epochs 0: randomly initialised teacher (speed benchmarks only)")
-    show, t_metrics = lambda r: "  ".join(f"{k} {r[k]:.2f}" for k in METRICS), None
+    show, t_metrics, v_metrics = lambda r: "  ".join(f"{k} {r[k]:.2f}" for k in METRICS), None, None
     if teacher is not None:
         teacher = cl(teacher.to(dev)).eval().requires_grad_(False)
         t_metrics = evaluate(teacher, args, dev, test_split) if main_rank else None
         log(f"teacher {args.teacher_arch} test: {show(t_metrics) if main_rank else ''}")
+    if args.vanilla and args.variant != "ce":  # the --variant ce run: same initial weights, same RNG stream
+        vanilla = copy.deepcopy(student)
+        torch.manual_seed(args.seed + 1 + rank)
+        if os.path.isfile(v_cache):
+            load_teacher(vanilla, v_cache, args.student_arch)
+            log(f"vanilla student {args.student_arch} loaded from {v_cache}")
+        else:
+            ce_train("vanilla student", vanilla, args.student_arch, args.epochs, v_cache)
+        v_metrics = evaluate(cl(vanilla.to(dev)), args, dev, test_split) if main_rank else None
+        log(f"vanilla student {args.student_arch} test: {show(v_metrics) if main_rank else ''}")
+    ref = {"teacher_metrics": t_metrics, "vanilla_metrics": v_metrics}  # reference numbers, not this run's "metrics"
 
     # student + embedding block; run directory (a resumed run continues in place), resume
     torch.manual_seed(args.seed + 1 + rank)  # per-rank augmentation stream (the epoch permutation has its own seed)
@@ -665,15 +683,17 @@ def run(args):
         with open(os.path.join(run_dir, "config.json"), "w") as fh:
             json.dump({**vars(args), "torch": torch.__version__, "torchvision": torchvision.__version__,
                        "world_size": world, "device_name": torch.cuda.get_device_name(dev) if kind == "cuda" else kind,
-                       "git_commit": git and git.stdout.strip() or None, "teacher_metrics": t_metrics}, fh, indent=1)
+                       "git_commit": git and git.stdout.strip() or None, **ref}, fh, indent=1)
     hist = train(args, net, teacher, data, ctx, run_dir, state, test_split)
 
     if main_rank:
         final, best, path = hist[-1], max(hist, key=lambda r: r["top1"]), os.path.join(run_dir, "model.pt")
         atomic_save({"method": "camd", "args": vars(args), "model": net.student.state_dict(),
-                     "teacher_metrics": t_metrics, "metrics": {k: final[k] for k in METRICS}}, path)
+                     **ref, "metrics": {k: final[k] for k in METRICS}}, path)
         if t_metrics:
             print(f"teacher {args.teacher_arch}: {show(t_metrics)}")
+        if v_metrics:
+            print(f"vanilla student {args.student_arch}: {show(v_metrics)}")
         print(f"final (last epoch {final['epoch']}, step {final['step']}) student {args.student_arch}: {show(final)}")
         print(f"best epoch (chosen on the test set) {best['epoch']}: {show(best)}")
         print(f"saved {path}")

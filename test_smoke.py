@@ -1165,7 +1165,7 @@ def test_camd_teacher_formats_and_cache(tmp_path, _camd_teacher, capsys):
         camd.load_teacher(model, str(tmp_path / name), "resnet8")
         assert all(torch.equal(model.state_dict()[k], v) for k, v in sd.items())
     # no --teacher-path: a CE-trained teacher is cached under <save-dir>/teachers and reused by the next run
-    cached = TINY + ["--teacher-epochs", "1", "--max-steps", "1", "--save-dir", str(tmp_path)]
+    cached = TINY + ["--teacher-epochs", "1", "--max-steps", "1", "--save-dir", str(tmp_path), "--no-vanilla"]
     camd.main(cached + ["--run-name", "c"])
     assert len(os.listdir(tmp_path / "teachers")) == 1 and "training teacher" in capsys.readouterr().out
     camd.main(cached + ["--run-name", "d", "--variant", "amd_b"])
@@ -1174,6 +1174,22 @@ def test_camd_teacher_formats_and_cache(tmp_path, _camd_teacher, capsys):
 
 def _camd_pickled_obj():
     return argparse.Namespace(lr=0.05)
+
+
+def test_camd_digits_reports_vanilla_student(tmp_path, _camd_teacher, capsys):
+    base = TINY + ["--teacher-path", _camd_teacher, "--max-steps", "2", "--save-dir", str(tmp_path)]
+    camd.main(base + ["--run-name", "v"])  # digits preset: --vanilla on; CE-trained and cached, then reused
+    out = capsys.readouterr().out
+    assert "training vanilla student resnet8" in out and out.count("vanilla student resnet8:") == 1
+    ckpt = torch.load(tmp_path / "v" / "model.pt", map_location="cpu", weights_only=True)
+    camd.main(base + ["--run-name", "ce", "--variant", "ce"])  # the vanilla student is exactly the --variant ce run
+    assert ckpt["vanilla_metrics"] == _camd_metrics(tmp_path / "ce") != ckpt["metrics"]
+    assert ckpt["metrics"] == {k: json.loads(open(tmp_path / "v" / "metrics.jsonl").readlines()[-1])[k]
+                               for k in ("top1", "Rank-1", "Rank-2")}  # the distilled student's, as before
+    camd.main(base + ["--run-name", "w"])
+    assert "vanilla student resnet8 loaded from " + str(tmp_path / "teachers") in capsys.readouterr().out
+    camd.main(base + ["--run-name", "x", "--no-vanilla"])
+    assert "vanilla student" not in capsys.readouterr().out
 
 
 def test_camd_bad_inputs_exit_2(tmp_path, _camd_teacher, capsys):
