@@ -631,7 +631,8 @@ def train(args):
         if best:
             log(f"best epoch (chosen on the test set) {best['epoch']}: "
                 + " ".join(f"{k} {v:.2f}" for k, v in best.items() if k != "epoch"))
-        log(f"steady-state {train_imgs / train_s if train_s else float('nan'):.1f} img/s, peak memory {peak:.0f} MiB "
+        rate = f"{train_imgs / train_s:.1f} img/s" if train_s else "not measured (no step after the first log interval)"
+        log(f"steady-state {rate}, peak memory {peak:.0f} MiB "
             f"({'cuda allocated' if cuda else 'max RSS'}), wall {time.time() - t_begin:.1f}s, saved {run_dir}")
     if world > 1:
         dist.destroy_process_group()
