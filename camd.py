@@ -30,14 +30,13 @@ Implementation details:
     of a DistributedSampler; L_amd mines within the local batch.
 Deviations: batch means where Eq. 5/6 sum; stop-gradient on a^p, a^n is our reading (--no-detach-weights);
 kd_beta = 1 is ours; TinyImageNet crops pad by 8 (size / 8); 1-sample batches are skipped.
-Measured (shared 2-core CPU, torch 2.15, OMP_NUM_THREADS=1, seed 0; top-1 / Rank-1 / Rank-2):
- - `python camd.py` (digits, resnet14 teacher 6 CE epochs -> resnet8, 6 epochs; 28.9 s wall incl. the teacher):
-   teacher 90.28 / 94.17 / 95.56; camd 83.06 / 88.06 / 93.61; kd 82.22 / 88.89 / 93.06; ce 78.33 / 84.44 / 90.56;
-   camd --gamma 80 36.11 / 59.72 / 71.11 (L_amd dominates short runs). --epochs 20 --milestones 14 17 --teacher-epochs
-   6: camd (gamma 80) 91.67 / 91.94 / 95.28, kd 91.67 / 93.06 / 95.83, ce 98.06 / 97.50 / 98.33 (weak toy teacher).
- - synthetic --max-steps 16 (resnet32x4 -> resnet8x4, batch 64, 32 px, random teacher): ce / kd / camd 421 / 1086 /
-   1100 ms per step (CAMD +1.3% over KD), peak RSS ~1.2 GB. Paper Table I (CIFAR-100, resnet32x4 -> resnet8x4, CAMD,
-   mean of 3 runs): 76.58 / 68.01 / 76.51.
+Measured (idle 2-core AMD EPYC CPU, torch 2.15, default threads, seed 0; top-1 / Rank-1 / Rank-2, last epoch):
+ - `python camd.py` (digits, resnet14 teacher 6 CE epochs -> resnet8, 6 epochs, gamma 10; 22.7 s wall incl. the
+   teacher and the vanilla student): teacher 91.11 / 91.94 / 95.83; vanilla 80.28 / 82.22 / 89.72; CAMD 80.83 /
+   88.33 / 94.17. With gamma 80 L_amd dominates such short runs (1 thread: 36.11 / 59.72 / 71.11 after 6 epochs).
+ - `python camd.py --dataset synthetic --max-steps 16 --log-every 8 --variant {ce,kd,camd}` (resnet32x4 ->
+   resnet8x4, batch 64, 32 px, random teacher): 220 / 600 / 592 ms per step (CAMD = KD within noise), peak RSS
+   ~1.2 GB. Paper Table I (CIFAR-100, resnet32x4 -> resnet8x4, CAMD, mean of 3 runs): 76.58 / 68.01 / 76.51.
 """
 import argparse
 import copy

@@ -52,9 +52,10 @@ Measured results (ours; 2 shared CPU cores, torch 2.15, seed 0; no GPU was avail
    other jobs saturated both cores). Student kNN-1/20/200w 92.2/87.2/70.3 untrained -> 96.1/93.3/79.2
    (teacher 95.8/93.9/80.0); `eval.py --linear-probe` 95.6. Deterministic on rerun.
  - ResNet-18 training step on this CPU (min of 3 interleaved reps): 32 px CIFAR stem, batch 256: 7.0 s = 37 img/s,
-   batched on-device augmentation 0.3-6% of the step; 224 px, batch 32: 1.84 s = 16 img/s, augmentation ~6%;
-   the PIL MoCo-v2 pipeline costs 13 ms per image (two views) per worker. ISD vs --variant moco: whole steps
-   equal within load noise; loss alone (B 256, D 512, fwd+bwd) K 16384: 434 vs 181 ms, K 128000: 2.2 vs 1.3 s.
+   batched on-device augmentation 0.3-6% of the step; 224 px, batch 32: 1.84 s = 17 img/s, augmentation ~6%;
+   the PIL MoCo-v2 pipeline costs 13 ms per image (two views) per worker. Idle machine, `--dataset synthetic
+   --synthetic-n 3072 --max-steps 12 --log-every 3 --eval-every 0`: ISD 43.2 vs --variant moco 44.4 img/s
+   (+2.7%); loss alone (B 256, D 512, fwd+bwd, loaded) K 16384: 434 vs 181 ms, K 128000: 2.2 vs 1.3 s.
  - Paper (Table 1, ImageNet, 200 epochs): ResNet-18 53.8 linear / 41.5 1-NN / 46.6 20-NN; ResNet-50 69.8 / 59.2
    / 62.0. Not reproduced here.
 """

@@ -69,12 +69,12 @@ Paper numbers (Table 1, ResNet-50, d = 128, R@1 / NMI, mean of best-epoch test r
     paper  CARS MS 81.68/69.43  MS+MSDFA 85.89/71.45  Margin+MSDF 85.55/71.68
     paper  SOP  MS 77.99/90.00  MS+MSDF  78.59/90.09  Margin+MSDF 79.63/90.70
 
-Measured results (this repo; shared 2-core CPU, load ~6 from other jobs, seed 0, 1 run each):
-    OMP_NUM_THREADS=1 python s2sd.py [--variant V]  (digits, 6 epochs, 132 steps, ~9-13 s wall each)
-      last-epoch R@1 / MAP@R / NMI: baseline 89.62/36.41/38.93  dsd 89.62/32.88/35.78  msd 90.07/35.25/46.12
-                                    msdf 91.18/35.97/44.96  msdfa 92.97/39.07/45.14 (a sanity check, not evidence)
-    With 2 threads on the contended box the same run took 60-211 s (OpenMP spin-waits); results can differ
-    slightly with the thread count. No CUB/CARS/SOP runs were possible here (no GPU, no datasets).
+Measured results (this repo; 2-core AMD EPYC CPU, torch 2.15, seed 0, 1 run each; a sanity check, not evidence):
+    python s2sd.py  (digits, msdfa, 6 epochs, 132 steps; idle machine, default threads, 10.6 s wall)
+      last epoch R@1 / MAP@R / NMI 93.75 / 42.32 / 43.32;  --variant baseline 89.62 / 36.41 / 38.93 (5.6 s)
+    OMP_NUM_THREADS=1 python s2sd.py --variant V (loaded machine; results differ slightly with the thread count)
+      dsd 89.62/32.88/35.78  msd 90.07/35.25/46.12  msdf 91.18/35.97/44.96  msdfa 92.97/39.07/45.14
+    No CUB/CARS/SOP runs were possible here (no GPU, no datasets). Loss timings below: loaded machine, 1 thread.
     Loss cost, B = 112, fwd+bwd, 1 thread, median of 15: Multisimilarity 0.6-1.0 ms (a per-anchor loop as in
     the code: 32-43 ms); S2SD Eq. 5+6 on given branch outputs (5 MS + 5 KL) 16-24 ms; incl. the four branch
     MLPs from 2048-d u_A 230-310 ms. ResNet-50 fwd+bwd+Adam for 112 images at 224 px: 100-150 s (7 micro-
