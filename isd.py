@@ -44,14 +44,12 @@ Deviations:
  - No ShuffleBN (official shuffles the key batch across DataParallel GPUs); each rank's BN sees its shard.
  - ImageNet-100 / folder / CIFAR / STL-10 / digits settings are ours (the paper has none): see PRESETS.
  - ResNet-50 uses adaptive average pooling (official hard-codes a 7x7 pool, i.e. 224 px only).
- - --variant moco uses temperature tau_s and the recipe's predictor / heads (the paper's MoCo-v2 baseline
-   used MoCo's own code). On-device views (<= 96 px) have no blur and jitter in a fixed order (common.py).
+ - --variant moco uses tau_s and the recipe's heads. On-device views (<= 96 px): no blur, fixed jitter order.
 
 Measured results (ours; 2 shared CPU cores, torch 2.15, seed 0; no GPU was available to this work):
- - `python isd.py` (digits, 15 epochs): 3.9 s in the script, 8 s with start-up, idle machine (60-200 s while
-   other jobs saturated both cores). Student kNN-1/20/200w 92.2/87.2/70.3 untrained -> 96.1/93.3/79.2
-   (teacher 95.8/93.9/80.0); `eval.py --linear-probe` 95.6. Deterministic on rerun.
- - ResNet-18 training step on this CPU (min of 3 interleaved reps): 32 px CIFAR stem, batch 256: 7.0 s = 37 img/s,
+ - `python isd.py` (digits, 15 epochs, idle machine, 8.8 s wall): student kNN-1/20/200w 92.2/87.2/70.3
+   untrained -> 96.1/93.3/79.2 (teacher 95.8/93.9/80.0); `eval.py --linear-probe` 95.6.
+ - ResNet-18 step on this CPU (loaded, min of 3 interleaved reps): 32 px CIFAR stem, batch 256: 7.0 s = 37 img/s,
    batched on-device augmentation 0.3-6% of the step; 224 px, batch 32: 1.84 s = 17 img/s, augmentation ~6%;
    the PIL MoCo-v2 pipeline costs 13 ms per image (two views) per worker. Idle machine, `--dataset synthetic
    --synthetic-n 3072 --max-steps 12 --log-every 3 --eval-every 0`: ISD 43.2 vs --variant moco 44.4 img/s
@@ -298,7 +296,7 @@ def enqueue(queue, queue_labels, ptr, keys, labels):
 @torch.no_grad()
 def purity(k, queue, labels, queue_labels, top=5):
     """Sum over labelled queries of the fraction of the teacher's top-5 anchors with the same label, and
-    the number of labelled queries (train_isd_plus.py's diagnostic). Unlabelled entries are -1."""
+    the number of labelled queries (train_isd_plus.py's diagnostic; sampled, not run every step)."""
     nn_idx = (k.float() @ queue.t()).topk(top, dim=1).indices
     match = (queue_labels[nn_idx] == labels[:, None]).float().mean(1)
     has = labels >= 0
@@ -595,7 +593,9 @@ def train(args):
                 with torch.no_grad():
                     ld = loss.detach()
                     first_bad = torch.where((first_bad < 0) & ~torch.isfinite(ld), step + 1, first_bad)
-                    ps, pc = purity(k, queue, y, queue_labels) if labelled else (ld * 0, ld * 0)
+                    # purity (diagnostic) is sampled before each log and at epoch end: no B x K search per step
+                    sample = labelled and ((step + 1) % args.log_every == 0 or batch + 1 == steps_per_epoch)
+                    ps, pc = purity(k, queue, y, queue_labels) if sample else (ld * 0, ld * 0)
                     acc += torch.stack([ld, ps, pc.float(), torch.ones_like(ld)])
                     ptr = enqueue(queue, queue_labels, ptr, _gather(k, world), _gather(y, world))  # after the loss
                 step += 1
