@@ -316,8 +316,7 @@ def _cub(name, root, split, download):
     folders = sorted(d for d in os.listdir(base) if os.path.isdir(os.path.join(base, d)) and d[:3].isdigit())
     paths, class_ids = [], []
     for d in folders:
-        files = sorted(f for f in os.listdir(os.path.join(base, d))
-                       if not f.startswith("._") and f.lower().endswith(IMAGE_EXTENSIONS))
+        files = sorted(f for f in os.listdir(os.path.join(base, d)) if _is_image(f))
         if not files:
             raise DatasetError(f"cub looks incomplete: {os.path.join(base, d)} has no images; "
                                f"delete {os.path.join(root, 'CUB_200_2011')} and run again")
@@ -388,6 +387,11 @@ def _sop(name, root, split, download):
     return _relabel(name, paths, class_ids, split)
 
 
+def _is_image(filename):
+    """An image file, not a macOS '._' resource fork (CUB's tgz ships those)."""
+    return filename.lower().endswith(IMAGE_EXTENSIONS) and not filename.startswith("._")
+
+
 def _image_folder(base, wnids=None):
     """(paths, labels, class names) of an ImageFolder-style tree; `wnids` restricts the classes."""
     classes = sorted(d for d in os.listdir(base) if os.path.isdir(os.path.join(base, d)))
@@ -401,7 +405,7 @@ def _image_folder(base, wnids=None):
     for i, c in enumerate(classes):
         for dirpath, _, files in sorted(os.walk(os.path.join(base, c))):
             for f in sorted(files):
-                if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("._"):
+                if _is_image(f):
                     paths.append(os.path.join(dirpath, f))
                     labels.append(i)
     return paths, labels, classes
@@ -433,8 +437,7 @@ def _folder(name, root, split, download):
         raise DatasetError(f"folder dataset: {root} is not a directory (pass it with --data-root)")
     paths, labels, classes = _image_folder(root)
     if not paths:  # flat folder: unlabeled
-        paths = sorted(os.path.join(root, f) for f in os.listdir(root)
-                       if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("._"))
+        paths = sorted(os.path.join(root, f) for f in os.listdir(root) if _is_image(f))
         labels, classes = [-1] * len(paths), []
     if not paths:
         raise DatasetError(f"folder dataset: no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
