@@ -296,7 +296,7 @@ def _tinyimagenet(name, root, split, download):
     return Split(name, labels, len(wnids), IMAGENET_MEAN, IMAGENET_STD, images=images)
 
 
-def _relabel(name, paths, class_ids, split):
+def _relabel(name, paths, class_ids):
     """Contiguous labels 0..C-1 in sorted class-id order within the split."""
     uniq = sorted(set(class_ids))
     index = {c: i for i, c in enumerate(uniq)}
@@ -327,7 +327,7 @@ def _cub(name, root, split, download):
     if len(folders) != 200:
         raise DatasetError(f"cub looks incomplete: {len(folders)} of 200 class folders in {base}; "
                            f"delete {os.path.join(root, 'CUB_200_2011')} and run again")
-    return _relabel(name, paths, class_ids, split)
+    return _relabel(name, paths, class_ids)
 
 
 def _cars(name, root, split, download):
@@ -354,7 +354,7 @@ def _cars(name, root, split, download):
     if missing or not paths:
         raise DatasetError(f"cars looks incomplete: {len(missing)} of {len(paths)} {split} images "
                            f"missing under {base}/car_ims (e.g. {missing[0] if missing else '-'})")
-    return _relabel(name, paths, class_ids, split)
+    return _relabel(name, paths, class_ids)
 
 
 def _sop(name, root, split, download):
@@ -384,7 +384,7 @@ def _sop(name, root, split, download):
     if missing:
         raise DatasetError(f"sop looks incomplete: {len(missing)} of {len(paths)} images listed in "
                            f"{listing} are missing (e.g. {missing[0]}); re-extract the archive")
-    return _relabel(name, paths, class_ids, split)
+    return _relabel(name, paths, class_ids)
 
 
 def _is_image(filename):
