@@ -1,26 +1,18 @@
-"""Data loaders and metrics shared by s2sd.py, camd.py, spkd.py and isd.py.
+"""Data loaders and metrics shared by s2sd.py, camd.py, spkd.py and isd.py; nothing here knows a method.
 
-Nothing here knows about a method: no models, no losses, no training loop. Two halves:
-
-Data
-    load_split(name, root, split) -> Split           every dataset the four papers use, plus
-                                                      `digits` (offline) and `synthetic`
-    small images: to_device, batch_indices and batched on-device augmentation (random_crop_flip,
-    random_resized_crop, random_hflip, color_jitter, random_grayscale, normalize, resize)
-    large images: ImageFiles + make_loader with the papers' torchvision transforms
-    class_balanced_batches                            the DML sampler of the released S2SD code
-    embed                                             a whole split through a model, in eval mode
-
-Metrics (tensors in, Python floats in [0, 1] out; exact, chunked, on the embeddings' device)
-    recall_at_k, map_at_r, nmi, knn_accuracy, topk_accuracy
-    retrieval_metrics, knn_metrics                    the bundles every script logs (percentages)
-
-Retrieval conventions (shared/notes/metrics.md): the test set is both query and gallery; a query is
-excluded from its own gallery by index; neighbours are ranked by Euclidean distance on the
-embeddings as given (the same order as cosine similarity for L2-normalised input); ties go to the
-lower gallery index. The N x N distance matrix is never held at once: queries are processed in
-chunks and only the nearest neighbours of each chunk are kept.
+Data: load_split(name, root, split) -> Split (every dataset of the four papers, plus digits,
+fashionmnist, synthetic and folder = your own images; cached); epoch_batches (the seeded, shardable,
+resumable order of one epoch); batched on-device augmentation of uint8 tensors (random_crop_flip,
+random_resized_crop, random_hflip, color_jitter, random_grayscale, normalize, resize); image files
+through DataLoader workers (ImageFiles, make_loader, loader_batches, the papers' transforms); embed.
+Metrics (tensors in, floats out; exact, chunked, on the embeddings' device): recall_at_k, map_at_r,
+nmi, knn_accuracy, topk_accuracy and the bundles retrieval_metrics / knn_metrics (percentages).
+Retrieval (shared/notes/metrics.md): the test set is query and gallery, a query is excluded from its
+own gallery by index, neighbours are ranked by Euclidean distance (= cosine order for L2-normalised
+input), ties go to the lower gallery index, and the N x N matrix is never held at once.
 """
+import functools
+import gzip
 import hashlib
 import math
 import os
@@ -31,7 +23,6 @@ import time
 import urllib.request
 import zipfile
 from dataclasses import dataclass
-from functools import partial
 
 import numpy as np
 import torch
@@ -41,8 +32,9 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)  # RepDistiller
 DIGITS_MEAN, DIGITS_STD = (0.3053,), (0.3759,)  # pixel statistics of all 1,797 sklearn digits
+FMNIST_MEAN, FMNIST_STD = (0.2860,), (0.3530,)  # pixel statistics of the 60,000 training images
 STL10_MEAN, STL10_STD = (0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)
-DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "stl10", "tinyimagenet",
+DATASETS = ("digits", "fashionmnist", "synthetic", "cifar10", "cifar100", "stl10", "tinyimagenet",
             "cub", "cars", "sop", "imagenet", "imagenet100", "folder")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
 
@@ -66,10 +58,12 @@ SOP_URL = "ftp://cs.stanford.edu/cs/cvgl/Stanford_Online_Products.zip"
 SOP_MD5 = "7f73d41a2f44250d4779881525aea32e"
 TINY_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 TINY_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
+FMNIST_DEBIAN = "/usr/share/datasets/fashion-mnist"  # Debian/Ubuntu package dataset-fashion-mnist
+FMNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 
 
 class DatasetError(Exception):
-    """A dataset is unknown, missing or incomplete. The message is one actionable line."""
+    """A dataset is unknown, missing, incomplete or unreadable. The message is one actionable line."""
 
 
 @dataclass
@@ -82,6 +76,7 @@ class Split:
     std: tuple
     images: torch.Tensor | None = None   # uint8 [N, C, H, W] (small-image datasets)
     paths: list | None = None            # image files (large-image datasets)
+    classes: list | None = None          # class names where the dataset has them
 
     def __len__(self):
         return len(self.labels)
@@ -126,10 +121,10 @@ def download_url(url, path, md5=None):
     return path
 
 
-def file_md5(path, chunk=1 << 22):
+def file_md5(path):
     h = hashlib.md5()
     with open(path, "rb") as f:
-        while block := f.read(chunk):
+        for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
 
@@ -154,22 +149,27 @@ def extract(archive, dest_root, top_folder):
 # ----------------------------------------------------------------------------------------------
 # Loading splits
 
+@functools.lru_cache(maxsize=8)
 def load_split(name, root="./data", split="train", download=True, image_size=None, channels=None,
                synthetic_size=(512, 10, 32)):
-    """Load one split of a dataset (see the table in shared/notes/datasets.md).
+    """Load one split of a dataset (see the table in shared/notes/datasets.md); cached, so a script
+    that evaluates every epoch reads its test split once (do not modify the returned Split).
 
-    Tensor form (uint8 images in memory): digits, synthetic, cifar10, cifar100, stl10,
+    Tensor form (uint8 images in memory): digits, fashionmnist, synthetic, cifar10, cifar100, stl10,
     tinyimagenet. File form (paths): cub, cars, sop, imagenet, imagenet100, folder.
     `image_size` resizes tensor-form images once at load time; `channels=3` turns grey into RGB.
     `synthetic_size` = (number of images, classes, image side) for `synthetic`.
     Raises DatasetError with instructions when data are missing or incomplete.
     """
-    loaders = {"digits": _digits, "synthetic": _synthetic, "cifar10": _cifar, "cifar100": _cifar,
-               "stl10": _stl10, "tinyimagenet": _tinyimagenet, "cub": _cub, "cars": _cars,
-               "sop": _sop, "imagenet": _imagenet, "imagenet100": _imagenet, "folder": _folder}
+    loaders = {"digits": _digits, "fashionmnist": _fashionmnist, "synthetic": _synthetic,
+               "cifar10": _cifar, "cifar100": _cifar, "stl10": _stl10, "tinyimagenet": _tinyimagenet,
+               "cub": _cub, "cars": _cars, "sop": _sop, "imagenet": _imagenet, "imagenet100": _imagenet,
+               "folder": _folder}
     if name not in loaders:
         raise DatasetError(f"unknown dataset '{name}'; choose from {', '.join(DATASETS)}")
-    kwargs = {"synthetic_size": synthetic_size} if name == "synthetic" else {}
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise DatasetError(f"--data-root {root} is a file, not a folder")
+    kwargs = {"synthetic_size": tuple(synthetic_size)} if name == "synthetic" else {}
     out = loaders[name](name, root, split, download, **kwargs)
     if out.images is not None and image_size is not None and out.images.shape[-1] != image_size:
         out.images = (resize(out.images, image_size) * 255).round().clamp(0, 255).to(torch.uint8)
@@ -186,6 +186,16 @@ def _check_split(name, split, allowed):
         raise DatasetError(f"dataset '{name}' has no split '{split}'; choose from {', '.join(allowed)}")
 
 
+def _class_split(images, labels, split):
+    """dml_train / dml_test: the zero-shot DML protocol (the first half of the classes train, the
+    second half test, all images of each); other splits unchanged."""
+    if split.startswith("dml"):
+        half = int(labels.max()) // 2 + 1
+        idx = torch.nonzero((labels < half) if split == "dml_train" else (labels >= half)).squeeze(1)
+        images, labels = images[idx], labels[idx]
+    return images.contiguous(), labels
+
+
 def _digits(name, root, split, download):
     """sklearn's 8x8 digits: a zero-shot DML split (0-4 / 5-9) and a stratified 80/20 split."""
     from sklearn.datasets import load_digits
@@ -194,14 +204,60 @@ def _digits(name, root, split, download):
     d = load_digits()
     images = torch.from_numpy(np.round(d.images * (255 / 16)).astype(np.uint8))[:, None]
     labels = torch.from_numpy(d.target.astype(np.int64))
-    if split.startswith("dml"):
-        keep = labels < 5 if split == "dml_train" else labels >= 5
-        idx = torch.nonzero(keep).squeeze(1)
-    else:
+    if not split.startswith("dml"):
         train_idx, test_idx = train_test_split(np.arange(len(labels)), test_size=0.2,
                                                stratify=d.target, random_state=0)
         idx = torch.from_numpy(np.sort(train_idx if split == "train" else test_idx))
-    return Split(name, labels[idx], 10, DIGITS_MEAN, DIGITS_STD, images=images[idx].contiguous())
+        images, labels = images[idx], labels[idx]
+    images, labels = _class_split(images, labels, split)
+    return Split(name, labels, 10, DIGITS_MEAN, DIGITS_STD, images=images)
+
+
+def _read_idx(path):
+    """A uint8 IDX file (the MNIST format, gzipped or not) as a numpy array."""
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            data = f.read()
+        ndim = data[3]
+        shape = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+        if data[:3] != b"\x00\x00\x08" or len(data) != 4 + 4 * ndim + math.prod(shape):
+            raise ValueError("not a uint8 IDX file of the size its header states")
+    except (OSError, EOFError, ValueError, IndexError) as e:
+        raise DatasetError(f"cannot read {path} ({e}); delete it and download it again") from None
+    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _fashionmnist(name, root, split, download):
+    """Fashion-MNIST (Xiao et al. 2017): 28 px grey, 10 classes; the official 60,000 / 10,000 split, and
+    the zero-shot DML split: the training images of classes 0-4 (30,000) / the test images of 5-9 (5,000).
+    Files from torchvision's download into <root>/FashionMNIST/raw, or the four IDX files of the
+    Debian package dataset-fashion-mnist, or any folder holding them given as <root>/fashionmnist."""
+    _check_split(name, split, ("train", "test", "dml_train", "dml_test"))
+    files = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+             "t10k-labels-idx1-ubyte")
+
+    def find():
+        for folder in (os.path.join(root, "FashionMNIST", "raw"), os.path.join(root, "fashionmnist"), FMNIST_DEBIAN):
+            found = [next((p for p in (os.path.join(folder, f), os.path.join(folder, f + ".gz"))
+                           if os.path.isfile(p)), None) for f in files]
+            if all(found):
+                return found
+    paths = find()
+    if paths is None and download:
+        try:
+            import torchvision
+            torchvision.datasets.FashionMNIST(root, download=True)
+        except Exception:  # offline or host unreachable: the message below says how to get the files
+            pass
+        paths = find()
+    if paths is None:
+        raise DatasetError(f"fashionmnist not found in {root}/FashionMNIST/raw, {root}/fashionmnist or "
+                           f"{FMNIST_DEBIAN}; run once with network access (torchvision downloads it), or "
+                           f"'apt-get install dataset-fashion-mnist', or place the four IDX files in {root}/fashionmnist")
+    train_x, train_y, test_x, test_y = (_read_idx(p) for p in paths)
+    images, labels = (train_x, train_y) if split in ("train", "dml_train") else (test_x, test_y)
+    images, labels = _class_split(torch.from_numpy(images.copy())[:, None], torch.from_numpy(labels.astype(np.int64)), split)
+    return Split(name, labels, 10, FMNIST_MEAN, FMNIST_STD, images=images, classes=FMNIST_CLASSES)
 
 
 def _synthetic(name, root, split, download, synthetic_size=(512, 10, 32)):
@@ -228,7 +284,7 @@ def _cifar(name, root, split, download):
     images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
     mean, std = (CIFAR10_MEAN, CIFAR10_STD) if name == "cifar10" else (CIFAR100_MEAN, CIFAR100_STD)
     return Split(name, torch.tensor(ds.targets, dtype=torch.int64), 10 if name == "cifar10" else 100,
-                 mean, std, images=images)
+                 mean, std, images=images, classes=list(ds.classes))
 
 
 def _stl10(name, root, split, download):
@@ -241,15 +297,6 @@ def _stl10(name, root, split, download):
                            f"once with network access or place stl10_binary.tar.gz in {root}") from None
     return Split(name, torch.from_numpy(ds.labels.astype(np.int64)), 10, STL10_MEAN, STL10_STD,
                  images=torch.from_numpy(ds.data))
-
-
-def _read_image(path, size=None):
-    from PIL import Image
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        if size is not None and im.size != (size, size):
-            im = im.resize((size, size), Image.BILINEAR)
-        return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
 def _tinyimagenet(name, root, split, download):
@@ -289,7 +336,7 @@ def _tinyimagenet(name, root, split, download):
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         raise DatasetError(f"tinyimagenet looks incomplete: {len(missing)} images missing, e.g. {missing[0]}")
-    images = torch.stack([_read_image(p, 64) for p in paths])
+    images = torch.stack([read_image(p, 64) for p in paths])
     labels = torch.tensor(labels, dtype=torch.int64)
     torch.save((images, labels), cache + ".tmp")
     os.replace(cache + ".tmp", cache)
@@ -345,16 +392,12 @@ def _cars(name, root, split, download):
         cids = [int(c) for c in np.atleast_1d(ann["class"])]
     except Exception as e:
         raise DatasetError(f"cannot read {mat} ({e}); expected the original cars_annos.mat") from None
-    paths, class_ids = [], []
-    for p, c in zip(rel, cids):
-        if (c <= 98) == (split == "train"):
-            paths.append(os.path.join(base, p))
-            class_ids.append(c)
-    missing = [p for p in paths if not os.path.isfile(p)]
-    if missing or not paths:
-        raise DatasetError(f"cars looks incomplete: {len(missing)} of {len(paths)} {split} images "
+    pairs = [(os.path.join(base, p), c) for p, c in zip(rel, cids) if (c <= 98) == (split == "train")]
+    missing = [p for p, _ in pairs if not os.path.isfile(p)]
+    if missing or not pairs:
+        raise DatasetError(f"cars looks incomplete: {len(missing)} of {len(pairs)} {split} images "
                            f"missing under {base}/car_ims (e.g. {missing[0] if missing else '-'})")
-    return _relabel(name, paths, class_ids)
+    return _relabel(name, [p for p, _ in pairs], [c for _, c in pairs])
 
 
 def _sop(name, root, split, download):
@@ -372,14 +415,9 @@ def _sop(name, root, split, download):
     if not os.path.isfile(listing):
         raise DatasetError(f"sop expected {listing}; place Stanford_Online_Products/ (from "
                            f"{SOP_URL}) in {root}")
-    paths, class_ids = [], []
     with open(listing) as f:
-        next(f)  # header: image_id class_id super_class_id path
-        for line in f:
-            if line.strip():
-                _, cid, _, rel = line.split()
-                paths.append(os.path.join(base, rel))
-                class_ids.append(int(cid))
+        rows = [line.split() for line in list(f)[1:] if line.strip()]  # header: image_id class_id super_class_id path
+    paths, class_ids = [os.path.join(base, r[3]) for r in rows], [int(r[1]) for r in rows]
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         raise DatasetError(f"sop looks incomplete: {len(missing)} of {len(paths)} images listed in "
@@ -404,10 +442,8 @@ def _image_folder(base, wnids=None):
     paths, labels = [], []
     for i, c in enumerate(classes):
         for dirpath, _, files in sorted(os.walk(os.path.join(base, c))):
-            for f in sorted(files):
-                if _is_image(f):
-                    paths.append(os.path.join(dirpath, f))
-                    labels.append(i)
+            paths += [os.path.join(dirpath, f) for f in sorted(files) if _is_image(f)]
+            labels += [i] * (len(paths) - len(labels))
     return paths, labels, classes
 
 
@@ -428,41 +464,95 @@ def _imagenet(name, root, split, download):
     if len(classes) != expected or not paths:
         raise DatasetError(f"{name} looks incomplete: {len(classes)} of {expected} class folders and "
                            f"{len(paths)} images in {base}")
-    return Split(name, torch.tensor(labels), len(classes), IMAGENET_MEAN, IMAGENET_STD, paths=paths)
+    return Split(name, torch.tensor(labels), len(classes), IMAGENET_MEAN, IMAGENET_STD, paths=paths, classes=classes)
 
 
 def _folder(name, root, split, download):
-    """Any folder of images: class sub-folders give labels, a flat folder gives labels -1."""
+    """Your own images (--data-root DIR). split 'train' / 'test': DIR/train and DIR/test (or DIR/val),
+    class sub-folders inside. 'dml_train' / 'dml_test': those folders when they exist, otherwise DIR's
+    class folders split class-disjointly (the first half of the sorted classes train, the second half
+    test, as CUB/CARS). 'all': DIR itself, with class sub-folders or flat (labels -1, unlabeled)."""
+    _check_split(name, split, ("train", "test", "dml_train", "dml_test", "all"))
     if not os.path.isdir(root):
-        raise DatasetError(f"folder dataset: {root} is not a directory (pass it with --data-root)")
-    paths, labels, classes = _image_folder(root)
-    if not paths:  # flat folder: unlabeled
+        raise DatasetError(f"--dataset folder: --data-root {root} is not a folder of images")
+    sub = split.removeprefix("dml_")
+    folders = [os.path.join(root, s) for s in ((sub,) if sub == "train" else ("test", "val"))]
+    folder = next((f for f in folders if os.path.isdir(f)), None)
+    if split == "all":
+        folder = root
+    elif folder is None and not split.startswith("dml"):
+        raise DatasetError(f"--dataset folder: expected {' or '.join(folders)} with one sub-folder per class")
+    paths, labels, classes = _image_folder(folder or root)
+    if split == "all" and not classes:  # flat folder: unlabeled
         paths = sorted(os.path.join(root, f) for f in os.listdir(root) if _is_image(f))
-        labels, classes = [-1] * len(paths), []
+        labels = [-1] * len(paths)
     if not paths:
-        raise DatasetError(f"folder dataset: no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
-    return Split(name, torch.tensor(labels, dtype=torch.int64), len(classes), IMAGENET_MEAN,
-                 IMAGENET_STD, paths=paths)
+        raise DatasetError(f"--dataset folder: no images ({', '.join(IMAGE_EXTENSIONS)}) under {folder or root}")
+    counts = np.bincount(np.maximum(labels, 0), minlength=max(1, len(classes)))
+    if classes and (counts == 0).any():
+        raise DatasetError(f"--dataset folder: class folder {os.path.join(folder or root, classes[int(np.argmin(counts))])} has no images")
+    labels = torch.tensor(labels, dtype=torch.int64)
+    if folder is None:  # class-disjoint halves of one labelled folder
+        half = len(classes) // 2
+        keep = (labels < half) if split == "dml_train" else (labels >= half)
+        paths, labels = [p for p, k in zip(paths, keep) if k], labels[keep] - (0 if split == "dml_train" else half)
+        classes = classes[:half] if split == "dml_train" else classes[half:]
+    if split.startswith("dml") and (torch.bincount(labels, minlength=len(classes)) < 2).any():
+        raise DatasetError(f"--dataset folder: class '{classes[int(torch.bincount(labels).argmin())]}' has one image; "
+                           f"deep metric learning needs at least 2 per class")
+    if split != "all" and len(classes) < 2:
+        raise DatasetError(f"--dataset folder: {split} needs at least 2 classes, found {len(classes)} under {folder or root}")
+    return Split(name, labels, len(classes), IMAGENET_MEAN, IMAGENET_STD, paths=paths, classes=classes)
+
+
+# ----------------------------------------------------------------------------------------------
+# The order of one epoch, shared by every script: a pure function of (seed, epoch), so every rank
+# agrees on it without communication and a run resumed at batch b of an epoch skips exactly b.
+
+def epoch_batches(labels, batch_size, seed, epoch, rank=0, world=1, drop_last=False, samples_per_class=None):
+    """List of LongTensors (CPU): this rank's index batches of one epoch.
+
+    Global batches of `batch_size`; with world > 1 each is cut into `world` equal contiguous slices
+    and this rank keeps slice `rank` (the permutation is padded by wrapping around, as
+    DistributedSampler, so every slice has the same length; batch_size must divide by world).
+    samples_per_class: the class-balanced DML sampler of the released S2SD code instead of a
+    permutation (class_balanced_batches: always len // batch_size full batches).
+    """
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    if samples_per_class:
+        batches = list(class_balanced_batches(labels, batch_size // samples_per_class, samples_per_class, generator=g))
+    else:
+        n = len(labels)
+        order = torch.randperm(n, generator=g)
+        order = torch.cat([order, order[:(-n) % world]])
+        stop = len(order) - len(order) % batch_size if drop_last else len(order)
+        batches = list(order[:stop].split(batch_size))
+    return [b.reshape(world, -1)[rank] for b in batches]
+
+
+# The class-balanced DML sampler of the released S2SD / Revisiting-DML code
+# (datasampler/class_random_sampler.py): per batch, `classes_per_batch` classes drawn uniformly
+# WITH replacement, and for each `samples_per_class` images of that class WITH replacement;
+# len(labels) // batch_size batches per epoch.
+
+def class_balanced_batches(labels, classes_per_batch, samples_per_class, num_batches=None, generator=None):
+    """LongTensor [num_batches, classes_per_batch * samples_per_class] of dataset indices."""
+    labels = torch.as_tensor(labels).cpu()
+    batch = classes_per_batch * samples_per_class
+    num_batches = len(labels) // batch if num_batches is None else num_batches
+    order = torch.argsort(labels, stable=True)                 # indices grouped by class
+    classes, counts = torch.unique(labels, return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    cls = torch.randint(len(classes), (num_batches, classes_per_batch, 1), generator=generator)
+    offset = (torch.rand(num_batches, classes_per_batch, samples_per_class, generator=generator)
+              * counts[cls]).long().clamp_max(counts[cls] - 1)
+    return order[starts[cls] + offset].reshape(num_batches, batch)
 
 
 # ----------------------------------------------------------------------------------------------
 # Small images: the whole uint8 dataset on the device, whole batches augmented there.
 # Augmentations take uint8 or float [B, C, H, W] and return float32 in [0, 1]; they draw from the
-# global RNG of the tensor's device, so seeding and RNG-state checkpoints make them reproducible.
-
-def to_device(split, device):
-    """(uint8 images, labels) of a tensor-form split on `device`."""
-    if split.images is None:
-        raise DatasetError(f"{split.name} is a file dataset; use ImageFiles + make_loader")
-    return split.images.to(device), split.labels.to(device)
-
-
-def batch_indices(n, batch_size, shuffle=True, drop_last=False, device="cpu"):
-    """One epoch of index batches (a random permutation when `shuffle`)."""
-    order = torch.randperm(n, device=device) if shuffle else torch.arange(n, device=device)
-    stop = n - n % batch_size if drop_last else n
-    return [order[i:i + batch_size] for i in range(0, stop, batch_size)]
-
+# global RNG of the tensor's device, so a seeded step draws the same augmentation every time.
 
 def _float(x):
     return x.float().div_(255) if x.dtype == torch.uint8 else x.float()
@@ -475,11 +565,12 @@ def random_hflip(x, p=0.5):
     return torch.where(flip[:, None, None, None], x.flip(3), x)
 
 
-def random_crop_flip(x, padding=4):
-    """RandomCrop(H, padding, zero fill) + RandomHorizontalFlip, the CIFAR recipe, batched."""
+def random_crop_flip(x, padding=4, padding_mode="constant"):
+    """RandomCrop(H, padding) + RandomHorizontalFlip, batched; zero padding (the RepDistiller CIFAR-100
+    recipe) or padding_mode="reflect" (the WRN / attention-transfer CIFAR-10 recipe)."""
     x = _float(x)
     b, _, h, w = x.shape
-    xp = F.pad(x, (padding,) * 4)
+    xp = F.pad(x, (padding,) * 4, mode=padding_mode)
     oy = torch.randint(0, 2 * padding + 1, (b, 1), device=x.device) + torch.arange(h, device=x.device)
     ox = torch.randint(0, 2 * padding + 1, (b, 1), device=x.device) + torch.arange(w, device=x.device)
     out = xp[torch.arange(b, device=x.device)[:, None, None], :, oy[:, :, None], ox[:, None, :]]
@@ -519,8 +610,7 @@ def _gray(x):
 
 def _rgb_to_hsv(x):
     r, g, b = x.unbind(1)
-    maxc, _ = x.max(1)
-    minc, _ = x.min(1)
+    maxc, minc = x.max(1).values, x.min(1).values
     delta = maxc - minc
     s = torch.where(maxc > 0, delta / maxc.clamp_min(1e-12), torch.zeros_like(maxc))
     d = delta.clamp_min(1e-12)
@@ -543,6 +633,7 @@ def color_jitter(x, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, p=0.8
     """
     x = _float(x)
     b, dev = x.shape[0], x.device
+
     def factor(s):
         return torch.empty(b, 1, 1, 1, device=dev).uniform_(max(0.0, 1 - s), 1 + s)
     out = (x * factor(brightness)).clamp(0, 1)
@@ -553,8 +644,7 @@ def color_jitter(x, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, p=0.8
         out = ((out - gray) * factor(saturation) + gray).clamp(0, 1)
         hsv = _rgb_to_hsv(out)
         shift = torch.empty(b, 1, 1, device=dev).uniform_(-hue, hue)
-        hsv = torch.stack([(hsv[:, 0] + shift) % 1.0, hsv[:, 1], hsv[:, 2]], 1)
-        out = _hsv_to_rgb(hsv).clamp(0, 1)
+        out = _hsv_to_rgb(torch.stack([(hsv[:, 0] + shift) % 1.0, hsv[:, 1], hsv[:, 2]], 1)).clamp(0, 1)
     apply = torch.rand(b, device=dev) < p
     return torch.where(apply[:, None, None, None], out, x)
 
@@ -581,18 +671,13 @@ def resize(x, size):
 
 
 # ----------------------------------------------------------------------------------------------
-# Large images: DataLoader with workers and pinned memory, and the papers' torchvision transforms.
+# Image files: DataLoader workers with pinned memory, and the papers' torchvision transforms.
 
-def dml_train_transform(size=224):
-    """S2SD / Revisiting-DML training view: RandomResizedCrop(224), flip, ImageNet normalisation."""
+def dml_train_transform(size=224, min_scale=0.08):
+    """S2SD / Revisiting-DML training view (also torchvision's ImageNet recipe): RandomResizedCrop, flip."""
     from torchvision import transforms as T
-    return T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(),
+    return T.Compose([T.RandomResizedCrop(size, scale=(min_scale, 1.0)), T.RandomHorizontalFlip(), T.ToTensor(),
                       T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-
-
-def imagenet_train_transform(size=224):
-    """The torchvision ImageNet classification recipe: RandomResizedCrop + flip."""
-    return dml_train_transform(size)
 
 
 def eval_transform(resize=256, crop=224, mean=IMAGENET_MEAN, std=IMAGENET_STD):
@@ -601,10 +686,10 @@ def eval_transform(resize=256, crop=224, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     return T.Compose([T.Resize(resize), T.CenterCrop(crop), T.ToTensor(), T.Normalize(mean, std)])
 
 
-def moco_v2_transform(size=224, strong=True):
+def moco_v2_transform(size=224, strong=True, scale=(0.2, 1.0)):
     """MoCo-v2 augmentation (strong) or its weak counterpart: RandomResizedCrop(0.2-1) + flip."""
     from torchvision import transforms as T
-    ops = [T.RandomResizedCrop(size, scale=(0.2, 1.0))]
+    ops = [T.RandomResizedCrop(size, scale=scale)]
     if strong:
         ops += [T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), T.RandomGrayscale(p=0.2),
                 T.RandomApply([T.GaussianBlur(23, sigma=(0.1, 2.0))], p=0.5)]
@@ -612,17 +697,34 @@ def moco_v2_transform(size=224, strong=True):
     return T.Compose(ops)
 
 
-def _two_views(img, first, second):
-    return first(img), second(img)
-
-
-def two_views(first, second):
+class TwoViews:
     """A picklable transform returning (first(img), second(img)): the two SSL views."""
-    return partial(_two_views, first=first, second=second)
+
+    def __init__(self, first, second):
+        self.first, self.second = first, second
+
+    def __call__(self, img):
+        return self.first(img), self.second(img)
+
+
+def read_image(path, size=None):
+    """uint8 [3, H, W] of an image file (resized to size x size if given); DatasetError naming the file."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as e:  # not an image, truncated, corrupt
+        raise DatasetError(f"unreadable image {path} ({e}); delete or replace it") from None
+    if size is not None and im.size != (size, size):
+        im = im.resize((size, size), Image.BILINEAR)
+    return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """(transform(RGB image), label) for a list of image files."""
+    """(transform(RGB image), label) for a list of image files. Indexed by i or by (i, seed): with a
+    seed the random transform is drawn from it, so a view does not depend on which worker made it.
+    An unreadable file yields label -2 - i, which loader_batches turns into an error naming it
+    (raising inside a worker would reach the user as a worker traceback)."""
 
     def __init__(self, paths, labels, transform):
         self.paths, self.labels, self.transform = paths, [int(v) for v in labels], transform
@@ -630,45 +732,55 @@ class ImageFiles(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.paths)
 
-    def __getitem__(self, i):
+    def __getitem__(self, key):
         from PIL import Image
-        with Image.open(self.paths[i]) as im:
-            return self.transform(im.convert("RGB")), self.labels[i]
+        i, seed = key if isinstance(key, tuple) else (key, None)
+        if seed is not None:
+            torch.manual_seed(seed)
+        try:
+            with Image.open(self.paths[i]) as im:
+                img = im.convert("RGB")
+        except (OSError, SyntaxError, ValueError):  # not an image, truncated, corrupt
+            return self.transform(Image.new("RGB", (256, 256))), -2 - i
+        return self.transform(img), self.labels[i]
 
 
-def make_loader(dataset, batch_size=None, shuffle=False, workers=4, drop_last=False,
-                batch_sampler=None, sampler=None):
-    """DataLoader with pinned memory (on CUDA machines) and persistent, prefetching workers."""
-    kw = dict(num_workers=workers, pin_memory=torch.cuda.is_available(),
-              persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
-    if batch_sampler is not None:
-        return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, **kw)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None,
-                                       sampler=sampler, drop_last=drop_last, **kw)
+class _BatchList:
+    """A batch sampler whose list is replaced before each epoch (it is iterated in the main process,
+    so persistent workers see the new batches)."""
+
+    def __init__(self):
+        self.batches = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self):
+        return len(self.batches)
 
 
-# ----------------------------------------------------------------------------------------------
-# The class-balanced DML sampler of the released S2SD / Revisiting-DML code
-# (datasampler/class_random_sampler.py): per batch, `classes_per_batch` classes drawn uniformly
-# WITH replacement, and for each `samples_per_class` images of that class WITH replacement;
-# len(labels) // batch_size batches per epoch.
-
-def class_balanced_batches(labels, classes_per_batch, samples_per_class, num_batches=None, generator=None):
-    """LongTensor [num_batches, classes_per_batch * samples_per_class] of dataset indices."""
-    labels = torch.as_tensor(labels).cpu()
-    batch = classes_per_batch * samples_per_class
-    num_batches = len(labels) // batch if num_batches is None else num_batches
-    order = torch.argsort(labels, stable=True)                 # indices grouped by class
-    classes, counts = torch.unique(labels, return_counts=True)
-    starts = torch.cumsum(counts, 0) - counts
-    cls = torch.randint(len(classes), (num_batches, classes_per_batch, 1), generator=generator)
-    offset = (torch.rand(num_batches, classes_per_batch, samples_per_class, generator=generator)
-              * counts[cls]).long().clamp_max(counts[cls] - 1)
-    return order[starts[cls] + offset].reshape(num_batches, batch)
+def make_loader(dataset, workers=4):
+    """DataLoader over ImageFiles, fed by loader_batches: pinned memory on CUDA machines, persistent
+    prefetching workers."""
+    return torch.utils.data.DataLoader(dataset, batch_sampler=_BatchList(), num_workers=workers,
+                                       pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
+                                       prefetch_factor=4 if workers > 0 else None)
 
 
-# ----------------------------------------------------------------------------------------------
-# Embedding a whole split
+def loader_batches(loader, batches, device, seed=None, first=0):
+    """(x, y) on `device` for each index batch through `loader` (make_loader). With `seed`, item k of
+    batch `first + j` is augmented from its own seed (the same views whatever the worker count, and
+    after a resume at batch `first`). An unreadable image stops with a DatasetError naming it."""
+    loader.batch_sampler.batches = [[(int(i), None if seed is None else hash((seed, first + j, k)) % 2**63)
+                                     for k, i in enumerate(b)] for j, b in enumerate(batches)]
+    for x, y in loader:
+        if int(y.min()) < -1:
+            path = loader.dataset.paths[-2 - int(y.min())]
+            read_image(path)  # raises DatasetError with the reason
+            raise DatasetError(f"could not read {path} in a DataLoader worker; check the file")
+        yield ((tuple(v.to(device, non_blocking=True) for v in x) if isinstance(x, (tuple, list))
+                else x.to(device, non_blocking=True)), y.to(device, non_blocking=True))
+
 
 @torch.no_grad()
 def embed(fn, split, device, batch_size=256, flip_average=False, workers=4, transform=None):
@@ -678,25 +790,22 @@ def embed(fn, split, device, batch_size=256, flip_average=False, workers=4, tran
     normalize with the split's mean/std; file form: `transform` or eval_transform()). It may
     return a tensor or a tuple. With `flip_average`, output 0 is averaged over the image and its
     horizontal flip (the CAMD protocol; normalise afterwards); other outputs use the plain image.
-    The caller sets eval mode; autocast, if wanted, belongs inside fn.
+    The caller sets eval mode. Evaluation is fp32: no autocast here, none expected inside fn.
     """
+    chunks = list(torch.arange(len(split)).split(batch_size))
     if split.images is not None:
         prep = transform or (lambda u: normalize(u, split.mean, split.std))
-        batches = ((prep(split.images[i:i + batch_size].to(device, non_blocking=True)), None)
-                   for i in range(0, len(split), batch_size))
+        batches = (prep(split.images[c].to(device, non_blocking=True)) for c in chunks)
     else:
-        ds = ImageFiles(split.paths, split.labels, transform or eval_transform())
-        loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers,
-                                             pin_memory=torch.cuda.is_available())
-        batches = ((x.to(device, non_blocking=True), None) for x, _ in loader)
+        loader = make_loader(ImageFiles(split.paths, split.labels, transform or eval_transform()), workers)
+        batches = (x for x, _ in loader_batches(loader, chunks, device))
     outs = None
-    for x, _ in batches:
+    for x in batches:
         out = fn(x)
         out = list(out) if isinstance(out, (tuple, list)) else [out]
         if flip_average:
             flipped = fn(x.flip(3))
-            flipped = flipped[0] if isinstance(flipped, (tuple, list)) else flipped
-            out[0] = (out[0].float() + flipped.float()) / 2
+            out[0] = (out[0].float() + (flipped[0] if isinstance(flipped, (tuple, list)) else flipped).float()) / 2
         outs = [[] for _ in out] if outs is None else outs
         for acc, o in zip(outs, out):
             acc.append(o.float())
@@ -750,26 +859,12 @@ def _nearest(query, gallery, k, exclude_self):
             chosen = torch.nonzero(less | tie)[:, 1].view(-1, k)
             idx[ambiguous] = chosen
             val[ambiguous] = da.gather(1, chosen)
-        if k > 1 and (val[:, 1:] == val[:, :-1]).any():  # ties inside the list: order by (distance, index)
+        if k > 1 and (ambiguous.numel() or (val[:, 1:] == val[:, :-1]).any()):  # order by (distance, index)
             by_index = torch.argsort(idx, dim=1)
             idx, val = idx.gather(1, by_index), val.gather(1, by_index)
             idx = idx.gather(1, torch.argsort(val, dim=1, stable=True))
         out.append(idx)
     return torch.cat(out) if out else torch.empty(0, k, dtype=torch.long, device=query.device)
-
-
-# recall_at_k and map_at_r on the same embeddings share one neighbour search (as one call of
-# pytorch-metric-learning's AccuracyCalculator does): the last result is kept, keyed by the tensor
-# object and its in-place version counter, and reused when it holds enough neighbours.
-_last_search = {}
-
-
-def _self_neighbours(emb, k):
-    hit = _last_search.get("emb") is emb and _last_search["version"] == emb._version
-    if not (hit and _last_search["nn"].shape[1] >= k):
-        _last_search.clear()
-        _last_search.update(emb=emb, version=emb._version, nn=_nearest(emb, emb, k, exclude_self=True))
-    return _last_search["nn"][:, :k]
 
 
 def _same_class_counts(labels):
@@ -802,11 +897,7 @@ def recall_at_k(emb, labels, ks=(1, 2, 4, 8)):
     Queries whose class has no other member count as misses.
     """
     labels = labels.to(emb.device)
-    k = max(ks)
-    max_r = int(_same_class_counts(labels).max().item()) if len(labels) else 0
-    if max_r <= 128:  # cheap to fetch enough neighbours for a following map_at_r as well
-        k = max(k, max_r)
-    return _recall_from_neighbours(labels[_self_neighbours(emb, k)[:, :max(ks)]], labels, ks)
+    return _recall_from_neighbours(labels[_nearest(emb, emb, max(ks), exclude_self=True)], labels, ks)
 
 
 def map_at_r(emb, labels):
@@ -816,7 +907,7 @@ def map_at_r(emb, labels):
     max_r = int(_same_class_counts(labels).max().item()) if len(labels) else 0
     if max_r == 0:
         return 0.0
-    return _map_at_r_from_neighbours(labels[_self_neighbours(emb, max_r)], labels)
+    return _map_at_r_from_neighbours(labels[_nearest(emb, emb, max_r, exclude_self=True)], labels)
 
 
 def _kmeans(x, k, seed=0, max_iter=100):
@@ -915,7 +1006,7 @@ def retrieval_metrics(emb, labels, ks=(1, 2, 4, 8), with_map=True, with_nmi=True
     need = max(ks)
     if with_map:
         need = max(need, int(_same_class_counts(labels).max().item()))
-    nn_labels = labels[_self_neighbours(emb, need)]
+    nn_labels = labels[_nearest(emb, emb, need, exclude_self=True)]
     out = {f"R@{k}": 100 * v for k, v in _recall_from_neighbours(nn_labels, labels, ks).items()}
     if with_map:
         out["MAP@R"] = 100 * _map_at_r_from_neighbours(nn_labels, labels)
