@@ -1,45 +1,48 @@
 """CAMD: Collaborative Adaptive Metric Distillation (teacher -> student, for classification AND retrieval).
 
-Paper: H. Liu, M. Ye, Y. Wang, S. Zhao, P. Li, J. Shen, "A New Framework of Collaborative Learning for Adaptive
-Metric Distillation", IEEE TNNLS 2023. No public code: this file is the reference (open choices: notes/camd.md).
+H. Liu, M. Ye, Y. Wang, S. Zhao, P. Li, J. Shen, "A New Framework of Collaborative Learning for Adaptive Metric
+Distillation", IEEE TNNLS 2023. No public code: this file is the reference (open choices: shared/notes/camd.md).
 Idea: teacher features are anchors; the batch's hardest positive / negative STUDENT embeddings are pulled / pushed by
 a soft-margin triplet weighted by the gaps to the teacher's own distances (zero once the student beats the teacher).
-This embedding branch teaches the baseline classifier via a stop-gradient KL; only the baseline is kept.
+This embedding branch teaches the baseline classifier via a stop-gradient KL; only the baseline is kept at test time.
+The algorithm: step_losses().
 
 Usage:
-  python camd.py                        # digits on CPU (teacher, then vanilla student CE-trained and cached first)
+  python camd.py                       # digits on CPU (the teacher is CE-trained and cached first)
   python camd.py --dataset cifar100 --teacher-path cifar_teachers/resnet32x4_vanilla/ckpt_epoch_240.pth [--variant kd]
   torchrun --nproc_per_node=8 camd.py --dataset imagenet --data-root /data   # ResNet-34 -> ResNet-18, DDP
+  python camd.py --dataset folder --data-root DIR     # your images: DIR/train/<class>/, DIR/val/<class>/
   python camd.py --dataset synthetic --max-steps 40 --variant {camd,kd,ce}   # images/s, ms/step, peak memory
 
 Implementation details:
- 1. Teacher frozen (eval, no_grad); feature = pooled penultimate vector. --teacher-path: this repo's model.pt, a
-    RepDistiller ckpt ({"model": sd}, trusted pickle) or a state_dict, strict; else CE-trained and cached (reused).
-    --vanilla (digits default): the student CE-trained (= --variant ce), cached beside it, reported as a reference.
+ 1. Teacher frozen (eval, no grad); feature = pooled penultimate vector. --teacher-path: this repo's model.pt, a
+    RepDistiller ckpt ({"model": sd}, trusted pickle) or a state_dict, strict; else CE-trained with the same recipe
+    and cached under a name spkd.py shares; ImageNet: torchvision's ResNet-34 weights (Sec. IV-A).
  2. Embedding block e = Linear(d_s -> d_t) -> BatchNorm1d -> ReLU + classifier z^m (Sec. III-B.4, Table V).
  3. L_amd (Eq. 2-4, Alg. 1), vectorised: normalised features, d_ij = ||t_i - s_j||; per teacher anchor the hardest
     positive (y_j = y_i, j = i included) and negative; constants a^p = [d^p - D(t_i, t_j)]_+, a^n = [D(t_i, t_k) -
     d^n]_+; mean over anchors with a negative of softplus(gamma (a^p d^p - a^n d^n)).
  4. camd = CE(z^b) + [CE(z^m) + L_amd] (Eq. 5) + tau^2 KL(stopgrad(p^m) || p^b) (Eq. 7) = Eq. 8. amd_b = CE(z^b) +
-    L_amd on the backbone feature (d_s = d_t); amd_e = no KL; camd_kd = Eq. 8 + kd_beta KD; kd = 0.1 CE + 0.9 KD.
-    Table VII: --weights fixed (a = 1), --mining all (mean over all (i, j, k)), --no-stopgrad (Eq. 6).
- 5. Sec. IV-A: RepDistiller recipe (SGD 0.9, wd 5e-4, 240 ep, batch 64, lr 0.05, x0.1 at 150/180/210, pad-crop +
-    flip), gamma 80, tau 4; ImageNet: torchvision 100-epoch recipe, gamma 30. Metrics: top-1 of z^b (the only test
-    head); Rank-1/2 on the test set vs itself (query excluded), feature averaged over image + flip, L2-normalised.
- 6. torchrun DDP: global --batch-size; each rank takes its shard of the epoch permutation (same seed everywhere) or
-    of a DistributedSampler; L_amd mines within the local batch.
-Deviations: batch means where Eq. 5/6 sum; stop-gradient on a^p, a^n is our reading (--no-detach-weights);
-kd_beta = 1 is ours; TinyImageNet crops pad by 8 (size / 8); 1-sample batches are skipped.
-Measured (idle 2-core AMD EPYC CPU, torch 2.15, default threads, seed 0; top-1 / Rank-1 / Rank-2, last epoch):
- - `python camd.py` (digits, resnet14 teacher 6 CE epochs -> resnet8, 6 epochs, gamma 10; 22.7 s wall incl. the
-   teacher and the vanilla student): teacher 91.11 / 91.94 / 95.83; vanilla 80.28 / 82.22 / 89.72; CAMD 80.83 /
-   88.33 / 94.17. With gamma 80 L_amd dominates such short runs (1 thread: 36.11 / 59.72 / 71.11 after 6 epochs).
- - `python camd.py --dataset synthetic --max-steps 16 --log-every 8 --variant {ce,kd,camd}` (resnet32x4 ->
-   resnet8x4, batch 64, 32 px, random teacher): 220 / 600 / 592 ms per step (CAMD = KD within noise), peak RSS
-   ~1.2 GB. Paper Table I (CIFAR-100, resnet32x4 -> resnet8x4, CAMD, mean of 3 runs): 76.58 / 68.01 / 76.51.
+    L_amd on the backbone feature (d_s = d_t); amd_e = no KL; camd_kd = Eq. 8 + kd_beta KD; kd = 0.1 CE + 0.9 KD;
+    ce = the vanilla student. Table VII: --weights fixed (a = 1), --mining all (mean over all (i, j, k)),
+    --no-stopgrad (Eq. 6).
+ 5. Sec. IV-A: the RepDistiller recipe (SGD 0.9, wd 5e-4, 240 epochs, batch 64, lr 0.05, x0.1 at 150/180/210,
+    pad-crop + flip), gamma 80, tau 4; ImageNet: the torchvision 100-epoch recipe, gamma 30. Metrics: top-1 of z^b
+    (the only test head); Rank-1/2 on the test set vs itself (query excluded), the backbone feature averaged over
+    image + flip, L2-normalised; fp32.
+ 6. torchrun DDP: --batch-size is global, each rank takes its slice of the seeded epoch order; L_amd mines the
+    hardest pairs over the GLOBAL batch (teacher features, student embeddings with their gradient, and labels
+    gathered), so several GPUs optimise the single-device objective.
+Deviations: batch means where Eq. 5/6 sum; the stop-gradient on a^p, a^n is our reading (--no-detach-weights);
+kd_beta = 1 is ours; TinyImageNet pads crops by 8 (size / 8); BatchNorm statistics stay per rank under DDP; bf16
+autocast on CUDA (--no-amp = fp32). Offline presets (digits, fashionmnist) and their gamma are ours.
+Paper Table I (CIFAR-100, resnet32x4 -> resnet8x4, mean of 3 runs; top-1 / Rank-1 / Rank-2): student 72.80 / 60.04 /
+70.75, CAMD 76.58 / 68.01 / 76.51. Measured here (README "Results"): MEASURED_PLACEHOLDER
 """
 import argparse
-import copy
+import contextlib
+import datetime
+import hashlib
 import itertools
 import json
 import math
@@ -47,9 +50,11 @@ import os
 import pickle
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import time
+import zipfile
 
 import torch
 import torch.distributed as dist
@@ -59,75 +64,73 @@ import torchvision
 
 import common
 
-RD = dict(epochs=240, batch_size=64, lr=0.05, weight_decay=5e-4, momentum=0.9, milestones=(150, 180, 210), workers=0,
-          teacher_arch="resnet32x4", student_arch="resnet8x4", gamma=80.0, tau=4.0, image_size=32, vanilla=False)
+METHOD, DATA_PARALLEL = "camd", True
+CE_ONLY = dict(variant="ce")  # how this script trains a teacher (or the vanilla student)
+_RD = dict(teacher_arch="resnet32x4", student_arch="resnet8x4", image_size=32, epochs=240, batch_size=64,  # Sec. IV-A
+           lr=0.05, weight_decay=5e-4, momentum=0.9, nesterov=False, lr_milestones=[150, 180, 210], lr_decay=0.1,
+           crop_padding=4, pad_mode="constant", variant="camd", gamma=80.0, tau=4.0,  # = RepDistiller train_student.py
+           weights="adaptive", mining="hard", stopgrad=True, detach_weights=True,  # Eq. 2-4, Eq. 7; notes/camd.md
+           kd_alpha=0.9, kd_beta=1.0, workers=0, eval_every=1, log_every=100)  # RepDistiller KD 0.9; kd_beta ours
 PRESETS = {
-    "cifar100": RD,  # Sec. IV-A = RepDistiller train_student.py recipe (kd_cifar.md); gamma 80, tau 4 (Sec. IV-A)
-    "tinyimagenet": {**RD, "image_size": 64},  # Sec. IV-A: the CIFAR-100 recipe on 64-px images
-    "imagenet": dict(  # Table IV pair; torchvision references/classification 100-epoch recipe; gamma 30 (Sec. IV-A)
-        epochs=100, batch_size=256, lr=0.1, weight_decay=1e-4, momentum=0.9, milestones=(30, 60, 90), vanilla=False,
-        teacher_arch="resnet34", student_arch="resnet18", gamma=30.0, tau=4.0, image_size=224, workers=8),
-    "digits": {**RD, "epochs": 6, "milestones": (4, 5), "teacher_arch": "resnet14", "vanilla": True,  # ours: CPU run;
-               "student_arch": "resnet8", "gamma": 10.0},  # gamma 10 (Fig. 5 range): 80 needs longer runs (below)
-    "synthetic": {**RD, "epochs": 1, "teacher_epochs": 0},  # ours: speed at the paper's runtime pair (Sec. IV-A)
+    "cifar100": _RD,
+    "tinyimagenet": dict(_RD, image_size=64, crop_padding=8),  # Sec. IV-A: the CIFAR-100 recipe on 64-px images
+    "imagenet": dict(_RD, teacher_arch="resnet34", student_arch="resnet18", image_size=224, epochs=100,  # Table IV;
+                     batch_size=256, lr=0.1, weight_decay=1e-4, lr_milestones=[30, 60, 90], gamma=30.0,  # torchvision
+                     workers=8, log_every=100),  # references/classification 100-epoch recipe; gamma 30 (Sec. IV-A)
+    # Offline presets (ours). The teacher recipe matches spkd.py's presets, so both scripts share its teacher.
+    "digits": dict(_RD, teacher_arch="resnet14", student_arch="resnet8", teacher_epochs=5, epochs=8,
+                   lr_milestones=[6], gamma=10.0, log_every=50),  # gamma 10 (Fig. 5 range): short runs
+    "fashionmnist": dict(_RD, teacher_arch="resnet20", student_arch="resnet8", image_size=28, teacher_epochs=4,
+                         epochs=4, lr_milestones=[3], gamma=10.0, train_subset=10000),
+    "folder": dict(_RD, teacher_arch="resnet34", student_arch="resnet18", image_size=224, pretrained=True, epochs=30,
+                   lr=0.01, lr_milestones=[20, 25], gamma=30.0, workers=8, log_every=50),  # ours: fine-tune ImageNet weights
+    "synthetic": dict(_RD, teacher_epochs=0, epochs=1, synthetic_n=2048, log_every=10),  # the paper's runtime pair
 }
 VARIANTS = ("amd_b", "amd_e", "camd", "camd_kd", "kd", "ce")
-METRICS = ("top1", "Rank-1", "Rank-2")
 
 
-class CAMDError(Exception):
-    """Bad input (flags, checkpoint) or a diverged loss: main() prints one line and exits 2."""
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="CAMD (Liu et al., TNNLS 2023)")
-    g = p.add_argument_group("experiment")
-    g.add_argument("--dataset", default="digits", help=f"{'|'.join(PRESETS)} (default digits)")
-    g.add_argument("--data-root", default="./data", help="dataset folder (default ./data)")
-    g.add_argument("--epochs", type=int, help="default: preset (240 CIFAR, Sec. IV-A; 100 ImageNet)")
-    g.add_argument("--batch-size", type=int, help="global batch (default: preset; 64 CIFAR, 256 ImageNet)")
-    g.add_argument("--lr", type=float, help="default: preset (0.05 CIFAR, Sec. IV-A; 0.1 ImageNet)")
-    g.add_argument("--weight-decay", type=float, help="default: preset (5e-4 CIFAR, 1e-4 ImageNet)")
-    g.add_argument("--milestones", type=int, nargs="+", help="epochs where lr *= 0.1 (default: preset)")
-    g.add_argument("--image-size", type=int, help="default: preset (32 CIFAR/digits, 64 TinyImageNet, 224 ImageNet)")
-    g.add_argument("--seed", type=int, default=0, help="default 0")
-    g.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"], help="default auto")
-    g.add_argument("--workers", type=int, help="DataLoader workers, file-form data (default: preset, 8 ImageNet)")
-    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast, CUDA (on)")
-    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="CUDA (default on)")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile (off)")
-    g.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (default 1)")
-    g.add_argument("--log-every", type=int, default=50, help="log (and check losses) every N steps (default 50)")
-    g.add_argument("--save-dir", default="runs", help="default runs")
-    g.add_argument("--run-name", help="default <dataset>_<variant>_<teacher>_<student>_s<seed>")
-    g.add_argument("--max-steps", type=int, help="stop after N optimizer steps (teacher and student; smoke/benchmark)")
-    g.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=False, help="default off")
-    g.add_argument("--resume", help="last.pt to continue from (pass the same flags)")
-    g.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True, help="ImageNet: tv teacher")
+# ------------------------------------------------------------------------------------------------ arguments
+def get_args(argv=None):
+    p = Parser(description="CAMD (Liu et al., TNNLS 2023): adaptive metric distillation with a collaborative branch")
+    experiment_args(p)
     m = p.add_argument_group("method")
-    m.add_argument("--variant", default="camd", help=f"{'|'.join(VARIANTS)} (default camd = Eq. 8; Tables I-III)")
-    m.add_argument("--teacher-arch", help="default: preset (resnet32x4 CIFAR, resnet34 ImageNet)")
-    m.add_argument("--student-arch", help="default: preset (resnet8x4 CIFAR, resnet18 ImageNet)")
-    m.add_argument("--teacher-path", help="teacher checkpoint: this repo's, RepDistiller's, or a state_dict")
-    m.add_argument("--teacher-epochs", type=int, help="CE epochs to train a missing teacher (default: --epochs)")
-    m.add_argument("--vanilla", action=argparse.BooleanOptionalAction, help="report a CE student (default: digits)")
-    m.add_argument("--gamma", type=float, help="scale in Eq. 3 (default 80 CIFAR/TinyImageNet, 30 ImageNet)")
-    m.add_argument("--tau", type=float, help="temperature of Eq. 6 and KD (default 4, Sec. IV-A)")
-    m.add_argument("--weights", default="adaptive", choices=["adaptive", "fixed"], help="Eq. 4 or a=1 (Table VII)")
-    m.add_argument("--mining", default="hard", choices=["hard", "all"], help="batch hard Eq. 2 or all (Table VII)")
-    m.add_argument("--stopgrad", action=argparse.BooleanOptionalAction, default=True, help="Eq. 7 (default) / Eq. 6")
-    m.add_argument("--detach-weights", action=argparse.BooleanOptionalAction, default=True, help="a^p, a^n constant")
-    m.add_argument("--kd-alpha", type=float, default=0.9, help="kd: (1-a) CE + a KD (0.9, RepDistiller)")
-    m.add_argument("--kd-beta", type=float, default=1.0, help="camd_kd: weight of KD (default 1, ours)")
-    return p.parse_args(argv)
+    m.add_argument("--variant", choices=VARIANTS, help="objective (Tables I-III; kd / ce: the baselines)" + preset("variant"))
+    teacher_student_args(m)
+    m.add_argument("--gamma", type=number(float, 0, low_open=True), help="scale of Eq. 3" + preset("gamma"))
+    m.add_argument("--tau", type=number(float, 0, low_open=True), help="temperature of Eq. 6 and KD" + preset("tau"))
+    m.add_argument("--weights", choices=["adaptive", "fixed"], help="Eq. 4, or a = 1 (Table VII)" + preset("weights"))
+    m.add_argument("--mining", choices=["hard", "all"], help="batch hard (Eq. 2) or all (Table VII)" + preset("mining"))
+    m.add_argument("--stopgrad", action=argparse.BooleanOptionalAction, help="Eq. 7, or Eq. 6" + preset("stopgrad"))
+    m.add_argument("--detach-weights", action=argparse.BooleanOptionalAction, help="a^p, a^n constant"
+                   + preset("detach_weights"))
+    m.add_argument("--kd-alpha", type=number(float, 0, 1), help="kd: (1 - a) CE + a KD" + preset("kd_alpha"))
+    m.add_argument("--kd-beta", type=number(float, 0), help="camd_kd: the KD weight" + preset("kd_beta"))
+    args = resolve_args(p.parse_args(argv))
+    check_teacher_student_args(args)
+    args.run_name = args.run_name or f"{args.dataset}_{args.variant}_{args.teacher_arch}_{args.student_arch}_s{args.seed}"
+    return args
 
 
-# ---- CIFAR model zoo (RepDistiller-compatible) ----
-# Module names, shapes, init and forward follow HobbitLong/RepDistiller models/{resnet,wrn,vgg}.py, so the
-# benchmark's teacher checkpoints (<arch>_vanilla/ckpt_epoch_240.pth) load with strict=True and give the
-# same logits. Contract: model(x) -> logits; model(x, with_features=True) -> (feature_maps, pooled, logits)
-# with feature_maps = stage outputs (last = the map SP/RepDistiller feat[-2] uses) and pooled = the
-# penultimate vector (retrieval / CAMD "backbone feature").
+# ================================================================================================ zoo, data, teacher
+# The same text in camd.py and spkd.py (test_smoke.py checks): edit both copies together.
+# The CIFAR zoo follows HobbitLong/RepDistiller models/{resnet,wrn,vgg}.py in module names, shapes, init and
+# forward, so the benchmark's teachers (<arch>_vanilla/ckpt_epoch_240.pth) load strictly and give the same
+# logits. model(x) -> logits; model(x, with_features=True) -> (stage outputs, pooled feature, logits): the last
+# stage output is the map SP uses (RepDistiller feat[-2]), the pooled vector the retrieval / CAMD feature.
+def repdistiller_init(model, linear_std=None):
+    """RepDistiller wrn.py / vgg.py init: conv N(0, sqrt(2 / (k k out))) and bias 0, BN 1 / 0, Linear bias 0 (and
+    weight N(0, linear_std) for vgg), in module order as the official loops."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            m.weight.data.normal_(0, math.sqrt(2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)))
+        if isinstance(m, nn.BatchNorm2d):
+            m.weight.data.fill_(1)
+        if isinstance(m, nn.Linear) and linear_std:
+            m.weight.data.normal_(0, linear_std)
+        if isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.Linear)) and m.bias is not None:
+            m.bias.data.zero_()
+
+
 class CifarBasicBlock(nn.Module):
     """Post-activation BasicBlock (RepDistiller resnet.py): relu(bn2(conv2(relu(bn1(conv1 x)))) + shortcut)."""
 
@@ -223,14 +226,7 @@ class WideResNet(nn.Module):
         self.block3 = WRNGroup(n, c[2], c[3], 2)
         self.bn1 = nn.BatchNorm2d(c[3])
         self.fc = nn.Linear(c[3], num_classes)
-        for m in self.modules():  # RepDistiller init: conv N(0, sqrt(2/(k*k*out))), BN 1/0, fc bias 0
-            if isinstance(m, nn.Conv2d):
-                m.weight.data.normal_(0, math.sqrt(2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)))
-            elif isinstance(m, nn.BatchNorm2d):
-                m.weight.data.fill_(1)
-                m.bias.data.zero_()
-            elif isinstance(m, nn.Linear):
-                m.bias.data.zero_()
+        repdistiller_init(self)
 
     def forward(self, x, with_features=False):
         x = self.conv1(x)
@@ -258,16 +254,7 @@ class CifarVGG(nn.Module):
                 in_ch = v
             setattr(self, f"block{i}", nn.Sequential(*layers[:-1]))  # drop the trailing ReLU (indices as official)
         self.classifier = nn.Linear(512, num_classes)
-        for m in self.modules():  # RepDistiller init
-            if isinstance(m, nn.Conv2d):
-                m.weight.data.normal_(0, math.sqrt(2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)))
-                m.bias.data.zero_()
-            elif isinstance(m, nn.BatchNorm2d):
-                m.weight.data.fill_(1)
-                m.bias.data.zero_()
-            elif isinstance(m, nn.Linear):
-                m.weight.data.normal_(0, 0.01)
-                m.bias.data.zero_()
+        repdistiller_init(self, linear_std=0.01)
 
     def forward(self, x, with_features=False):
         h = x.shape[2]
@@ -328,11 +315,178 @@ def build_model(arch, num_classes, pretrained=False):
                 state = {k: v for k, v in state.items() if not k.startswith("fc.")}
             model.load_state_dict(state, strict=False)
         return model
-    raise ValueError(f"unknown architecture '{arch}' (choose from {', '.join(ARCHS)})")
-# ---- end of model zoo ----
+    raise RunError(f"unknown architecture '{arch}' (choose from {', '.join(ARCHS)})")
 
 
-# ---- CAMD: networks and losses ----
+def teacher_student_args(m):
+    """The method flags camd.py and spkd.py share: the two networks, the teacher, the SGD recipe and its data."""
+    m.add_argument("--teacher-arch", choices=ARCHS, help="teacher network" + preset("teacher_arch"))
+    m.add_argument("--student-arch", choices=ARCHS, help="student network" + preset("student_arch"))
+    m.add_argument("--teacher-path", help="teacher checkpoint (a model.pt of this repo, RepDistiller's ckpt_epoch_240"
+                   ".pth, or a state_dict); default: the cached CE teacher of this recipe, trained first if missing")
+    m.add_argument("--teacher-epochs", type=number(int, 0), help="CE epochs of a teacher trained here (default: "
+                   "--epochs; 0 = a random teacher, for benchmarks)" + preset("teacher_epochs"))
+    m.add_argument("--pretrained", action=argparse.BooleanOptionalAction, help="start torchvision ResNets (student and "
+                   "a teacher trained here) from ImageNet weights (default off)" + preset("pretrained"))
+    m.add_argument("--momentum", type=number(float, 0, 1), help="SGD momentum" + preset("momentum"))
+    m.add_argument("--nesterov", action=argparse.BooleanOptionalAction, help="Nesterov momentum" + preset("nesterov"))
+    m.add_argument("--lr-milestones", type=number(int, 1), nargs="*", help="lr *= --lr-decay after these epochs"
+                   + preset("lr_milestones"))
+    m.add_argument("--lr-decay", type=number(float, 0, 1), help="step factor" + preset("lr_decay"))
+    m.add_argument("--crop-padding", type=number(int, 0), help="pad-crop pixels (small images)" + preset("crop_padding"))
+    m.add_argument("--pad-mode", choices=["constant", "reflect"], help="pad-crop fill" + preset("pad_mode"))
+    m.add_argument("--train-subset", type=number(int, 1), help="train on a fixed random subset of N images"
+                   + preset("train_subset"))
+
+
+def check_teacher_student_args(args):
+    args.teacher_epochs = args.epochs if args.teacher_epochs is None else args.teacher_epochs
+    args.pretrained = bool(args.pretrained)
+    if args.teacher_path and not os.path.isfile(args.teacher_path):
+        raise RunError(f"--teacher-path {args.teacher_path}: no such file")
+
+
+TENSOR_FORM = ("digits", "fashionmnist", "synthetic", "cifar10", "cifar100", "tinyimagenet")
+
+
+def load_data(args, split):
+    """'train' / 'test' of args.dataset for teacher -> student classification: the official splits (digits:
+    stratified 80/20; folder: DIR/train and DIR/val), tensor-form images at --image-size (grey -> RGB)."""
+    name = split if split == "train" else {"tinyimagenet": "val", "imagenet": "val"}.get(args.dataset, "test")
+    kw = dict(image_size=args.image_size, channels=3) if args.dataset in TENSOR_FORM else {}
+    if args.dataset == "synthetic":
+        kw["synthetic_size"] = (args.synthetic_n if split == "train" else args.synthetic_n // 4, 100, args.image_size)
+    out = common.load_split(args.dataset, args.data_root, name, **kw)
+    if split == "train" and args.train_subset and args.train_subset < len(out):  # a fixed seeded subset
+        keep = torch.randperm(len(out), generator=torch.Generator().manual_seed(0))[:args.train_subset].sort().values
+        out = common.Split(out.name, out.labels[keep], out.num_classes, out.mean, out.std, classes=out.classes,
+                           images=None if out.images is None else out.images[keep],
+                           paths=None if out.paths is None else [out.paths[i] for i in keep])
+    return out
+
+
+def train_data(args, split, device):
+    """The training split for train_batches: uint8 images on the device, or a DataLoader over image files."""
+    if split.images is not None:
+        return dict(split=split, images=split.images.to(device), labels=split.labels.to(device))
+    ds = common.ImageFiles(split.paths, split.labels, common.dml_train_transform(args.image_size))
+    return dict(split=split, loader=common.make_loader(ds, args.workers))
+
+
+def train_batches(args, data, epoch, skip, device, rank=0, world=1):
+    """This epoch's (images, labels) on the device from batch `skip` on: a seeded permutation, no drop_last
+    (RepDistiller), each rank its slice; pad-crop + flip (RepDistiller CIFAR), or RandomResizedCrop + flip. Batch j
+    draws its randomness from seed_step, so a resumed epoch repeats exactly."""
+    batches = common.epoch_batches(data["split"].labels, args.batch_size, args.seed, epoch, rank, world)
+    if "loader" in data:
+        for j, (x, y) in enumerate(common.loader_batches(data["loader"], batches[skip:], device, (args.seed, epoch, rank),
+                                                         skip), skip):
+            seed_step(args, epoch * len(batches) + j, rank)
+            yield x, y
+        return
+    for j, b in enumerate(batches[skip:], skip):
+        seed_step(args, epoch * len(batches) + j, rank)
+        x = common.random_crop_flip(data["images"][b.to(device)], args.crop_padding, args.pad_mode)
+        yield common.normalize(x, data["split"].mean, data["split"].std), data["labels"][b.to(device)]
+
+
+def model_from_args(args):
+    """eval.py contract: the deployable student (backbone + classifier), model.pt's "model" (no download)."""
+    return build_model(args.student_arch, args.num_classes)
+
+
+@torch.no_grad()
+def embeddings(model, args, device):
+    """eval.py contract, CAMD's protocol: the pooled backbone feature averaged over image and flip, then
+    L2-normalised ("emb"), the logits of the plain image, and the labels of the test split; fp32."""
+    model.eval()
+    split = load_data(args, "test")
+    tf = None if split.images is not None else common.eval_transform(args.image_size * 8 // 7, args.image_size)
+    emb, logits, labels = common.embed(lambda x: model(x, with_features=True)[1:], split, device, flip_average=True,
+                                       workers=args.workers, transform=tf)
+    return {"emb": F.normalize(emb, dim=1), "logits": logits, "labels": labels}
+
+
+def evaluate(model, args, device):
+    """Top-1 of the logits and Rank-1 / Rank-2 retrieval of the test set against itself (percent)."""
+    out = embeddings(model, args, device)
+    rank = common.retrieval_metrics(out["emb"], out["labels"], ks=(1, 2), with_map=False, with_nmi=False)
+    return {"top1": 100 * common.topk_accuracy(out["logits"], out["labels"], ks=(1,))[1],
+            "Rank-1": rank["R@1"], "Rank-2": rank["R@2"]}
+
+
+TEACHER_RECIPE = ("dataset", "teacher_arch", "teacher_epochs", "batch_size", "lr", "weight_decay", "momentum", "nesterov",
+                  "lr_milestones", "lr_decay", "image_size", "crop_padding", "pad_mode", "train_subset", "seed")
+
+
+def teacher_folder(args):
+    """runs/teachers/<dataset>_<arch>_e<epochs>_s<seed>_<hash of the whole CE recipe>: one name per recipe, so a
+    teacher trained by camd.py is found by spkd.py and the other way round."""
+    recipe = {k: getattr(args, k) for k in TEACHER_RECIPE}
+    recipe["data"] = os.path.abspath(args.data_root) if args.dataset == "folder" else None
+    digest = hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:8]
+    name = f"{args.dataset}_{args.teacher_arch}_e{args.teacher_epochs}_s{args.seed}_{digest}"
+    return os.path.join(args.save_dir, "teachers", name)
+
+
+def load_teacher(path, arch, num_classes):
+    """Strictly load a teacher: this repo's model.pt, the RepDistiller/mdistiller {"model": state_dict, "epoch", ...}
+    pickle, or a bare state_dict. RunError naming the file otherwise."""
+    if not os.path.isfile(path):
+        raise RunError(f"teacher checkpoint {path}: no such file")
+    try:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:  # RepDistiller pickles hold more than tensors; the user vouches for the file
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, AttributeError,
+            ImportError) as e:
+        raise RunError(f"teacher checkpoint {path} is unreadable ({why(e)}); delete it "
+                       f"(a cached teacher is then trained again) or pass another --teacher-path") from None
+    state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise RunError(f"teacher checkpoint {path}: no state_dict in it (expected a dict with 'model', or a state_dict)")
+    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+    model, bad = build_model(arch, num_classes), []
+    own = model.state_dict()
+    bad = [k for k in own if k not in state or state[k].shape != own[k].shape] + [k for k in state if k not in own]
+    if bad:
+        raise RunError(f"teacher checkpoint {path} does not fit --teacher-arch {arch} with {num_classes} classes "
+                       f"({len(bad)} missing, unexpected or mis-shaped tensors, e.g. {bad[0]})")
+    model.load_state_dict(state)
+    return model
+
+
+def get_teacher(args, device, rank, world):
+    """The frozen teacher (eval mode, no grad): --teacher-path; torchvision's ImageNet weights (imagenet); else the
+    CE teacher of this recipe, trained now by this script's own loop (CE only, --max-steps not applied) unless it
+    is cached. Only a finished teacher run writes model.pt; an interrupted one resumes from its last.pt."""
+    if args.teacher_path or args.dataset == "imagenet":  # CAMD Sec. IV-A: the torchvision ResNet-34
+        model = (load_teacher(args.teacher_path, args.teacher_arch, args.num_classes) if args.teacher_path
+                 else build_model(args.teacher_arch, args.num_classes, pretrained=True))
+    elif args.teacher_epochs == 0:
+        print("warning: --teacher-epochs 0: a randomly initialised teacher (speed benchmarks only)")
+        model = build_model(args.teacher_arch, args.num_classes)
+    else:
+        folder = teacher_folder(args)
+        if not os.path.isfile(os.path.join(folder, "model.pt")):
+            if rank == 0 and os.path.isdir(folder) and not os.path.isfile(os.path.join(folder, "last.pt")):
+                shutil.rmtree(folder)  # a teacher run that died before its first checkpoint: nothing to keep
+            last = os.path.join(folder, "last.pt")
+            print(f"teacher: training {args.teacher_arch} with CE for {args.teacher_epochs} epochs in {folder}")
+            run(argparse.Namespace(**{**vars(args), **CE_ONLY, "student_arch": args.teacher_arch, "max_steps": None,
+                                      "epochs": args.teacher_epochs, "save_dir": os.path.dirname(folder),
+                                      "run_name": os.path.basename(folder), "tensorboard": False,
+                                      "resume": last if os.path.isfile(last) else None}))
+            if world > 1:
+                dist.barrier()  # rank 0 writes model.pt
+        print(f"teacher: {os.path.join(folder, 'model.pt')}")
+        model = load_teacher(os.path.join(folder, "model.pt"), args.teacher_arch, args.num_classes)
+    return model.to(device, memory_format=memory_format(args, device)).eval().requires_grad_(False)
+# ================================================================================================ end of zoo, data, teacher
+
+
+# ------------------------------------------------------------------------------------------------ METHOD: networks, losses
 def feat_dim(model):  # width of the pooled backbone feature = in_features of the last Linear (the classifier)
     return [m for m in model.modules() if isinstance(m, nn.Linear)][-1].in_features
 
@@ -392,8 +546,9 @@ def collaborative_kl(z_m, z_b, tau, stopgrad=True):
     return tau ** 2 * F.kl_div(log_p_b, log_p_m, reduction="batchmean", log_target=True)
 
 
-def camd_losses(net, teacher, x, y, args):
-    """Loss components of one step for args.variant: dict name -> scalar; the total is their sum."""
+def step_losses(net, teacher, x, y, args, world=1):
+    """The algorithm of one step: {name: term}; their sum is args.variant's objective (Eq. 8 for camd). Under DDP the
+    hardest pairs are mined over the global batch (teacher features, embeddings with their gradient, labels)."""
     f, z_b, e, z_m = net(x)
     out = {"ce": F.cross_entropy(z_b.float(), y) * (1 - args.kd_alpha if args.variant == "kd" else 1.0)}  # L_b
     if args.variant == "ce":
@@ -402,303 +557,483 @@ def camd_losses(net, teacher, x, y, args):
         _, t_feat, z_t = teacher(x, with_features=True)
     if args.variant in ("kd", "camd_kd"):  # Hinton KD on the baseline logits
         out["kd"] = (args.kd_alpha if args.variant == "kd" else args.kd_beta) * collaborative_kl(z_t, z_b, args.tau)
-    if args.variant != "kd":  # amd_b: on the backbone feature; otherwise on the embedding, plus CE(z^m) = L_m (Eq. 5)
-        out["amd"] = amd_loss(t_feat, f if e is None else e, y, args.gamma, args.weights, args.mining,
-                              args.detach_weights)
-    if e is not None:
+    if args.variant != "kd":  # METHOD: L_amd (Eq. 2-4) on the embedding (amd_b: on the backbone feature)
+        out["amd"] = amd_loss(gather(t_feat, world), gather(f if e is None else e, world, grad=True), gather(y, world),
+                              args.gamma, args.weights, args.mining, args.detach_weights)
+    if e is not None:  # L_m = CE(z^m) + L_amd (Eq. 5)
         out["ce_m"] = F.cross_entropy(z_m.float(), y)
-    if args.variant in ("camd", "camd_kd"):
-        out["col"] = collaborative_kl(z_m, z_b, args.tau, stopgrad=args.stopgrad)  # L_c, Eq. 7
+    if args.variant in ("camd", "camd_kd"):  # L_c, Eq. 7: the branch teaches the baseline classifier
+        out["col"] = collaborative_kl(z_m, z_b, args.tau, stopgrad=args.stopgrad)
     return out
 
 
-# ---- data, evaluation, checkpoints ----
-def load_data(args, train):
-    split = "train" if train else ("val" if args.dataset in ("tinyimagenet", "imagenet") else "test")
-    kw = {"digits": {"channels": 3},  # 8x8 grey digits -> RGB at --image-size for the CIFAR zoo
-          "synthetic": {"synthetic_size": (2048 if train else 512, 100, args.image_size)}}.get(args.dataset, {})
-    return common.load_split(args.dataset, root=args.data_root, split=split, image_size=args.image_size, **kw)
+# ================================================================================================ data parallel
+# The same text in camd.py and isd.py (test_smoke.py checks): edit both copies together.
+class GatherWithGrad(torch.autograd.Function):
+    """all_gather (equal slices) whose backward hands each rank the gradient of its own slice summed over ranks, so
+    a loss of the gathered batch computed on every rank gets DDP's gradient of the single-device loss."""
+
+    @staticmethod
+    def forward(ctx, t):
+        out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, t.contiguous())
+        return torch.cat(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad.chunk(dist.get_world_size())[dist.get_rank()]
 
 
-def model_from_args(args):
-    """The deployable student (backbone + baseline classifier): model.pt["model"] is its state_dict."""
-    return build_model(args.student_arch, args.num_classes)
+def gather(t, world, grad=False):
+    """`t` of all ranks concatenated along dim 0, in rank order (MoCo's concat_all_gather); grad: differentiable."""
+    if world == 1:
+        return t
+    if grad:
+        return GatherWithGrad.apply(t)
+    out = [torch.empty_like(t) for _ in range(world)]
+    dist.all_gather(out, t.contiguous())
+    return torch.cat(out)
 
 
-def evaluate(model, args, device, split=None):
-    """Top-1 of the baseline classifier and Rank-1/2 retrieval with the flip-averaged, L2-normalised backbone feature
-    (query excluded), in percent, on the test split. Used by the training loop and by eval.py."""
-    split = split if split is not None else load_data(args, train=False)
-    tf = common.eval_transform(args.image_size * 8 // 7, args.image_size) if split.images is None else None  # 256/224
-    model.eval()
-    with torch.autocast("cuda", torch.bfloat16, enabled=args.amp and torch.device(device).type == "cuda"):
-        f, z, y = common.embed(lambda x: model(x, with_features=True)[1:], split, device, batch_size=256,
-                               flip_average=True, workers=args.workers or 0, transform=tf)
-    r = common.retrieval_metrics(F.normalize(f, dim=1), y, ks=(1, 2), with_map=False, with_nmi=False)
-    return {"top1": 100.0 * common.topk_accuracy(z, y, ks=(1,))[1], "Rank-1": r["R@1"], "Rank-2": r["R@2"]}
+def data_parallel(model, device, world):
+    """DDP around the trained module under torchrun (identical initial weights: every rank seeds the same)."""
+    if world == 1:
+        return model
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+# ================================================================================================ end of data parallel
 
 
-def load_teacher(model, path, arch):
-    """Strictly load this repo's checkpoint, a RepDistiller ckpt ({"model": sd, ...}) or a bare state_dict."""
-    try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:  # RepDistiller ckpts pickle more than tensors: trusted file, full unpickling
-            obj = torch.load(path, map_location="cpu", weights_only=False)
-        sd = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in obj.get("model", obj).items()}
-    except Exception as e:
-        raise CAMDError(f"cannot read teacher checkpoint {path}: {type(e).__name__}: {' '.join(str(e).split())[:200]}")
-    own = model.state_dict()
-    bad = [[k for k in own if k not in sd], [k for k in sd if k not in own],
-           [k for k in own if k in sd and getattr(sd[k], "shape", None) != own[k].shape]]
-    if any(bad):
-        raise CAMDError(f"teacher checkpoint {path} does not match --teacher-arch {arch}: " + ", ".join(
-            f"{len(v)} {what} (e.g. {v[0]})" for v, what in zip(bad, ("missing", "unexpected", "mis-shaped")) if v))
-    model.load_state_dict(sd)
+# ================================================================================================ run bookkeeping
+# The same text in s2sd.py, camd.py, spkd.py and isd.py (test_smoke.py checks): edit the four copies together.
+class RunError(Exception):
+    """Bad input, or a run that cannot go on: main() prints the message as one line and exits with 2."""
 
 
-def atomic_save(obj, path):
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
-def train(args, net, teacher, data, ctx, run_dir=None, state=None, test_split=None):
-    """SGD loop for teacher pre-training (variant ce, run_dir None: no evaluation or checkpoints) and distillation.
-    Returns the evaluation history; prints the steady-state speed (after warm-up, evaluation time excluded)."""
-    dev, world, main_rank, cuda = ctx["device"], ctx["world"], ctx["rank"] == 0, ctx["device"].type == "cuda"
-    model = nn.parallel.DistributedDataParallel(net, device_ids=[dev.index] if cuda else None) if world > 1 else net
-    model = torch.compile(model) if args.compile else model
-    opt = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(args.milestones), 0.1)
-    start, skip, step, hist = (state[k] for k in ("epoch", "batch", "step", "hist")) if state else (0, 0, 0, [])
-    if state:  # exact continuation (run() loaded the weights): optimizer, schedule, epoch position, RNG streams
-        opt.load_state_dict(state["opt"]), sched.load_state_dict(state["sched"]), torch.set_rng_state(state["rng"])
-        if cuda and state["cuda_rng"] is not None:
-            torch.cuda.set_rng_state(state["cuda_rng"], dev)
-    sync, log = torch.cuda.synchronize if cuda else (lambda: None), print if main_rank else (lambda *a: None)
-    bs, t0, paused, ips, epoch, pos = max(1, args.batch_size // world), time.time(), 0.0, 0.0, start, skip
-    acc, cnt, seen, ran, nb = {}, 0, 0, 0, 1
-    warm, t_warm, seen_warm = max(1, min(10, (args.max_steps or 40) // 4)), 0.0, 0
-
-    def save_last(epoch, pos):
-        if run_dir and main_rank:
-            atomic_save({"method": "camd", "args": vars(args), "net": net.state_dict(), "opt": opt.state_dict(),
-                         "sched": sched.state_dict(), "epoch": epoch, "batch": pos, "step": step, "hist": hist,
-                         "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state(dev) if cuda else None},
-                        os.path.join(run_dir, "last.pt"))
-
-    def do_eval(epoch):  # rank 0 only; the other ranks wait in their next all-reduce. The next epoch re-enters train()
-        nonlocal paused
-        if run_dir and main_rank:
-            tic = time.time()
-            row = {"epoch": round(epoch, 3), "step": step, **evaluate(net.student, args, dev, test_split),
-                   "elapsed_s": round(tic - t0, 1), "images_per_s": round(ips, 1)}
-            hist.append(row)
-            with open(os.path.join(run_dir, "metrics.jsonl"), "a") as fh:
-                fh.write(json.dumps(row) + "\n")
-            print(f"eval epoch {row['epoch']} step {step}: " + "  ".join(f"{k} {row[k]:.2f}" for k in METRICS))
-            paused += time.time() - tic
-
-    try:
-        for epoch in range(start, args.epochs):
-            net.train()
-            if "loader" in data:  # file-form data: DistributedSampler (one process too: a seeded epoch order)
-                data["sampler"].set_epoch(epoch)
-                batches, nb = data["loader"], len(data["loader"])
-            else:  # the same permutation on every rank (own generator), padded like DistributedSampler, sharded
-                perm = torch.randperm(data["n"], generator=torch.Generator().manual_seed(args.seed * 100003 + epoch))
-                perm = torch.cat([perm, perm[:(-data["n"]) % world]])[ctx["rank"]::world]
-                batches, nb = perm.split(bs), math.ceil(len(perm) / bs)
-            pos, skip, stop, t_log, seen_log = skip, 0, False, time.time(), seen  # skip: resumed inside this epoch
-            for batch in itertools.islice(batches, pos, None):
-                pos += 1
-                if "loader" in data:
-                    x, y = (t.to(dev, non_blocking=True) for t in batch)
-                else:  # device-resident uint8 images: batched pad-crop + flip (RepDistiller aug), normalise
-                    x, y = data["x"][batch.to(dev)], data["y"][batch.to(dev)]
-                    x = common.normalize(common.random_crop_flip(x, args.image_size // 8), data["mean"], data["std"])
-                if len(y) < 2:  # BatchNorm cannot train on a single sample
-                    continue
-                x = x.contiguous(memory_format=torch.channels_last) if args.channels_last and cuda else x
-                with torch.autocast("cuda", torch.bfloat16, enabled=args.amp and cuda):
-                    losses = camd_losses(model, teacher, x, y, args)
-                opt.zero_grad(set_to_none=True)
-                sum(losses.values()).backward()
-                opt.step()
-                step, ran, cnt, seen = step + 1, ran + 1, cnt + 1, seen + len(y) * world
-                acc = {k: acc.get(k, 0.0) + v.detach() for k, v in losses.items()}
-                if ran == warm:  # steady-state timing starts after the warm-up steps (minus later evaluation time)
-                    sync()
-                    t_warm, seen_warm = time.time() - paused, seen
-                stop = args.max_steps is not None and step >= args.max_steps
-                if step % args.log_every == 0 or pos == nb or stop:  # the only host syncs of a step (float())
-                    vals = {k: float(v) / cnt for k, v in acc.items()}
-                    for k in [k for k, v in vals.items() if not math.isfinite(v)][:1]:
-                        raise CAMDError(f"non-finite {k} loss at step {step} (checked every --log-every steps)")
-                    ips = (seen - seen_log) / (time.time() - t_log)
-                    eta = (time.time() - t0 - paused) / ran * max(nb * args.epochs - step, 0) / 60
-                    log(f"epoch {epoch + 1}/{args.epochs} step {step} " + " ".join(f"{k} {v:.4f}" for k, v in
-                        vals.items()) + f" lr {opt.param_groups[0]['lr']:.1e} {ips:.0f} img/s eta {eta:.1f} min")
-                    acc, cnt, t_log, seen_log = {}, 0, time.time(), seen
-                if stop:
-                    break
-            if pos < nb:  # stopped inside the epoch (--max-steps): last.pt below keeps the position
-                break
-            sched.step()
-            if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs or stop:
-                do_eval(epoch + 1)
-            save_last(epoch + 1, 0)
-            if stop:
-                break
-    except KeyboardInterrupt:
-        save_last(epoch, pos)
-        sys.exit(f"interrupted: resumable last.pt written (epoch {epoch}, batch {pos})")
-    sync()
-    if main_rank and ran > warm:
-        dt = time.time() - t_warm - paused
-        mem = torch.cuda.max_memory_allocated(dev) if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10
-        print(f"speed ({args.variant}): {(seen - seen_warm) / dt:.1f} images/s, {1000 * dt / (ran - warm):.1f} ms/step "
-              f"(steady state, steps {warm + 1}-{ran}); peak {'device' if cuda else 'RSS'} memory {mem >> 20} MiB")
-    if pos < nb:
-        save_last(epoch, pos)
-    if not hist or hist[-1]["step"] != step:
-        do_eval(epoch + pos / nb)
-    return hist
-
-
-def main(argv=None):
-    try:
-        run(parse_args(argv))
-    except (CAMDError, common.DatasetError) as e:
-        print(f"error: {e}", file=sys.stderr)
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own complaints: one line and exit 2, like every other bad input
+        print(f"error: {message} (see --help)", file=sys.stderr)
         sys.exit(2)
 
 
-def run(args):
-    vars(args).update({k: list(v) if isinstance(v, tuple) else v for k, v in PRESETS.get(args.dataset, {}).items()
-                       if getattr(args, k, None) is None})  # explicit flags win over the preset
-    for what, name, known in (("dataset", args.dataset, PRESETS), ("variant", args.variant, VARIANTS),
-                              ("architecture", args.teacher_arch, ARCHS), ("architecture", args.student_arch, ARCHS)):
-        if name not in known:
-            raise CAMDError(f"unknown {what} '{name}' (choose from {', '.join(known)})")
-    if args.batch_size < 2 or min(args.epochs, args.max_steps or 1, args.log_every, args.eval_every) < 1:
-        raise CAMDError("--batch-size must be >= 2; --epochs, --max-steps, --log-every, --eval-every >= 1")
-    args.teacher_epochs = args.epochs if args.teacher_epochs is None else args.teacher_epochs
-    args.run_name = args.run_name or "_".join([args.dataset, args.variant, args.teacher_arch, args.student_arch,
-                                               f"s{args.seed}"])
+def number(kind, low, high=math.inf, low_open=False):
+    """argparse type: an int or float in [low, high] ((low, high] with low_open); nan and inf refused."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if not ((low < value) if low_open else (low <= value)) or not value <= high or value == math.inf:
+            raise argparse.ArgumentTypeError(f"must be {'>' if low_open else '>='} {low}"
+                                             + (f" and <= {high}" if high < math.inf else "") + f", got {text}")
+        return value
+    return parse
+
+
+def preset(key):
+    """' (preset: digits 6, cub 150)': what each --dataset preset gives `key`, for a help string."""
+    given = [f"{name} {values[key]}" for name, values in PRESETS.items() if values.get(key) is not None]
+    return f" (preset: {', '.join(given)})" if given else ""
+
+
+DEFAULTS = dict(dataset="digits", data_root="./data", seed=0, device="auto", workers=4, channels_last=True,
+                compile=False, eval_every=1, log_every=50, save_dir="runs", deterministic=False)
+EXPERIMENT_FLAGS = [  # flag, argparse type (bool: --x/--no-x), help; none has an argparse default (resolve_args)
+    ("--dataset", list(PRESETS), "the data and the preset that goes with it (default digits: offline, ~1 min on CPU)"),
+    ("--data-root", str, "folder with one folder per dataset; --dataset folder: your image folder (default ./data)"),
+    ("--epochs", number(int, 1), "training epochs"), ("--batch-size", number(int, 2), "global batch size"),
+    ("--lr", number(float, 0, low_open=True), "learning rate"), ("--weight-decay", number(float, 0), "weight decay"),
+    ("--image-size", number(int, 8), "training resolution in pixels"),
+    ("--seed", number(int, 0), "seeds the weights, the data order and every augmentation (default 0)"),
+    ("--device", ["auto", "cuda", "mps", "cpu"], "default auto: cuda, else mps, else cpu"),
+    ("--workers", number(int, 0), "DataLoader workers for image files (small images stay on the device; default 4)"),
+    ("--amp", bool, "bf16 autocast in training (default: on with CUDA); --no-amp = the papers' fp32; eval is fp32"),
+    ("--channels-last", bool, "channels_last memory format on CUDA (default on; no effect elsewhere)"),
+    ("--compile", bool, "torch.compile the trained network (default off)"),
+    ("--eval-every", number(int, 0), "evaluate every N epochs; 0 = only at the end (default 1)"),
+    ("--log-every", number(int, 1), "a log line every N steps (default 50)"),
+    ("--save-dir", str, "where run folders go (default runs)"),
+    ("--run-name", str, "run folder under --save-dir (default from the flags; a taken name gets -2, -3, ...)"),
+    ("--max-steps", number(int, 1), "stop after N optimizer steps in all (smoke tests, benchmarks; default none)"),
+    ("--deterministic", bool, "deterministic kernels and no cudnn.benchmark (default off)"),
+    ("--resume", str, "a run's last.pt: continue that run in its folder; flags not given are taken from it"),
+    ("--tensorboard", bool, "TensorBoard logs in the run folder (default: on when tensorboard is installed)")]
+RESUME_MAY_CHANGE = ("resume", "max_steps", "device", "workers", "log_every", "data_root", "save_dir", "run_name",
+                     "tensorboard", "compile")
+
+
+def experiment_args(p):
+    g = p.add_argument_group("experiment")
+    for flag, kind, text in EXPERIMENT_FLAGS:
+        text += preset(flag[2:].replace("-", "_"))
+        if kind is bool:
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
+        else:
+            g.add_argument(flag, **({"choices": kind} if isinstance(kind, list) else {"type": kind}), help=text)
+
+
+def resolve_args(args):
+    """Fill each flag not given from --resume's checkpoint, else the --dataset preset, else DEFAULTS; refuse a
+    given flag that contradicts the checkpoint, and paths that cannot work."""
+    if args.resume is not None:
+        for key, saved in load_checkpoint(args.resume)["args"].items():
+            given = getattr(args, key, None)
+            if given is None and key not in ("max_steps", "run_name"):  # a resumed run goes on to the end
+                setattr(args, key, saved)
+            elif key not in RESUME_MAY_CHANGE and json.dumps(given) != json.dumps(saved):
+                raise RunError(f"--resume {args.resume} was trained with --{key.replace('_', '-')} {saved}, not "
+                               f"{given}: drop the flag to continue that run, or start a new one")
+    for key, value in {**DEFAULTS, **PRESETS[args.dataset or DEFAULTS["dataset"]]}.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, json.loads(json.dumps(value)))  # a copy: presets hold lists
+    if args.run_name is not None and (os.path.basename(args.run_name) != args.run_name or args.run_name in ("", ".", "..")):
+        raise RunError(f"--run-name {args.run_name}: must be a plain folder name (it is created inside --save-dir)")
+    for flag, path in (("--save-dir", args.save_dir), ("--data-root", args.data_root)):
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise RunError(f"{flag} {path} is a file, not a folder")
+    return args
+
+
+def setup(args):
+    """Device, torchrun's process group (where the script supports it), seed, backend flags -> (device, rank, world)."""
     world, rank, local = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
+    if world > 1 and not DATA_PARALLEL:
+        raise RunError(f"{METHOD}.py trains on one process: start it with python, not torchrun")
     kind = args.device if args.device != "auto" else (
         "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise CAMDError("--device cuda: CUDA is not available")
-    dev, main_rank = torch.device(f"cuda:{local}" if kind == "cuda" else kind), rank == 0
+    if (kind == "cuda" and not torch.cuda.is_available()) or (kind == "mps" and not torch.backends.mps.is_available()):
+        raise RunError(f"--device {kind}: there is no such device on this machine; use --device cpu (or auto)")
+    device = torch.device(f"cuda:{local}" if kind == "cuda" else kind)
     if kind == "cuda":
-        torch.cuda.set_device(dev)
+        torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = not args.deterministic
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.use_deterministic_algorithms(args.deterministic, warn_only=True)
-    if world > 1:  # torchrun: one process per device (CPU: gloo, the cores split between the processes)
-        dist.init_process_group("nccl" if kind == "cuda" else "gloo")
-        torch.set_num_threads(max(1, torch.get_num_threads() // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
-    ctx, log = {"device": dev, "rank": rank, "world": world}, print if main_rank else (lambda *a, **k: None)
-    torch.manual_seed(args.seed)  # identical initial weights on every rank (DDP broadcasts them anyway)
+    if world > 1 and not dist.is_initialized():  # (a teacher trained first runs setup twice)
+        dist.init_process_group("nccl" if kind == "cuda" else "gloo", timeout=datetime.timedelta(hours=2))
+    args.amp = kind == "cuda" if args.amp is None else args.amp
+    torch.manual_seed(args.seed)
+    return device, rank, world
 
-    # data: small images stay on the device as uint8; file-form data (ImageNet) go through a DataLoader
-    train_split, test_split = load_data(args, train=True), load_data(args, train=False)
-    args.num_classes = train_split.num_classes
-    if train_split.images is not None:
-        x, y = common.to_device(train_split, dev)
-        data = {"x": x, "y": y, "n": len(y), "mean": train_split.mean, "std": train_split.std}
+
+def seed_step(args, step, rank=0):
+    """Step `step` (0-based: epoch e, batch j -> e * batches per epoch + j) draws its randomness (views, sampling) from
+    its own seed: a resumed run takes exactly the steps of the uninterrupted one, and every rank draws its own views."""
+    torch.manual_seed(((args.seed * 1_000_003 + step) * 1_009 + rank) % 2**63)
+
+
+def autocast(args, device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
+
+
+def memory_format(args, device):
+    return torch.channels_last if args.channels_last and device.type == "cuda" else torch.contiguous_format
+
+
+def why(error):
+    """The first line of an exception's message (its type when the message is empty), for a one-line error."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+
+
+def atomic_save(obj, path, text=False):
+    """Write to a temporary file, then rename: a crash never leaves a half-written file (text: a str)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    if text:
+        with open(tmp, "w") as f:
+            f.write(obj)
     else:
-        ds = common.ImageFiles(train_split.paths, train_split.labels, common.imagenet_train_transform(args.image_size))
-        sampler = torch.utils.data.DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
-        data = {"sampler": sampler, "loader": common.make_loader(ds, max(1, args.batch_size // world),
-                                                                 workers=args.workers, sampler=sampler)}
-    cl = (lambda m: m.to(memory_format=torch.channels_last)) if args.channels_last and kind == "cuda" else (lambda m: m)
+        torch.save(obj, tmp)
+    os.replace(tmp, path)
 
-    # teacher: --teacher-path, torchvision weights (ImageNet), the cached CE teacher, or CE-train it now (Sec. IV-A)
-    tv_teacher = args.dataset == "imagenet" and args.pretrained and not args.teacher_path and args.variant != "ce"
-    teacher = build_model(args.teacher_arch, args.num_classes, pretrained=tv_teacher)
-    student = build_model(args.student_arch, args.num_classes)
-    d_t, d_s = feat_dim(teacher), feat_dim(student)
-    if args.variant == "amd_b" and d_s != d_t:
-        raise CAMDError(f"--variant amd_b needs equal feature widths, but student {args.student_arch} has {d_s} and "
-                        f"teacher {args.teacher_arch} has {d_t}; use --variant amd_e or camd (embedding block)")
-    smoke = f"_max{args.max_steps}" if args.max_steps else ""  # --max-steps also caps CE pre-training: keep apart
-    key = f"_bs{args.batch_size}_lr{args.lr:g}_s{args.seed}{smoke}.pt"
-    cache = os.path.join(args.save_dir, "teachers", f"{args.dataset}_{args.teacher_arch}_e{args.teacher_epochs}{key}")
-    v_cache = os.path.join(args.save_dir, "teachers", f"{args.dataset}_vanilla_{args.student_arch}_e{args.epochs}{key}")
 
-    def ce_train(who, model, arch, epochs, path):  # CE training (variant ce) of the teacher / vanilla student, cached
-        targs = argparse.Namespace(**{**vars(args), "variant": "ce", "epochs": epochs, "student_arch": arch,
-                                      "teacher_path": None})
-        log(f"training {who} {arch} with CE for {epochs} epochs -> {path}")
-        train(targs, cl(CAMDNet(model, d_t, args.num_classes, False).to(dev)), None, data, ctx)
-        if main_rank:  # stored like a model.pt, so eval.py can evaluate it as well
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            atomic_save({"method": "camd", "args": vars(targs), "model": model.state_dict(), "metrics": {}}, path)
-    src = args.teacher_path or (cache if os.path.isfile(cache) else None)
-    if args.variant == "ce":
-        teacher = None
-    elif src:
-        load_teacher(teacher, src, args.teacher_arch)
-        log(f"teacher {args.teacher_arch} loaded from {src}")
-    elif not tv_teacher and args.teacher_epochs > 0:
-        ce_train("teacher", teacher, args.teacher_arch, args.teacher_epochs, cache)
-    elif not tv_teacher:
-        log("warning: --teacher-epochs 0: randomly initialised teacher (speed benchmarks only)")
-    show, t_metrics, v_metrics = lambda r: "  ".join(f"{k} {r[k]:.2f}" for k in METRICS), None, None
-    if teacher is not None:
-        teacher = cl(teacher.to(dev)).eval().requires_grad_(False)
-        t_metrics = evaluate(teacher, args, dev, test_split) if main_rank else None
-        log(f"teacher {args.teacher_arch} test: {show(t_metrics) if main_rank else ''}")
-    if args.vanilla and args.variant != "ce":  # the --variant ce run: same initial weights, same RNG stream
-        vanilla = copy.deepcopy(student)
-        torch.manual_seed(args.seed + 1 + rank)
-        if os.path.isfile(v_cache):
-            load_teacher(vanilla, v_cache, args.student_arch)
-            log(f"vanilla student {args.student_arch} loaded from {v_cache}")
-        else:
-            ce_train("vanilla student", vanilla, args.student_arch, args.epochs, v_cache)
-        v_metrics = evaluate(cl(vanilla.to(dev)), args, dev, test_split) if main_rank else None
-        log(f"vanilla student {args.student_arch} test: {show(v_metrics) if main_rank else ''}")
-    ref = {"teacher_metrics": t_metrics, "vanilla_metrics": v_metrics}  # reference numbers, not this run's "metrics"
+def start_run(args, device, rank):
+    """The run folder (a fresh one under --save-dir, or --resume's own), config.json and TensorBoard (rank 0)."""
+    run = dict(dir=None, history=[], tb=None, t0=time.time(), rank=rank)
+    if rank != 0:
+        return run
+    run["dir"] = os.path.dirname(os.path.abspath(args.resume)) if args.resume else new_run_folder(args)
+    if not os.access(run["dir"], os.W_OK):
+        raise RunError(f"cannot write to the run folder {run['dir']}")
+    git = shutil.which("git") and subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                                 cwd=os.path.dirname(os.path.abspath(__file__)))
+    config = dict(vars(args), method=METHOD, torch=torch.__version__, torchvision=torchvision.__version__,
+                  device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+                  git_commit=git.stdout.strip() if git and git.returncode == 0 else None)
+    print("config: " + json.dumps(config, sort_keys=True), flush=True)
+    atomic_save(json.dumps(config, indent=1, sort_keys=True), os.path.join(run["dir"], "config.json"), text=True)
+    if args.tensorboard is not False:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            run["tb"] = SummaryWriter(run["dir"])
+        except ImportError:
+            if args.tensorboard:
+                raise RunError("--tensorboard: the tensorboard package is not installed (pip install tensorboard)")
+    return run
 
-    # student + embedding block; run directory (a resumed run continues in place), resume
-    torch.manual_seed(args.seed + 1 + rank)  # per-rank augmentation stream (the epoch permutation has its own seed)
-    net = cl(CAMDNet(student, d_t, args.num_classes, args.variant in ("amd_e", "camd", "camd_kd")).to(dev))
-    run_dir = os.path.join(args.save_dir, args.run_name)
-    run_dir = os.path.dirname(os.path.abspath(args.resume)) if args.resume else run_dir
+
+def new_run_folder(args):
+    """--save-dir/--run-name, or the first free name-2, name-3, ...: never another run's folder."""
+    base = os.path.join(args.save_dir, args.run_name)
+    for path in (base if i == 1 else f"{base}-{i}" for i in itertools.count(1)):
+        try:
+            os.makedirs(args.save_dir, exist_ok=True)
+            os.mkdir(path)  # atomic: two runs started at once with one name still get two folders
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise RunError(f"--save-dir {args.save_dir}: cannot create a run folder there ({e.strerror})")
+        if path != base:
+            print(f"note: {base} holds another run; this run writes to {path}")
+        return path
+
+
+def load_checkpoint(path, keys=("method", "args", "model", "optimizer", "scheduler", "epoch", "batch", "step")):
+    """A checkpoint of this script, checked before use: RunError naming the file and what is wrong."""
+    if not os.path.isfile(path):
+        raise RunError(f"--resume {path}: no such file")
     try:
-        state = torch.load(args.resume, map_location="cpu", weights_only=True) if args.resume else None
-        net.load_state_dict(state["net"] if state else net.state_dict())
-    except Exception as e:
-        raise CAMDError(f"cannot resume from {args.resume}: {' '.join(str(e).split())[:300]}")
-    if main_rank:
-        os.makedirs(run_dir, exist_ok=True)
-        print("config: " + json.dumps(vars(args)))
-        git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=os.path.dirname(os.path.abspath(__file__))) if shutil.which("git") else None
-        with open(os.path.join(run_dir, "config.json"), "w") as fh:
-            json.dump({**vars(args), "torch": torch.__version__, "torchvision": torchvision.__version__,
-                       "world_size": world, "device_name": torch.cuda.get_device_name(dev) if kind == "cuda" else kind,
-                       "git_commit": git and git.stdout.strip() or None, **ref}, fh, indent=1)
-    hist = train(args, net, teacher, data, ctx, run_dir, state, test_split)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+        raise RunError(f"--resume {path}: not a readable checkpoint ({why(e)})")
+    if not isinstance(ckpt, dict) or ckpt.get("method") != METHOD:
+        raise RunError(f"--resume {path}: not a checkpoint of {METHOD}.py")
+    missing = [k for k in keys if k not in ckpt] + ([] if isinstance(ckpt.get("args"), dict) else ["args"])
+    if missing:
+        raise RunError(f"--resume {path}: lacks {', '.join(missing)} (resume from a run's last.pt, not its model.pt)")
+    return ckpt
 
-    if main_rank:
-        final, best, path = hist[-1], max(hist, key=lambda r: r["top1"]), os.path.join(run_dir, "model.pt")
-        atomic_save({"method": "camd", "args": vars(args), "model": net.student.state_dict(),
-                     **ref, "metrics": {k: final[k] for k in METRICS}}, path)
-        if t_metrics:
-            print(f"teacher {args.teacher_arch}: {show(t_metrics)}")
-        if v_metrics:
-            print(f"vanilla student {args.student_arch}: {show(v_metrics)}")
-        print(f"final (last epoch {final['epoch']}, step {final['step']}) student {args.student_arch}: {show(final)}")
-        print(f"best epoch (chosen on the test set) {best['epoch']}: {show(best)}")
-        print(f"saved {path}")
+
+def resume(args, run, model, optimizer, scheduler):
+    """Load --resume's last.pt into the model, optimizer and schedule; returns (epoch, batch, step) to go on from."""
+    if args.resume is None:
+        return 0, 0, 0
+    ckpt = load_checkpoint(args.resume)
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise RunError(f"--resume {args.resume} does not fit this model: {why(e)}")
+    run["history"] = list(ckpt.get("history", []))
+    print(f"resumed {args.resume} at epoch {ckpt['epoch'] + 1}, batch {ckpt['batch']}, step {ckpt['step']}")
+    return ckpt["epoch"], ckpt["batch"], ckpt["step"]
+
+
+def final_metrics(run):
+    """The last evaluation's metrics, without its bookkeeping fields (model.pt's "metrics")."""
+    return {k: v for k, v in run["history"][-1].items() if k not in ("epoch", "step", "elapsed_s", "images_per_s")}
+
+
+def save_checkpoint(args, run, name, model, **state):
+    """last.pt (all --resume needs; randomness is re-derived from seed and step) or model.pt (eval.py's contract)."""
+    if run["dir"] is not None:
+        atomic_save(dict(method=METHOD, args=vars(args), model=model.state_dict(), history=run["history"], **state),
+                    os.path.join(run["dir"], name))
+
+
+class Meter:
+    """What the loop measures without a host sync inside a step: loss sums stay on the device and are read every
+    --log-every steps and before each checkpoint, where a non-finite component is reported with its 1-based step.
+    images/s is the steady state (images after the warm-up steps over their time, evaluation time excluded by
+    paused()), the same number on stdout, in metrics.jsonl and in TensorBoard."""
+
+    def __init__(self, args, run, device, step, total):
+        self.args, self.run, self.device, self.total = args, run, device, total
+        self.warm = step + max(1, min(10, (total - step) // 5))  # the first steps compile, allocate, warm caches
+        self.sums = self.bad = self.t_warm = None
+        self.count, self.images, self.t_paused = 0, 0, 0.0
+
+    def add(self, losses, images, epoch, step, lr):
+        """After each optimizer step: {name: 0-dim loss}, images in the global batch, 0-based epoch, 1-based step."""
+        values = torch.stack([v.detach().float() for v in losses.values()])
+        if self.sums is None:
+            self.names, self.sums, self.bad = list(losses), torch.zeros_like(values), torch.full_like(values, -1)
+        self.sums += values
+        self.bad = torch.where((self.bad < 0) & ~torch.isfinite(values), float(step), self.bad)
+        self.count += 1
+        if step == self.warm:
+            self.t_warm, self.t_paused, self.images = self.sync(), 0.0, 0
+        elif self.t_warm is not None:
+            self.images += images
+        if step % self.args.log_every == 0 or step == self.total:
+            self.check()
+            ips, mean = self.images_per_s(), dict(zip(self.names, (self.sums / self.count).tolist()))
+            eta = f" | eta {(self.total - step) * self.args.batch_size / ips / 60:.1f} min" if ips else ""
+            if self.run["rank"] == 0:
+                print(f"epoch {epoch + 1} step {step}/{self.total} | " + " ".join(f"{n} {v:.4f}" for n, v in
+                      mean.items()) + f" | lr {lr:.3g} | {ips or 0:.1f} img/s{eta}", flush=True)
+            tensorboard(self.run, "train/", {**mean, "lr": lr, "images_per_s": ips or 0}, step)
+            self.sums.zero_()
+            self.count = 0
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.time()
+
+    def check(self):
+        """Host sync: RunError at the first non-finite loss component, naming it and its 1-based step."""
+        if self.bad is not None and bool((self.bad >= 0).any()):
+            step, name = min((s, n) for s, n in zip(self.bad.tolist(), self.names) if s >= 0)
+            raise RunError(f"non-finite {name} loss at step {step:.0f}; stopped (last.pt holds the last finished epoch)")
+
+    def images_per_s(self):
+        return self.images / max(self.sync() - self.t_warm - self.t_paused, 1e-9) if self.images else None
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Time inside (evaluation, checkpoints) is not training time."""
+        start = self.sync()
+        yield
+        self.t_paused += self.sync() - start
+
+    def peak_memory(self):
+        if self.device.type == "cuda":
+            return f"{torch.cuda.max_memory_allocated(self.device) / 2**30:.2f} GiB (CUDA, max allocated)"
+        return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (max RSS)"
+
+
+def tensorboard(run, prefix, values, step):
+    for name, value in values.items() if run["tb"] else ():
+        run["tb"].add_scalar(prefix + name, value, step)
+
+
+def log_eval(run, meter, epoch, step, metrics):
+    """One evaluation (1-based epoch): a line on stdout, a row in metrics.jsonl (rewritten atomically), TensorBoard."""
+    ips = meter.images_per_s()
+    run["history"].append(dict(epoch=epoch, step=step, **metrics, elapsed_s=round(time.time() - run["t0"], 1),
+                               images_per_s=None if ips is None else round(ips, 1)))
+    print(f"eval  epoch {epoch} step {step} | " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()), flush=True)
+    if run["dir"] is not None:
+        atomic_save("".join(json.dumps(r) + "\n" for r in run["history"]), os.path.join(run["dir"], "metrics.jsonl"),
+                    text=True)
+    tensorboard(run, "eval/", metrics, step)
+
+
+def print_summary(run, meter, references=()):
+    """The headline (the last evaluation), each metric's best epoch (chosen on the test set), speed, memory."""
+    last, rows, names = run["history"][-1], run["history"], list(final_metrics(run))
+    for label, metrics in references:
+        print(f"{label}: " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+    print(f"final (last epoch {last['epoch']}, step {last['step']}; the headline): "
+          + "  ".join(f"{k} {last[k]:.2f}" for k in names))
+    best = {k: max((r for r in rows if k in r), key=lambda r: r[k]) for k in names}
+    print("best epoch of each metric (chosen on the test set): "
+          + "  ".join(f"{k} {best[k][k]:.2f} (epoch {best[k]['epoch']})" for k in names))
+    ips = meter.images_per_s()
+    print(f"throughput {f'{ips:.1f} images/s (steady state)' if ips else 'not measured (too few steps)'}, peak memory "
+          f"{meter.peak_memory()}, wall {time.time() - run['t0']:.1f} s; run folder {run['dir']}")
+    if run["tb"]:
+        run["tb"].close()
+
+
+STOP = [False]  # set by a first Ctrl-C during training; the loop stops once the step in flight is done
+
+
+@contextlib.contextmanager
+def finish_step_on_ctrl_c():
+    """A first Ctrl-C lets the current step finish, so last.pt is exact; a second one stops at once."""
+    def handler(signum, frame):
+        if STOP[0]:
+            raise KeyboardInterrupt("second Ctrl-C: stopped without writing last.pt")
+        STOP[0] = True
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        STOP[0] = False
+
+
+def main(argv=None):
+    """Bad input: one line, exit 2. Ctrl-C: exit 130 (with a resumable last.pt once training has begun)."""
+    try:
+        run(get_args(argv))
+    except (RunError, common.DatasetError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt as e:
+        print(f"interrupted: {str(e) or 'before training started; nothing to resume'}", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+# ================================================================================================ end of bookkeeping
+
+
+# ------------------------------------------------------------------------------------------------ training
+def run(args):
+    device, rank, world = setup(args)
+    if args.batch_size % world:
+        raise RunError(f"--batch-size {args.batch_size} does not divide into {world} processes")
+    split = load_data(args, "train")
+    load_data(args, "test")  # a missing test split fails now, not after the first epoch
+    args.num_classes = split.num_classes
+    if len(split) < args.batch_size:
+        raise RunError(f"--batch-size {args.batch_size} is larger than the {len(split)} training images")
+    d_t, d_s = (feat_dim(build_model(arch, args.num_classes)) for arch in (args.teacher_arch, args.student_arch))
+    if args.variant == "amd_b" and d_s != d_t:
+        raise RunError(f"--variant amd_b needs equal feature widths, but student {args.student_arch} has {d_s} and "
+                       f"teacher {args.teacher_arch} {d_t}; use amd_e or camd (they add the embedding block)")
+    teacher = get_teacher(args, device, rank, world) if args.variant != "ce" else None
+    run_ = start_run(args, device, rank)
+    references = [(f"teacher {args.teacher_arch}", evaluate(teacher, args, device))] if teacher and rank == 0 else []
+    torch.manual_seed(args.seed)  # the student's initial weights do not depend on how the teacher was obtained
+    try:
+        student = build_model(args.student_arch, args.num_classes, pretrained=args.pretrained and not args.resume)
+    except OSError as e:  # the ImageNet weights cannot be downloaded (offline machine)
+        raise RunError(f"cannot download the ImageNet weights ({e}); use --no-pretrained")
+    model = CAMDNet(student, d_t, args.num_classes, branch=args.variant in ("amd_e", "camd", "camd_kd"))
+    model = model.to(device, memory_format=memory_format(args, device))
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, nesterov=args.nesterov,
+                                weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=args.lr_milestones, gamma=args.lr_decay)
+    epoch, batch, step = resume(args, run_, model, optimizer, scheduler)
+    net = data_parallel(torch.compile(model) if args.compile else model, device, world)
+    with finish_step_on_ctrl_c():
+        meter = train(args, model, net, teacher, optimizer, scheduler, train_data(args, split, device), run_, device,
+                      epoch, batch, step, rank, world)
+    if rank == 0:
+        save_checkpoint(args, run_, "model.pt", model.student, metrics=final_metrics(run_), references=dict(references))
+        print_summary(run_, meter, references)
     if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+        dist.barrier()  # the other ranks wait for rank 0's last evaluation
+
+
+def train(args, model, net, teacher, optimizer, scheduler, data, run, device, epoch, batch, step, rank, world):
+    steps_per_epoch = math.ceil(len(data["split"]) / args.batch_size)  # no drop_last (RepDistiller)
+    total = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
+    meter = Meter(args, run, device, step, total)
+    while epoch < args.epochs and step < total:
+        model.train()
+        for x, y in train_batches(args, data, epoch, batch, device, rank, world):
+            with autocast(args, device):
+                losses = step_losses(net, teacher, x.contiguous(memory_format=memory_format(args, device)), y, args,
+                                     world)  # METHOD
+            optimizer.zero_grad(set_to_none=True)
+            sum(losses.values()).backward()
+            optimizer.step()
+            step, batch = step + 1, batch + 1
+            meter.add(losses, len(y) * world, epoch, step, optimizer.param_groups[0]["lr"])
+            if step >= total or STOP[0]:
+                break
+        meter.check()
+        if batch == steps_per_epoch:  # the epoch is complete
+            epoch, batch = epoch + 1, 0
+            scheduler.step()
+            if rank == 0 and ((args.eval_every and epoch % args.eval_every == 0) or epoch == args.epochs or step >= total):
+                with meter.paused():  # the other ranks wait in their next collective
+                    log_eval(run, meter, epoch, step, evaluate(model.student, args, device))
+        with meter.paused():
+            save_checkpoint(args, run, "last.pt", model, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                            epoch=epoch, batch=batch, step=step)
+        if STOP[0]:
+            last = os.path.join(run["dir"] or ".", "last.pt")
+            raise KeyboardInterrupt(f"wrote {last} after step {step}; continue with --resume {last}")
+    if rank == 0 and (not run["history"] or run["history"][-1]["step"] != step):  # stopped inside an epoch, or resumed
+        log_eval(run, meter, epoch + 1 if batch else epoch, step, evaluate(model.student, args, device))
+    return meter
 
 
 if __name__ == "__main__":

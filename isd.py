@@ -1,72 +1,84 @@
-"""ISD: Self-Supervised Learning by Iterative Similarity Distillation.
+"""ISD: Self-Supervised Learning by Iterative Similarity Distillation (and its MoCo-v2 baseline).
 
 Tejankar, Koohpayegani, Pillai, Favaro, Pirsiavash -- ICCV 2021. https://arxiv.org/abs/2012.09259
-Official code: https://github.com/UMBCvision/ISD (train_isd.py = ResNet-18 "v1", train_isd_plus.py = ResNet-50).
+Official code: https://github.com/UMBCvision/ISD (train_isd.py: ResNet-18, train_isd_plus.py: ResNet-50).
 
-Idea: a student (backbone + predictor MLP) and its EMA teacher. The teacher embeds a query view and a
-queue of past teacher embeddings (anchors); softmax over query-anchor cosine similarities gives a soft
-"neighbourhood" distribution. The student embeds another view of the query and is trained to reproduce
-that distribution over the same anchors (KL). MoCo is the special case of a one-hot target on the
-query's own key (`--variant moco`, same file, for the paper's ISD-vs-MoCo comparison).
+Idea: a student (backbone + predictor MLP) and its EMA teacher. The teacher embeds a query view and a queue of past
+teacher embeddings (anchors); the softmax over query-anchor similarities is a soft "neighbourhood" distribution that
+the student, seeing another view of the query, reproduces over the same anchors (KL). MoCo-v2 (Chen et al. 2020),
+the paper's baseline, instead classifies the query's own key against the queue: --variant moco runs MoCo-v2 itself
+(its own heads, temperature, momentum and views), not ISD with a switch flipped. The algorithm: step_losses().
 
 Usage:
     python isd.py                                          # digits, CPU, well under a minute
-    python isd.py --dataset cifar10 [--variant moco]       # ResNet-18 (CIFAR stem); MoCo from the same code
+    python isd.py --dataset cifar10 [--variant moco]       # ResNet-18 (CIFAR stem)
     python isd.py --dataset imagenet --data-root /data --recipe r18   # (or r50) the paper's two recipes
-    python isd.py --dataset folder --data-root /my/images  # your own (unlabeled) ImageFolder / flat folder
-    python isd.py --dataset synthetic --max-steps 30       # speed benchmark (add --image-size 224)
+    python isd.py --dataset fashionmnist --unbalanced      # Table 4's long-tailed study, at a CPU's scale
+    python isd.py --dataset folder --data-root /my/images  # your own images (DIR/train [+ DIR/val], or DIR itself)
     torchrun --nproc_per_node=4 isd.py --dataset imagenet ...;  python eval.py runs/<run>/model.pt --linear-probe
 
 Implementation details:
- 1. q = normalize(predictor(proj_s(backbone_s(x_s)))), k = normalize(proj_t(backbone_t(x_t))) without grad
-    (official ISD.forward). Anchors are ONLY queue entries, no positive column (Sec. 2).
- 2. Loss (Sec. 2): KL(p_t || p_s), p_t = softmax(k Q^T / tau_t), p_s = softmax(q Q^T / tau_s), summed over
-    the K anchors, batch mean: official KLD = kl_div(log_softmax, softmax, 'batchmean'); no T^2; fp32.
- 3. Teacher = copy of the student, updated BEFORE its forward pass each step (official, inside forward):
-    theta_t <- m theta_t + (1 - m) theta_s over parameters only; BN statistics stay separate; both train mode.
- 4. Queue (MoCo's memory bank): K x D random rows, L2-normalised; ring buffer with a pointer (K need not
-    divide B); keys gathered from all ranks, enqueued AFTER the loss; saved in last.pt with their labels.
- 5. Recipe r18 (Sec. 3.1, run_isd.sh): tau_s = tau_t = 0.02, m 0.999, no projection, predictor Linear(512,512,
-    no bias)-BN-ReLU-Linear(512,512), strong/strong views, SGD lr 0.01 x0.2 at epochs 140, 180 of 200.
- 6. Recipe r50 (Sec. 3.1, train_isd_plus.py): tau_s 0.1, tau_t 0.01, m 0.99, projection MLP(D, 2D, D/4) on BOTH
-    encoders, predictor MLP(D/4, 2D, D/4), weak teacher / strong student view (Table 5), cosine lr 0.05.
-    Both: SGD momentum 0.9, wd 1e-4 on all parameters, batch 256, K 128,000, 200 epochs (Sec. 3).
- 7. Views: strong = MoCo-v2 (RRC 0.2-1, jitter 0.4/0.4/0.4/0.1 p 0.8, gray p 0.2, blur p 0.5, flip); weak =
-    RRC + flip. 224 px: common.moco_v2_transform in DataLoader workers; <= 96 px: common's batched on-device ops.
- 8. Monitoring (Fig. 4): k-NN of student AND teacher backbone features (no heads, eval mode, unaugmented,
-    L2-normalised; gallery = train split): 1-NN and 20-NN (paper's tables) and weighted 200-NN (T 0.1).
-    Purity (train_isd_plus.py): fraction of the teacher's top-5 queue anchors sharing the query's label.
- 9. Multi-GPU: DDP on the student, teacher updated identically on every rank, keys and labels all-gathered
-    before enqueueing (MoCo); --batch-size is the global batch; rank 0 logs and saves.
+ 1. q = normalize(predictor(proj_s(backbone_s(x_s)))), k = normalize(proj_t(backbone_t(x_t))) without grad (official
+    ISD.forward). Anchors are ONLY queue entries, no positive column (Sec. 2).
+ 2. Loss (Sec. 2): KL(p_t || p_s), p_t = softmax(k Q^T / tau_t), p_s = softmax(q Q^T / tau_s), summed over the K
+    anchors, batch mean: official KLD = kl_div(log_softmax, softmax, 'batchmean'); no T^2; fp32.
+ 3. Teacher = copy of the student, updated BEFORE its forward pass each step (official, inside forward): theta_t <-
+    m theta_t + (1 - m) theta_s over parameters only; BN statistics stay separate; both in train mode.
+ 4. Queue (MoCo's memory bank): K x D random rows, L2-normalised; a ring buffer (K need not divide B); keys of all
+    ranks, enqueued AFTER the loss; registered buffers, so last.pt and model.pt carry them.
+ 5. ShuffleBN (MoCo builder.py; ISD shuffles through DataParallel): the key batch is shuffled across the ranks before
+    the teacher and put back after; on one process both backbones use split BatchNorm (--bn-splits groups, the MoCo
+    CIFAR demo) and the key batch is shuffled across the groups. BN statistics so never pair a key with its query.
+ 6. Recipe r18 (Sec. 3.1 "ResNet-18 experiments"; run_isd.sh runs train_isd.py --temp 0.02 --queue_size 128000
+    --lr_decay_epochs 140,180): tau_s = tau_t = 0.02, m 0.999, no projection, predictor Linear(512, 512, no bias)-
+    BN-ReLU-Linear(512, 512), the MoCo-v2 augmentation on both views, SGD lr 0.01 x0.2 at epochs 140, 180 of 200.
+ 7. Recipe r50 (Sec. 3.1 "ResNet-50 experiments", train_isd_plus.py): tau_s 0.1, tau_t 0.01, m 0.99, projection
+    MLP(D, 2D, D/4) on BOTH encoders, predictor MLP(D/4, 2D, D/4), a weak teacher view and a strong student view
+    (the text; train_isd_plus.py --weak_strong: query strong, key weak. Table 5's column labels read the other way
+    round), cosine lr 0.05. Both: SGD momentum 0.9, wd 1e-4 on all parameters, batch 256, K 128,000, 200 epochs.
+ 8. MoCo-v2 (notes/isd.md): tau 0.2, projection Linear(D, D)-ReLU-Linear(D, 128) without BN, no predictor, logits
+    [q.k, q Q^T] / tau with the positive in column 0, key-encoder momentum 0.999, the strong view on both sides, SGD
+    lr 0.03 cosine, K 65,536, wd 1e-4, 200 epochs.
+ 9. Views: strong = MoCo-v2 (RRC 0.2-1, jitter 0.4/0.4/0.4/0.1 p 0.8, gray p 0.2, blur p 0.5, flip); weak = RRC +
+    flip. 224 px: common.moco_v2_transform in DataLoader workers; <= 96 px: common's batched on-device ops (no blur).
+10. Evaluation (fp32, eval mode, unaugmented, L2-normalised backbone features, no heads; gallery = the train split):
+    1-NN and 20-NN majority vote (the paper's tables) and the weighted 200-NN monitor; the teacher as the official
+    eval_knn.py does it: teacher weights with the STUDENT's BN running statistics; purity (train_isd_plus.py): the
+    share of a train batch's top-5 teacher anchors in the queue with the query's label. The linear protocol
+    (eval_linear.py, notes/isd.md) is eval.py --linear-probe, through features() below.
+11. Unbalanced data (Sec. 3.2, Table 4): --unbalanced trains on a long-tailed subset (8 of 38 classes keep all their
+    images, the rest 100 / 1300 of them; scaled to the dataset, class choice seeded by --seed) or --subset-file (the
+    official unbalanced_dataset/D1..D10.txt lists); NN accuracy on the balanced test set with the FULL balanced
+    train data of those classes as gallery, for all classes and the small ones (knn1_small).
+12. Multi-GPU: DDP on the student, the teacher updated identically on every rank, keys and labels all-gathered before
+    enqueueing (MoCo); --batch-size is global; rank 0 logs and saves.
 
 Deviations:
- - Queue init rows L2-normalised as in train_isd_plus.py (train_isd.py normalises columns; gone after K/B steps).
- - No ShuffleBN (official shuffles the key batch across DataParallel GPUs); each rank's BN sees its shard.
- - ImageNet-100 / folder / CIFAR / STL-10 / digits settings are ours (the paper has none): see PRESETS.
- - ResNet-50 uses adaptive average pooling (official hard-codes a 7x7 pool, i.e. 224 px only).
- - --variant moco uses tau_s and the recipe's heads. On-device views (<= 96 px): no blur, fixed jitter order.
-
-Measured results (ours; 2 shared CPU cores, torch 2.15, seed 0; no GPU was available to this work):
- - `python isd.py` (digits, 15 epochs, idle machine, 8.8 s wall): student kNN-1/20/200w 92.2/87.2/70.3
-   untrained -> 96.1/93.3/79.2 (teacher 95.8/93.9/80.0); `eval.py --linear-probe` 95.6.
- - ResNet-18 step on this CPU (loaded, min of 3 interleaved reps): 32 px CIFAR stem, batch 256: 7.0 s = 37 img/s,
-   batched on-device augmentation 0.3-6% of the step; 224 px, batch 32: 1.84 s = 17 img/s, augmentation ~6%;
-   the PIL MoCo-v2 pipeline costs 13 ms per image (two views) per worker. Idle machine, `--dataset synthetic
-   --synthetic-n 3072 --max-steps 12 --log-every 3 --eval-every 0`: ISD 43.2 vs --variant moco 44.4 img/s
-   (+2.7%); loss alone (B 256, D 512, fwd+bwd, loaded) K 16384: 434 vs 181 ms, K 128000: 2.2 vs 1.3 s.
- - Paper (Table 1, ImageNet, 200 ep.): ResNet-18 53.8 linear / 41.5 1-NN / 46.6 20-NN; ResNet-50 69.8/59.2/62.0.
+ - Queue init rows L2-normalised as train_isd_plus.py (train_isd.py normalises columns; gone after K/B steps).
+ - One process: split BN in both backbones only (the heads' BatchNorm1d sees the whole batch).
+ - ResNet-50 uses adaptive average pooling (official: a 7x7 pool, 224 px only). bf16 autocast on CUDA (--no-amp).
+ - ImageNet-100 / folder / CIFAR / STL-10 / digits / fashionmnist settings are ours (the paper has none): PRESETS.
+   On small datasets ISD and MoCo share the preset's lr and momentum (tuned for few steps per epoch).
+Paper (Table 1, ImageNet, 200 ep.; linear / 1-NN / 20-NN): ResNet-18 53.8 / 41.5 / 46.6; ResNet-50 69.8 / 59.2 /
+62.0 (MoCo-v2 ResNet-50 200 ep.: 67.5 linear). Measured here (README "Results"): MEASURED_PLACEHOLDER
 """
 import argparse
+import collections
+import contextlib
 import copy
 import datetime
-import functools
+import itertools
 import json
 import math
 import os
+import pickle
 import resource
+import shutil
+import signal
 import subprocess
 import sys
 import time
+import zipfile
 
 import torch
 import torch.distributed as dist
@@ -76,191 +88,176 @@ import torchvision
 
 import common
 
-# Values are the paper's where it gives them (Sec. 3.1, official run_isd*.sh); "ours" otherwise.
-RECIPES = {
-    "r18": dict(tau_s=0.02, tau_t=0.02,  # Sec. 3.1 ResNet-18: same temperature 0.02
-                ema=0.999,  # Sec. 3.1 ResNet-18: m = 0.999
-                projection=False,  # Sec. 3.1: "We do not have any projection layer for ResNet18"
-                teacher_view="strong",  # Sec. 3.1: augmentations of [10, 9, 18] for both views
-                lr=0.01, lr_schedule="step"),  # Sec. 3.1: lr 0.01, x0.2 at epochs 140 and 180
-    "r50": dict(tau_s=0.1, tau_t=0.01,  # Sec. 3.1 ResNet-50
-                ema=0.99,  # Sec. 2 / 3.1: m = 0.99 for ResNet-50
-                projection=True,  # train_isd_plus.py: MLP(2048, 4096, 512) on both encoders
-                teacher_view="weak",  # Table 5: weak teacher / strong student is best
-                lr=0.05, lr_schedule="cosine"),  # Sec. 3.1: cosine, initial lr 0.05
+METHOD, DATA_PARALLEL = "isd", True
+RECIPES = {  # the method's own settings; a dataset preset's lr / ema (small datasets) come before them
+    "r18": dict(tau_s=0.02, tau_t=0.02, ema=0.999, head="r18", teacher_view="strong",  # Sec. 3.1 ResNet-18
+                lr=0.01, lr_schedule="step", queue_size=128000),  # Sec. 3.1: lr 0.01, x0.2 at 140, 180; K 128K
+    "r50": dict(tau_s=0.1, tau_t=0.01, ema=0.99, head="r50", teacher_view="weak",  # Sec. 3.1 ResNet-50 and
+                lr=0.05, lr_schedule="cosine", queue_size=128000),  # train_isd_plus.py --weak_strong --cos
+    "moco": dict(tau_s=0.2, tau_t=0.2, ema=0.999, head="moco", teacher_view="strong",  # MoCo-v2 (notes/isd.md)
+                 lr=0.03, lr_schedule="cosine", queue_size=65536),  # main_moco.py --mlp --aug-plus --cos
 }
-PRESETS = {
-    # Sec. 3: batch 256, 200 epochs, wd 1e-4, K 128K; eval every 10 epochs as in Fig. 4.
-    "imagenet": dict(recipe=None, image_size=224, epochs=200, batch_size=256, weight_decay=1e-4,
-                     queue_size=128000, workers=16, eval_every=10, log_every=100),
-    # ours: ImageNet-100 has ~126.7K images, so K = 16384 (Fig. 3: 16K is on par with 128K).
-    "imagenet100": dict(recipe=None, image_size=224, epochs=200, batch_size=256, weight_decay=1e-4,
-                        queue_size=16384, workers=16, eval_every=10, log_every=100),
-    # ours: ResNet-18 CIFAR stem, r50 recipe (weak/strong, like ReSSL), wd 5e-4 and K 4096 as in ReSSL's CIFAR runs.
-    **{name: dict(recipe="r50", arch="resnet18", image_size=32, epochs=200, batch_size=256, weight_decay=5e-4,
-                  queue_size=4096, workers=0, eval_every=10, log_every=50) for name in ("cifar10", "cifar100")},
-    # ours: SSL on train+unlabeled (105K images, 96 px), K 16384.
-    "stl10": dict(recipe="r50", arch="resnet18", image_size=96, epochs=200, batch_size=256,
-                  weight_decay=5e-4, queue_size=16384, workers=0, eval_every=10, log_every=50),
-    # ours: any ImageFolder (or flat folder) of images; k-NN monitor only when <root>/val has labels.
-    "folder": dict(recipe=None, image_size=224, epochs=200, batch_size=256, weight_decay=1e-4,
-                   queue_size=16384, workers=8, eval_every=10, log_every=100),
-    # ours: the offline CPU demo -- 3-layer CNN at 16 px, K 512 (well below the 1437 train images), m 0.9
-    # (11 steps/epoch: 0.99 makes the teacher ~9 epochs old), crops >= 80% of an 8x8 digit (our 10-epoch
-    # sweep: m 0.99 or min-scale 0.2-0.6 stay near the untrained net's k-NN).
-    "digits": dict(recipe="r50", arch="small", image_size=16, epochs=15, batch_size=128, lr=0.05, ema=0.9,
-                   weight_decay=5e-4, queue_size=512, workers=0, eval_every=5, log_every=50, min_scale=0.8),
-    # benchmark only: paper batch 256, 32 px (or --image-size 224); k-NN only at the end.
-    "synthetic": dict(recipe="r18", arch="resnet18", image_size=32, epochs=1, batch_size=256, weight_decay=1e-4,
-                      queue_size=4096, workers=0, eval_every=0, log_every=10),
+_SMALL = dict(recipe="r50", arch="resnet18", image_size=32, epochs=200, batch_size=256, weight_decay=5e-4, workers=0,
+              eval_every=10, log_every=50, probe_epochs=40)
+PRESETS = {  # Sec. 3.1: batch 256, 200 epochs, wd 1e-4; evaluated every 10 epochs as Fig. 4
+    "imagenet": dict(image_size=224, epochs=200, batch_size=256, weight_decay=1e-4, workers=16, eval_every=10,
+                     log_every=100, probe_epochs=40),  # eval_linear.py: 40 epochs
+    "imagenet100": dict(image_size=224, epochs=200, batch_size=256, weight_decay=1e-4, queue_size=16384, workers=16,
+                        eval_every=10, log_every=100, probe_epochs=40),  # ours: K 16K (Fig. 3: on par with 128K)
+    # ours: ResNet-18 with the CIFAR stem, the r50 recipe (weak/strong, like ReSSL), wd 5e-4, K 4096 (ReSSL CIFAR).
+    "cifar10": dict(_SMALL, queue_size=4096), "cifar100": dict(_SMALL, queue_size=4096),
+    "stl10": dict(_SMALL, image_size=96, queue_size=16384),  # ours: SSL on train+unlabeled (105K images, 96 px)
+    "folder": dict(image_size=224, epochs=200, batch_size=256, weight_decay=1e-4, queue_size=16384, workers=8,
+                   eval_every=10, log_every=100, probe_epochs=40),  # ours; k-NN monitor when DIR/val has labels
+    # ours, the offline demo: 3-layer CNN at 16 px, K 512 (well below the 1,437 images), m 0.9 (11 steps per epoch:
+    # 0.99 makes the teacher ~9 epochs old), crops >= 80% of an 8x8 digit; the probe scaled to 10 epochs.
+    "digits": dict(_SMALL, arch="small", image_size=16, epochs=15, batch_size=128, lr=0.05, ema=0.9, queue_size=512,
+                   eval_every=5, min_scale=0.8, probe_epochs=10),
+    "fashionmnist": dict(_SMALL, arch="small", image_size=28, epochs=10, batch_size=256, lr=0.05, ema=0.99,
+                         queue_size=4096, eval_every=5, min_scale=0.5, train_subset=20000, probe_epochs=10),
+    # benchmark only: the paper's batch 256 at 32 px (or --image-size 224); k-NN only at the end.
+    "synthetic": dict(_SMALL, recipe="r18", weight_decay=1e-4, queue_size=4096, epochs=1, eval_every=0, log_every=10,
+                      synthetic_n=512),
 }
-TENSOR_FORM = ("digits", "synthetic", "cifar10", "cifar100", "stl10")
+TENSOR_FORM = ("digits", "fashionmnist", "synthetic", "cifar10", "cifar100", "stl10")
 
 
-class ConfigError(Exception):
-    """Bad flags or checkpoint: main() prints it on one line and exits 2."""
-
-
+# ------------------------------------------------------------------------------------------------ arguments
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="ISD (ICCV 2021) self-supervised training")
-    g = p.add_argument_group("experiment")
-    g.add_argument("--dataset", default="digits", help=f"one of {sorted(PRESETS)}")
-    g.add_argument("--data-root", default="./data", help="dataset folder (folder: the image folder itself)")
-    g.add_argument("--epochs", type=int, default=None, help="default: preset (paper 200)")
-    g.add_argument("--batch-size", type=int, default=None, help="GLOBAL batch; default: preset (paper 256)")
-    g.add_argument("--lr", type=float, default=None, help="default: recipe (r18 0.01, r50 0.05; Sec. 3.1)")
-    g.add_argument("--weight-decay", type=float, default=None, help="default: preset (paper 1e-4)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
-    g.add_argument("--workers", type=int, default=None, help="DataLoader workers (file-form data); preset")
-    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA")
-    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="default: CUDA only")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile backbones")
-    g.add_argument("--eval-every", type=int, default=None, help="k-NN monitor every N epochs (0: only at the end)")
-    g.add_argument("--log-every", type=int, default=None, help="log line every N steps")
-    g.add_argument("--save-dir", default="runs")
-    g.add_argument("--run-name", default=None, help="default: isd_<dataset>_<variant>_s<seed>")
-    g.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps (smoke tests)")
-    g.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=False)
-    g.add_argument("--resume", default=None, help="path to last.pt")
-    g.add_argument("--image-size", type=int, default=None, help="train/eval resolution; default: preset")
-    g.add_argument("--synthetic-n", type=int, default=512, help="synthetic: images per split (test: n/4)")
+    p = Parser(description="ISD (Tejankar et al., ICCV 2021) self-supervised learning, and its MoCo-v2 baseline")
+    experiment_args(p)
     m = p.add_argument_group("method")
-    m.add_argument("--recipe", default=None, choices=list(RECIPES),
-                   help="r18 / r50 settings of Sec. 3.1; default: preset (imagenet/folder: by --arch)")
-    m.add_argument("--variant", default="isd", choices=["isd", "moco"], help="moco: one-hot target (Sec. 2)")
-    m.add_argument("--arch", default=None, choices=["resnet18", "resnet50", "small"], help="default: preset/recipe")
-    m.add_argument("--cifar-stem", action=argparse.BooleanOptionalAction, default=None,
-                   help="3x3 stride-1 conv1, no max-pool; default: on for image size <= 96")
-    m.add_argument("--tau-s", type=float, default=None, help="student temperature; recipe (0.02 / 0.1)")
-    m.add_argument("--tau-t", type=float, default=None, help="teacher temperature; recipe (0.02 / 0.01)")
-    m.add_argument("--ema", type=float, default=None, help="teacher momentum m; recipe (0.999 / 0.99)")
-    m.add_argument("--queue-size", type=int, default=None, help="K anchors; preset (paper 128000)")
-    m.add_argument("--projection", action=argparse.BooleanOptionalAction, default=None,
-                   help="MLP(D, 2D, D/4) head on both encoders; recipe (r18 off, r50 on)")
-    m.add_argument("--teacher-view", default=None, choices=["strong", "weak"], help="recipe (r18 strong, r50 weak)")
-    m.add_argument("--lr-schedule", default=None, choices=["step", "cosine"], help="recipe")
-    m.add_argument("--lr-milestones", type=int, nargs="*", default=None,
-                   help="step schedule epochs (x0.2); default 0.7 and 0.9 of --epochs (140, 180 of 200)")
-    m.add_argument("--min-scale", type=float, default=None, help="RandomResizedCrop min scale; 0.2 (MoCo-v2)")
-    return p.parse_args(argv)
-
-
-def resolve(args):
-    """Fill None flags: explicit flag > dataset preset > recipe. Raises ConfigError on bad combos."""
-    if args.dataset not in PRESETS:
-        raise ConfigError(f"unknown dataset '{args.dataset}' (choose from {', '.join(sorted(PRESETS))})")
-    pre = PRESETS[args.dataset]
-    if args.arch is None:
-        args.arch = pre.get("arch") or ("resnet50" if args.recipe == "r50" else "resnet18")
-    if args.recipe is None:
-        args.recipe = pre["recipe"] or ("r50" if args.arch == "resnet50" else "r18")
-    for key, val in list(pre.items()) + list(RECIPES[args.recipe].items()):
-        if getattr(args, key, None) is None and key not in ("recipe", "arch"):
-            setattr(args, key, val)
-    args.min_scale = 0.2 if args.min_scale is None else args.min_scale  # MoCo-v2 RRC scale (0.2, 1)
-    if args.cifar_stem is None:
-        args.cifar_stem = args.image_size <= 96
-    if args.lr_milestones is None:
-        args.lr_milestones = [round(0.7 * args.epochs), round(0.9 * args.epochs)]  # 140, 180 of 200
-    if args.run_name is None:
-        args.run_name = f"isd_{args.dataset}_{args.variant}_s{args.seed}"
+    m.add_argument("--variant", choices=["isd", "moco"], help="isd, or moco = MoCo-v2 with its own settings (default isd)")
+    m.add_argument("--recipe", choices=["r18", "r50"], help="ISD's ResNet-18 / ResNet-50 settings of Sec. 3.1 (default: "
+                   "by --arch)" + preset("recipe"))
+    m.add_argument("--arch", choices=["resnet18", "resnet50", "small"], help="backbone (default: by --recipe)" + preset("arch"))
+    m.add_argument("--cifar-stem", action=argparse.BooleanOptionalAction, help="3x3 stride-1 conv1, no max-pool "
+                   "(default: on at <= 96 px)")
+    m.add_argument("--head", choices=["r18", "r50", "moco"], help="projection / predictor heads (default: the recipe's)")
+    m.add_argument("--tau-s", type=number(float, 0, low_open=True), help="student temperature (MoCo: tau; recipe)")
+    m.add_argument("--tau-t", type=number(float, 0, low_open=True), help="teacher temperature (recipe)")
+    m.add_argument("--ema", type=number(float, 0, 0.999999), help="teacher momentum m (recipe)" + preset("ema"))
+    m.add_argument("--queue-size", type=number(int, 1), help="K anchors (recipe)" + preset("queue_size"))
+    m.add_argument("--teacher-view", choices=["strong", "weak"], help="teacher augmentation (recipe)")
+    m.add_argument("--lr-schedule", choices=["step", "cosine"], help="recipe: step = x0.2 at the milestones")
+    m.add_argument("--lr-milestones", type=number(int, 1), nargs="*", help="step schedule epochs (default: 0.7 and "
+                   "0.9 of --epochs, i.e. 140, 180 of 200)")
+    m.add_argument("--min-scale", type=number(float, 0, 1, low_open=True), help="RandomResizedCrop min scale (default "
+                   "0.2, MoCo-v2)" + preset("min_scale"))
+    m.add_argument("--bn-splits", type=number(int, 1), help="one process: split-BN groups for ShuffleBN (default 8, "
+                   "the MoCo CIFAR demo; 1 under torchrun, where the ranks are the groups)")
+    m.add_argument("--train-subset", type=number(int, 1), help="train on a fixed random subset of N images"
+                   + preset("train_subset"))
+    m.add_argument("--unbalanced", action=argparse.BooleanOptionalAction, help="Table 4: a long-tailed training "
+                   "subset (few large classes, many small; seeded) of a labelled dataset (default off)")
+    m.add_argument("--subset-file", help="imagenet: an official unbalanced_dataset/D<n>.txt class and image list")
+    m.add_argument("--probe-epochs", type=number(int, 1), help="eval.py --linear-probe epochs (x0.1 at 3/8 and 3/4)"
+                   + preset("probe_epochs"))
+    m.add_argument("--synthetic-n", type=number(int, 4), help="synthetic: images per split" + preset("synthetic_n"))
+    args = resolve_args(p.parse_args(argv))
+    if args.resume is None:  # the recipe's values for what neither the flags nor the dataset preset set
+        args.arch = args.arch or ("resnet50" if args.recipe == "r50" else "resnet18")
+        args.recipe = "moco" if args.variant == "moco" else args.recipe or ("r50" if args.arch == "resnet50" else "r18")
+        args.variant = args.variant or "isd"
+        for key, value in RECIPES[args.recipe].items():
+            setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
+    args.min_scale = 0.2 if args.min_scale is None else args.min_scale
+    args.cifar_stem = args.image_size <= 96 if args.cifar_stem is None else args.cifar_stem
+    args.bn_splits = args.bn_splits or (1 if int(os.environ.get("WORLD_SIZE", 1)) > 1 else 8)
+    args.lr_milestones = args.lr_milestones or [round(0.7 * args.epochs), round(0.9 * args.epochs)]
+    args.unbalanced = bool(args.unbalanced or args.subset_file)
     if args.dataset not in TENSOR_FORM and args.arch == "small":
-        raise ConfigError("--arch small is for small tensor-form datasets (digits, synthetic, cifar, stl10)")
-    for k in ("epochs", "batch_size", "queue_size", "image_size"):
-        if getattr(args, k) <= 0:
-            raise ConfigError(f"--{k.replace('_', '-')} must be positive")
-    if args.batch_size > args.queue_size:
-        raise ConfigError(f"--queue-size {args.queue_size} must be >= the global --batch-size {args.batch_size}")
-    if not (0.0 <= args.ema < 1.0) or args.tau_s <= 0 or args.tau_t <= 0:
-        raise ConfigError("need 0 <= --ema < 1 and positive --tau-s / --tau-t")
+        raise RunError("--arch small is for the small-image datasets (digits, fashionmnist, synthetic, cifar, stl10)")
+    if args.subset_file and (args.dataset != "imagenet" or not os.path.isfile(args.subset_file)):
+        raise RunError(f"--subset-file {args.subset_file}: needs --dataset imagenet and an existing D<n>.txt file")
+    if args.batch_size % args.bn_splits or args.batch_size > args.queue_size:
+        raise RunError(f"--batch-size {args.batch_size} must divide by --bn-splits {args.bn_splits} and be at most "
+                       f"--queue-size {args.queue_size}")
+    args.run_name = args.run_name or f"isd_{args.dataset}_{args.variant}{'_unbalanced' if args.unbalanced else ''}_s{args.seed}"
     return args
 
 
-# ----------------------------------------------------------------------------------------------- models
-def build_backbone(arch, cifar_stem):
-    """Backbone without classifier -> (module mapping [B,3,H,W] to [B,D], D)."""
-    if arch == "small":  # ours: ~0.1M-param CNN so the digits demo fits in a minute on 2 CPU cores
+# ------------------------------------------------------------------------------------------------ model
+class SplitBatchNorm(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics come from `splits` groups of the batch, as `splits` GPUs compute them
+    (the MoCo CIFAR demo's one-GPU ShuffleBN); the running statistics are the groups' mean; the same state_dict."""
+
+    def __init__(self, num_features, splits=1):
+        super().__init__(num_features)
+        self.splits = splits
+
+    def forward(self, x):
+        if not self.training or self.splits == 1:
+            return super().forward(x)
+        n, c, h, w = x.shape  # [n, c] -> [n / s, s c]: group g holds the samples i with i mod s == g
+        mean, var = self.running_mean.repeat(self.splits), self.running_var.repeat(self.splits)
+        out = F.batch_norm(x.reshape(n // self.splits, c * self.splits, h, w), mean, var, self.weight.repeat(self.splits),
+                           self.bias.repeat(self.splits), True, self.momentum, self.eps)
+        self.running_mean.copy_(mean.view(self.splits, c).mean(0))
+        self.running_var.copy_(var.view(self.splits, c).mean(0))
+        return out.reshape(n, c, h, w)
+
+
+def build_backbone(arch, cifar_stem, bn_splits=1):
+    """Backbone without classifier -> (module mapping [B, 3, H, W] to [B, D], D)."""
+    def norm(c):
+        return SplitBatchNorm(c, bn_splits)
+    if arch == "small":  # ours: a ~0.1M-parameter CNN, so the offline demos fit in minutes on 2 CPU cores
         def block(i, o, s):
-            return [nn.Conv2d(i, o, 3, s, 1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True)]
-        net = nn.Sequential(*block(3, 32, 1), *block(32, 64, 2), *block(64, 128, 2),
-                            nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        return net, 128
-    net = getattr(torchvision.models, arch)(weights=None)  # adaptive avg-pool: any resolution
+            return [nn.Conv2d(i, o, 3, s, 1, bias=False), norm(o), nn.ReLU(inplace=True)]
+        return nn.Sequential(*block(3, 32, 1), *block(32, 64, 2), *block(64, 128, 2), nn.AdaptiveAvgPool2d(1),
+                             nn.Flatten()), 128
+    if arch not in ("resnet18", "resnet50"):
+        raise RunError(f"unknown --arch {arch} (choose from resnet18, resnet50, small)")
+    net = getattr(torchvision.models, arch)(weights=None, norm_layer=norm)  # adaptive avg-pool: any resolution
     if cifar_stem:  # 3x3 stride-1 conv1 and no max-pool for 32-96 px inputs
         net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
         nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
         net.maxpool = nn.Identity()
-    dim = net.fc.in_features
-    net.fc = nn.Identity()
+    dim, net.fc = net.fc.in_features, nn.Identity()
     return net, dim
 
 
 def mlp(i, h, o, first_bias=True):
-    """Linear-BN-ReLU-Linear (official get_mlp; the r18 predictor has no bias in the first Linear)."""
-    return nn.Sequential(nn.Linear(i, h, bias=first_bias), nn.BatchNorm1d(h), nn.ReLU(inplace=True),
-                         nn.Linear(h, o))
+    """Linear-BN-ReLU-Linear (official get_mlp; the r18 predictor has no bias in its first Linear)."""
+    return nn.Sequential(nn.Linear(i, h, bias=first_bias), nn.BatchNorm1d(h), nn.ReLU(inplace=True), nn.Linear(h, o))
+
+
+def heads(head, dim):
+    """(projection, predictor, output dim): r18 = no projection and predictor D-D-D (train_isd.py); r50 = projection
+    MLP(D, 2D, D/4) on both encoders and predictor MLP(D/4, 2D, D/4) (train_isd_plus.py); moco = MoCo-v2's
+    Linear(D, D)-ReLU-Linear(D, 128) without BN (moco/builder.py --mlp) and no predictor."""
+    if head == "moco":
+        return nn.Sequential(nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, 128)), nn.Identity(), 128
+    if head == "r50":
+        return mlp(dim, 2 * dim, dim // 4), mlp(dim // 4, 2 * dim, dim // 4), dim // 4
+    return nn.Identity(), mlp(dim, dim, dim, first_bias=False), dim
 
 
 class ISD(nn.Module):
-    """Student (backbone_s, proj_s, predictor) and EMA teacher (backbone_t, proj_t)."""
+    """student = predictor(proj(backbone(x))), teacher = its momentum copy without the predictor; the queue of K past
+    teacher keys, their labels (-1 = unknown; only for the purity diagnostic) and the write pointer are buffers."""
 
-    def __init__(self, arch="resnet18", cifar_stem=True, projection=False):
+    def __init__(self, args):
         super().__init__()
-        self.backbone_s, dim = build_backbone(arch, cifar_stem)
-        if projection:  # train_isd_plus.py: proj MLP(D, 2D, D/4), predictor MLP(D/4, 2D, D/4)
-            self.proj_s, self.predictor = mlp(dim, 2 * dim, dim // 4), mlp(dim // 4, 2 * dim, dim // 4)
-            self.out_dim = dim // 4
-        else:  # train_isd.py (ResNet-18): no projection, predictor Linear(D, D, no bias)-BN-ReLU-Linear(D, D)
-            self.proj_s, self.predictor = nn.Identity(), mlp(dim, dim, dim, first_bias=False)
-            self.out_dim = dim
-        self.backbone_t, self.proj_t = copy.deepcopy(self.backbone_s), copy.deepcopy(self.proj_s)
-        for p in self.teacher_params():
-            p.requires_grad_(False)
-
-    def student_params(self):  # the EMA'd part of the student (the predictor has no teacher copy)
-        return list(self.backbone_s.parameters()) + list(self.proj_s.parameters())
-
-    def teacher_params(self):
-        return list(self.backbone_t.parameters()) + list(self.proj_t.parameters())
+        backbone, dim = build_backbone(args.arch, args.cifar_stem, args.bn_splits)
+        proj, predictor, out_dim = heads(args.head, dim)
+        self.student = nn.Sequential(collections.OrderedDict(backbone=backbone, proj=proj, predictor=predictor))
+        self.teacher = copy.deepcopy(nn.Sequential(collections.OrderedDict(backbone=backbone, proj=proj)))
+        self.teacher.requires_grad_(False)
+        self.register_buffer("queue", F.normalize(torch.randn(args.queue_size, out_dim), dim=1))
+        self.register_buffer("queue_labels", torch.full((args.queue_size,), -1, dtype=torch.long))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
 
     @torch.no_grad()
     def momentum_update(self, m):
         """theta_t <- m theta_t + (1 - m) theta_s over parameters only (Sec. 2); BN buffers stay separate."""
-        t = self.teacher_params()
-        torch._foreach_mul_(t, m)
-        torch._foreach_add_(t, self.student_params(), alpha=1.0 - m)
-
-    def forward(self, x_s, x_t, m):
-        """x_s, x_t: [B,3,H,W] student / teacher views -> (q, k) [B,out_dim] L2-normalised, k without grad."""
-        q = F.normalize(self.predictor(self.proj_s(self.backbone_s(x_s))).float(), dim=1)
-        with torch.no_grad():
-            self.momentum_update(m)  # official: update the teacher BEFORE its forward pass
-            k = F.normalize(self.proj_t(self.backbone_t(x_t)).float(), dim=1)
-        return q, k
+        student = [*self.student.backbone.parameters(), *self.student.proj.parameters()]
+        torch._foreach_mul_(list(self.teacher.parameters()), m)
+        torch._foreach_add_(list(self.teacher.parameters()), student, alpha=1.0 - m)
 
 
-# ----------------------------------------------------------------------------------------------- losses
+# ------------------------------------------------------------------------------------------------ METHOD: losses
 def isd_loss(q, k, queue, tau_s, tau_t):
     """ISD loss (Sec. 2): batch-mean KL(softmax(k Q^T / tau_t) || softmax(q Q^T / tau_s)).
 
@@ -276,8 +273,8 @@ def isd_loss(q, k, queue, tau_s, tau_t):
 
 
 def moco_loss(q, k, queue, tau):
-    """MoCo InfoNCE (Sec. 2, "one can convert our method to MoCo"): cross-entropy with target 0 over
-    [q.k, q Q^T] / tau. q, k: [B,D], queue: [K,D], L2-normalised; no gradient into k or the queue."""
+    """MoCo's InfoNCE (He et al. 2020, moco/builder.py): cross-entropy with target 0 over [q.k, q Q^T] / tau, the
+    query's own key as the positive. q, k: [B,D], queue: [K,D], L2-normalised; no gradient into k or the queue."""
     dt = torch.promote_types(q.dtype, torch.float32)
     q, k, queue = q.to(dt), k.detach().to(dt), queue.detach().to(dt)
     logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.t()], 1)
@@ -285,365 +282,690 @@ def moco_loss(q, k, queue, tau):
 
 
 @torch.no_grad()
-def enqueue(queue, queue_labels, ptr, keys, labels):
-    """FIFO ring buffer: write keys [B,D] (and labels [B]) at rows ptr..ptr+B-1 (mod K); return new ptr."""
-    idx = (ptr + torch.arange(len(keys), device=queue.device)) % len(queue)
-    queue[idx] = keys.to(queue.dtype)
-    queue_labels[idx] = labels.to(queue_labels.dtype)
-    return (ptr + len(keys)) % len(queue)
+def enqueue(model, keys, labels):
+    """FIFO ring buffer: keys [B, D] (and their labels) into rows ptr .. ptr + B - 1 (mod K); no host sync."""
+    idx = (model.queue_ptr + torch.arange(len(keys), device=keys.device)) % len(model.queue)
+    model.queue[idx] = keys.to(model.queue.dtype)
+    model.queue_labels[idx] = labels
+    model.queue_ptr.copy_((model.queue_ptr + len(keys)) % len(model.queue))
 
 
 @torch.no_grad()
-def purity(k, queue, labels, queue_labels, top=5):
-    """Sum over labelled queries of the fraction of the teacher's top-5 anchors with the same label, and
-    the number of labelled queries (train_isd_plus.py's diagnostic; sampled, not run every step)."""
-    nn_idx = (k.float() @ queue.t()).topk(top, dim=1).indices
-    match = (queue_labels[nn_idx] == labels[:, None]).float().mean(1)
-    has = labels >= 0
-    return (match * has).sum(), has.sum()
+def purity(keys, labels, queue, queue_labels, top=5):
+    """train_isd_plus.py's diagnostic: the mean share of each key's top-5 queue anchors (by similarity) that carry the
+    key's label, over the keys with a label (>= 0)."""
+    match = (queue_labels[(keys.float() @ queue.T).topk(top, dim=1).indices] == labels[:, None]).float().mean(1)
+    return match[labels >= 0].mean().item() if bool((labels >= 0).any()) else float("nan")
 
 
-# ----------------------------------------------------------------------------------------------- data
-def two_views(x, args, mean, std):
-    """Batched on-device views of uint8 [B,C,H,W]: (strong student view, teacher view), normalised."""
-    def view(strong):
-        v = common.random_hflip(common.random_resized_crop(x, args.image_size, scale=(args.min_scale, 1.0)))
-        if strong:  # MoCo-v2 strong view without blur (Sec. 3.1; blur dropped at <= 96 px)
-            v = common.random_grayscale(common.color_jitter(v, 0.4, 0.4, 0.4, 0.1, p=0.8), p=0.2)
-        return common.normalize(v, mean, std)
-    return view(True), view(args.teacher_view == "strong")
+@torch.no_grad()
+def teacher_keys(teacher, x, seed, world):
+    """ShuffleBN (moco/builder.py _batch_shuffle_ddp / _batch_unshuffle_ddp): the key batch of all ranks is permuted
+    (one seeded permutation, the same on every rank), each rank embeds its slice, and the keys go back to the input
+    order; on one process the permutation mixes the split-BN groups. Returns L2-normalised keys [B, D] of x."""
+    rank = dist.get_rank() if world > 1 else 0
+    x_all = gather(x, world)
+    perm = torch.randperm(len(x_all), generator=torch.Generator().manual_seed(seed)).to(x.device)
+    k_all = gather(teacher(x_all[perm.view(world, -1)[rank]]), world)  # k_all[j] = key of x_all[perm[j]]
+    return F.normalize(k_all[torch.argsort(perm)].view(world, len(x), -1)[rank].float(), dim=1)
 
 
-def _split_names(args):
-    """(ssl train split, k-NN gallery split, k-NN query split) for args.dataset."""
+def step_losses(net, model, views, step, args, world=1):
+    """The algorithm of one step -> ({variant: loss}, this rank's teacher keys, to be enqueued after the step)."""
+    x_s, x_t = views
+    q = F.normalize(net(x_s).float(), dim=1)  # student: predictor(proj(backbone(x_s)))
+    with torch.no_grad():
+        model.momentum_update(args.ema)  # official: the teacher moves BEFORE its forward pass
+        k = teacher_keys(model.teacher, x_t, args.seed * 1_000_003 + step, world)
+    if args.variant == "moco":  # MoCo-v2: the query's own key is the positive, the queue the negatives
+        return {"moco": moco_loss(q, k, model.queue, args.tau_s)}, k
+    # METHOD: the student reproduces the teacher's similarity distribution over the queue anchors (Sec. 2)
+    return {"isd": isd_loss(q, k, model.queue, args.tau_s, args.tau_t)}, k
+
+
+def lr_factor(args, epoch):
+    """Per epoch: cosine without warm-up (official util.adjust_learning_rate) or x0.2 at each milestone (Sec. 3.1)."""
+    if args.lr_schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * epoch / args.epochs))
+    return 0.2 ** sum(epoch >= m for m in args.lr_milestones)
+
+
+# ------------------------------------------------------------------------------------------------ data and evaluation
+def split_names(args):
+    """(SSL training split, k-NN gallery split, k-NN query split) of args.dataset; None: no labelled queries."""
+    if args.dataset == "folder":
+        folders = [d for d in ("train", "test", "val") if os.path.isdir(os.path.join(args.data_root, d))]
+        return ("train", "train", "test") if "train" in folders and len(folders) > 1 else \
+            ("train", "train", None) if folders == ["train"] else ("all", "all", None)
     return {"stl10": ("train+unlabeled", "train", "test"), "imagenet": ("train", "train", "val"),
             "imagenet100": ("train", "train", "val")}.get(args.dataset, ("train", "train", "test"))
 
 
-@functools.lru_cache(maxsize=4)
-def _load(dataset, root, split, image_size, synthetic_n):
-    if dataset == "folder":  # <root>/train + <root>/val if present, else <root> alone (no monitor)
-        sub = os.path.join(root, {"train": "train", "test": "val"}[split])
-        if split == "test" and not os.path.isdir(sub):
-            return None
-        return common.load_split("folder", root=sub if os.path.isdir(sub) else root)
-    n = synthetic_n if split == "train" else synthetic_n // 4  # synthetic only
-    return common.load_split(dataset, root=root, split=split, image_size=image_size,  # resized once if needed
-                             channels=3 if dataset == "digits" else None, synthetic_size=(n, 10, image_size))
+def unbalanced_classes(args, num_classes):
+    """Table 4's classes: 38 (or all, if fewer) drawn with --seed, 8 of 38 large and the rest small -> (large, small)."""
+    order = torch.randperm(num_classes, generator=torch.Generator().manual_seed(args.seed)).tolist()[:38]
+    large = max(1, round(len(order) * 8 / 38))
+    return sorted(order[:large]), sorted(order[large:])
 
 
-def load(args, split):
-    return _load(args.dataset, args.data_root, split, args.image_size, args.synthetic_n)
+def read_subset_file(path, root):
+    """An official unbalanced_dataset/D<n>.txt: 'class names :' wnids, then 'Train Images:' /train/<wnid>/<file>."""
+    lines = [line.strip() for line in open(path)]
+    try:
+        wnids = lines[lines.index("class names :") + 1:lines.index("Train Images:")]
+    except ValueError:
+        raise RunError(f"--subset-file {path}: not an official D<n>.txt ('class names :' ... 'Train Images:')") from None
+    files = [line for line in lines[lines.index("Train Images:") + 1:] if line]
+    labels = [wnids.index(f.split("/")[2]) for f in files]
+    return wnids, [os.path.join(root, "imagenet", f.lstrip("/")) for f in files], labels
 
 
-# ----------------------------------------------------------------------------------------------- eval
-def model_from_args(args):
-    """Rebuild the ISD module saved in model.pt from its resolved arguments (no downloads)."""
-    return ISD(args.arch, args.cifar_stem, args.projection)
-
-
-@torch.no_grad()
-def _embed(model, args, device, split):
-    """Student and teacher backbone features (L2-normalised) of an unaugmented split, and its labels."""
-    model.eval()
-    dev = torch.device(device)
-    cl = dev.type == "cuda" if args.channels_last is None else args.channels_last
-    tf = None if split.images is not None else common.eval_transform(round(args.image_size * 256 / 224),
-                                                                     args.image_size)
-
-    def fn(x):
-        x = x.contiguous(memory_format=torch.channels_last) if cl else x
-        with torch.autocast("cuda", torch.bfloat16, enabled=args.amp and dev.type == "cuda"):
-            return model.backbone_s(x).float(), model.backbone_t(x).float()
-    s, t, y = common.embed(fn, split, dev, batch_size=256, workers=args.workers, transform=tf)
-    return F.normalize(s, dim=1), F.normalize(t, dim=1), y
-
-
-def features(model, args, device, split):
-    """eval.py --linear-probe: (L2-normalised student backbone features [N,D], labels [N]) of 'train'/'test'."""
-    names = _split_names(args)
-    s, _, y = _embed(model, args, device, load(args, names[1] if split == "train" else names[2]))
-    return s, y
-
-
-def evaluate(model, args, device):
-    """k-NN of student and teacher ('teacher/' prefix): knn1, knn20, knn200w (%). {} without labels."""
-    _, gal_name, qry_name = _split_names(args)
-    gal, qry = load(args, gal_name), load(args, qry_name)
-    if qry is None or bool((gal.labels < 0).all()) or bool((qry.labels < 0).all()):
-        return {}
-    gs, gt, gy = _embed(model, args, device, gal)
-    qs, qt, qy = _embed(model, args, device, qry)
-    out = common.knn_metrics(gs, gy, qs, qy)
-    out.update({"teacher/" + k: v for k, v in common.knn_metrics(gt, gy, qt, qy).items()})
+def load_data(args, split):
+    """'train' (what SSL trains on), 'gallery' (k-NN gallery, balanced) or 'test' (k-NN queries) of args.dataset as a
+    common.Split; None where there is no labelled split. --unbalanced restricts all three to the study's classes and
+    makes 'train' long-tailed: the large classes keep every image, the small ones 100 / 1300 of theirs."""
+    name = dict(zip(("train", "gallery", "test"), split_names(args)))[split]
+    if name is None:
+        return None
+    kw = dict(image_size=args.image_size, channels=3) if args.dataset in TENSOR_FORM else {}
+    if args.dataset == "synthetic":
+        kw["synthetic_size"] = (args.synthetic_n // (4 if split == "test" else 1), 10, args.image_size)
+    out = common.load_split(args.dataset, args.data_root, name, **kw)
+    keep = None
+    if args.subset_file:
+        wnids, paths, labels = read_subset_file(args.subset_file, args.data_root)
+        pick = [i for i, c in enumerate(out.classes) if c in wnids]
+        keep = torch.nonzero(torch.isin(out.labels, torch.tensor(pick))).squeeze(1)
+        if split == "train":
+            return common.Split(out.name, torch.tensor([pick[i] for i in labels]), out.num_classes, out.mean, out.std,
+                                paths=paths, classes=out.classes)
+    elif args.unbalanced:
+        large, small = unbalanced_classes(args, out.num_classes)
+        g, keep = torch.Generator().manual_seed(args.seed), []
+        for c in large + small:
+            idx = torch.nonzero(out.labels == c).squeeze(1)
+            n = len(idx) if c in large or split != "train" else max(1, round(len(idx) * 100 / 1300))
+            keep.append(idx[torch.randperm(len(idx), generator=g)[:n]])
+        keep = torch.cat(keep).sort().values
+    elif split == "train" and args.train_subset and args.train_subset < len(out):  # a fixed seeded subset
+        keep = torch.randperm(len(out), generator=torch.Generator().manual_seed(0))[:args.train_subset].sort().values
+    if keep is not None:
+        out = common.Split(out.name, out.labels[keep], out.num_classes, out.mean, out.std, classes=out.classes,
+                           images=None if out.images is None else out.images[keep],
+                           paths=None if out.paths is None else [out.paths[i] for i in keep])
     return out
 
 
-# ----------------------------------------------------------------------------------------------- training
-def _gather(t, world):
-    """Concatenate a tensor from all ranks along dim 0 (MoCo's concat_all_gather; no gradient)."""
+def small_classes(args):
+    """The small classes of an unbalanced run (for knn1_small), else None."""
+    if args.subset_file:
+        _, _, labels = read_subset_file(args.subset_file, args.data_root)
+        counts = torch.bincount(torch.tensor(labels))
+        names = read_subset_file(args.subset_file, args.data_root)[0]
+        classes = load_data(args, "test").classes
+        return [classes.index(names[i]) for i in range(len(names)) if counts[i] < counts.max() / 2]
+    return unbalanced_classes(args, load_data(args, "test").num_classes)[1] if args.unbalanced else None
+
+
+def train_batches(args, data, epoch, skip, device, rank=0, world=1):
+    """This epoch's ((student view, teacher view), labels) on the device from batch `skip` on: a seeded permutation
+    with drop_last (official loader), each rank its slice; views batched on the device, or by DataLoader workers.
+    Batch j draws its randomness from seed_step, so a resumed epoch repeats exactly."""
+    batches = common.epoch_batches(data["split"].labels, args.batch_size, args.seed, epoch, rank, world, drop_last=True)
+    if "loader" in data:
+        for j, (x, y) in enumerate(common.loader_batches(data["loader"], batches[skip:], device, (args.seed, epoch, rank),
+                                                         skip), skip):
+            seed_step(args, epoch * len(batches) + j, rank)
+            yield x, y
+        return
+    for j, b in enumerate(batches[skip:], skip):
+        seed_step(args, epoch * len(batches) + j, rank)
+        x = data["images"][b.to(device)]
+        yield (view(x, args, True, data["split"]), view(x, args, args.teacher_view == "strong", data["split"])), \
+            data["labels"][b.to(device)]
+
+
+def view(x, args, strong, split):
+    """A batched on-device view of uint8 [B, C, H, W]: RandomResizedCrop + flip, and the MoCo-v2 colour operations when
+    strong (no blur at <= 96 px, as the SSL libraries); normalised."""
+    v = common.random_hflip(common.random_resized_crop(x, args.image_size, scale=(args.min_scale, 1.0)))
+    if strong:
+        v = common.random_grayscale(common.color_jitter(v, 0.4, 0.4, 0.4, 0.1, p=0.8), p=0.2)
+    return common.normalize(v, split.mean, split.std)
+
+
+def model_from_args(args):
+    """eval.py contract: the ISD module saved in model.pt (no downloads)."""
+    return ISD(args)
+
+
+def eval_transform(args, split, augment=False):
+    """The evaluation input (None = normalise only), or eval_linear.py's RandomResizedCrop + flip when augment."""
+    if split.images is not None:  # small images: the crop scale of the SSL views (ours; 224 px: the official 0.08-1)
+        return (lambda u: common.normalize(common.random_hflip(common.random_resized_crop(
+            u, args.image_size, scale=(args.min_scale, 1.0))), split.mean, split.std)) if augment else None
+    return common.dml_train_transform(args.image_size) if augment else \
+        common.eval_transform(round(args.image_size * 256 / 224), args.image_size)
+
+
+@torch.no_grad()
+def features(model, args, device, split, augment=False):
+    """eval.py --linear-probe: (student backbone features [N, D], labels [N]) of 'train' (the gallery split) or
+    'test', in eval mode; augment draws a fresh RandomResizedCrop + flip of every image (eval_linear.py)."""
+    model.eval()
+    data = load_data(args, "gallery" if split == "train" else "test")
+    return common.embed(model.student.backbone, data, device, workers=args.workers,
+                        transform=eval_transform(args, data, augment))
+
+
+@torch.no_grad()
+def embeddings(model, args, device):
+    """eval.py contract: L2-normalised backbone features of the test split ("emb", "labels") and of the k-NN gallery
+    ("train_emb", "train_labels"), for the student and ("teacher_" ...) the teacher as official eval_knn.py builds it:
+    teacher weights with the student's BN running statistics. {} without labelled splits. fp32."""
+    gallery, test = load_data(args, "gallery"), load_data(args, "test")
+    if test is None or bool((gallery.labels < 0).all()) or bool((test.labels < 0).all()):
+        return {}
+    model.eval()
+    teacher = copy.deepcopy(model.teacher.backbone)
+    for t, s in zip(teacher.buffers(), model.student.backbone.buffers()):
+        t.copy_(s)
+    out = {}
+    for prefix, split in (("train_", gallery), ("", test)):
+        s, t, y = common.embed(lambda x: (model.student.backbone(x), teacher(x)), split, device, workers=args.workers,
+                               transform=eval_transform(args, split))
+        out.update({prefix + "emb": F.normalize(s, dim=1), "teacher_" + prefix + "emb": F.normalize(t, dim=1),
+                    prefix + "labels": y})
+    return out
+
+
+def evaluate(model, args, device):
+    """k-NN of the student and ('teacher/') the teacher: knn1, knn20, knn200w (%); purity of the queue; with
+    --unbalanced also knn1_small / knn20_small (the small classes only). {} without labelled splits."""
+    out = embeddings(model, args, device)
+    if not out:
+        return {}
+    metrics = common.knn_metrics(out["train_emb"], out["train_labels"], out["emb"], out["labels"])
+    small = small_classes(args)
+    if small is not None:
+        mask = torch.isin(out["labels"], torch.tensor(small, device=out["labels"].device))
+        for k in (1, 20):
+            metrics[f"knn{k}_small"] = 100 * common.knn_accuracy(out["train_emb"], out["train_labels"],
+                                                                 out["emb"][mask], out["labels"][mask], k=k)
+    metrics.update({"teacher/" + k: v for k, v in common.knn_metrics(
+        out["teacher_train_emb"], out["train_labels"], out["teacher_emb"], out["labels"]).items()})
+    if bool((model.queue_labels >= 0).any()):  # the queue's purity for (up to) 1,024 gallery images' teacher keys
+        gallery = load_data(args, "gallery")
+        sub = common.Split(gallery.name, gallery.labels[:1024], gallery.num_classes, gallery.mean, gallery.std,
+                           images=None if gallery.images is None else gallery.images[:1024],
+                           paths=None if gallery.paths is None else gallery.paths[:1024])
+        keys, labels = common.embed(model.teacher, sub, device, workers=args.workers, transform=eval_transform(args, sub))
+        metrics["purity"] = 100 * purity(F.normalize(keys, dim=1), labels, model.queue, model.queue_labels)
+    return metrics
+
+
+# ================================================================================================ data parallel
+# The same text in camd.py and isd.py (test_smoke.py checks): edit both copies together.
+class GatherWithGrad(torch.autograd.Function):
+    """all_gather (equal slices) whose backward hands each rank the gradient of its own slice summed over ranks, so
+    a loss of the gathered batch computed on every rank gets DDP's gradient of the single-device loss."""
+
+    @staticmethod
+    def forward(ctx, t):
+        out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, t.contiguous())
+        return torch.cat(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad.chunk(dist.get_world_size())[dist.get_rank()]
+
+
+def gather(t, world, grad=False):
+    """`t` of all ranks concatenated along dim 0, in rank order (MoCo's concat_all_gather); grad: differentiable."""
     if world == 1:
         return t
+    if grad:
+        return GatherWithGrad.apply(t)
     out = [torch.empty_like(t) for _ in range(world)]
     dist.all_gather(out, t.contiguous())
     return torch.cat(out)
 
 
-def _save(obj, path):
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)  # atomic: a crash never leaves a half-written checkpoint
+def data_parallel(model, device, world):
+    """DDP around the trained module under torchrun (identical initial weights: every rank seeds the same)."""
+    if world == 1:
+        return model
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+# ================================================================================================ end of data parallel
 
 
-def _resume(args, model, opt, queue, queue_labels, rank):
-    try:
-        ck = torch.load(args.resume, map_location="cpu", weights_only=True)
-    except Exception as e:  # unreadable / truncated / not a torch file
-        raise ConfigError(f"cannot read checkpoint {args.resume}: {str(e).splitlines()[0]}")
-    if not isinstance(ck, dict) or ck.get("method") != "isd" or "optimizer" not in ck:
-        raise ConfigError(f"{args.resume} is not an isd.py last.pt checkpoint")
-    for key in ("dataset", "arch", "cifar_stem", "projection", "queue_size", "image_size", "batch_size", "variant"):
-        if ck["args"].get(key) != getattr(args, key):
-            raise ConfigError(f"{args.resume} was trained with --{key.replace('_', '-')} {ck['args'].get(key)}, "
-                              f"this run has {getattr(args, key)}")
-    try:
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        queue.copy_(ck["queue"])
-        queue_labels.copy_(ck["queue_labels"])
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise ConfigError(f"{args.resume} does not match this model: {str(e).splitlines()[0]}")
-    torch.set_rng_state(ck["rng_cpu"][rank % len(ck["rng_cpu"])])
-    if ck.get("rng_cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state(ck["rng_cuda"][rank % len(ck["rng_cuda"])])
-    return ck["queue_ptr"], ck["epoch"], ck["batch_in_epoch"], ck["step"], ck["best"]
+# ================================================================================================ run bookkeeping
+# The same text in s2sd.py, camd.py, spkd.py and isd.py (test_smoke.py checks): edit the four copies together.
+class RunError(Exception):
+    """Bad input, or a run that cannot go on: main() prints the message as one line and exits with 2."""
 
 
-def train(args):
-    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    dev = args.device
-    if dev == "auto":
-        dev = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if dev == "cuda" and not torch.cuda.is_available() or dev == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"--device {dev} requested but not available")
-    device = torch.device(f"cuda:{local}" if dev == "cuda" else dev)
-    main0, cuda, bl = rank == 0, device.type == "cuda", args.batch_size // world
-    if args.batch_size % world:
-        raise ConfigError(f"--batch-size {args.batch_size} is not divisible by {world} processes")
-    if world > 1:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        # long timeout: the other ranks wait at a barrier while rank 0 runs the k-NN monitor
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=2))
-    log = print if main0 else (lambda *a, **k: None)
-    args.channels_last = cuda if args.channels_last is None else args.channels_last
-    if cuda:
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own complaints: one line and exit 2, like every other bad input
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def number(kind, low, high=math.inf, low_open=False):
+    """argparse type: an int or float in [low, high] ((low, high] with low_open); nan and inf refused."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if not ((low < value) if low_open else (low <= value)) or not value <= high or value == math.inf:
+            raise argparse.ArgumentTypeError(f"must be {'>' if low_open else '>='} {low}"
+                                             + (f" and <= {high}" if high < math.inf else "") + f", got {text}")
+        return value
+    return parse
+
+
+def preset(key):
+    """' (preset: digits 6, cub 150)': what each --dataset preset gives `key`, for a help string."""
+    given = [f"{name} {values[key]}" for name, values in PRESETS.items() if values.get(key) is not None]
+    return f" (preset: {', '.join(given)})" if given else ""
+
+
+DEFAULTS = dict(dataset="digits", data_root="./data", seed=0, device="auto", workers=4, channels_last=True,
+                compile=False, eval_every=1, log_every=50, save_dir="runs", deterministic=False)
+EXPERIMENT_FLAGS = [  # flag, argparse type (bool: --x/--no-x), help; none has an argparse default (resolve_args)
+    ("--dataset", list(PRESETS), "the data and the preset that goes with it (default digits: offline, ~1 min on CPU)"),
+    ("--data-root", str, "folder with one folder per dataset; --dataset folder: your image folder (default ./data)"),
+    ("--epochs", number(int, 1), "training epochs"), ("--batch-size", number(int, 2), "global batch size"),
+    ("--lr", number(float, 0, low_open=True), "learning rate"), ("--weight-decay", number(float, 0), "weight decay"),
+    ("--image-size", number(int, 8), "training resolution in pixels"),
+    ("--seed", number(int, 0), "seeds the weights, the data order and every augmentation (default 0)"),
+    ("--device", ["auto", "cuda", "mps", "cpu"], "default auto: cuda, else mps, else cpu"),
+    ("--workers", number(int, 0), "DataLoader workers for image files (small images stay on the device; default 4)"),
+    ("--amp", bool, "bf16 autocast in training (default: on with CUDA); --no-amp = the papers' fp32; eval is fp32"),
+    ("--channels-last", bool, "channels_last memory format on CUDA (default on; no effect elsewhere)"),
+    ("--compile", bool, "torch.compile the trained network (default off)"),
+    ("--eval-every", number(int, 0), "evaluate every N epochs; 0 = only at the end (default 1)"),
+    ("--log-every", number(int, 1), "a log line every N steps (default 50)"),
+    ("--save-dir", str, "where run folders go (default runs)"),
+    ("--run-name", str, "run folder under --save-dir (default from the flags; a taken name gets -2, -3, ...)"),
+    ("--max-steps", number(int, 1), "stop after N optimizer steps in all (smoke tests, benchmarks; default none)"),
+    ("--deterministic", bool, "deterministic kernels and no cudnn.benchmark (default off)"),
+    ("--resume", str, "a run's last.pt: continue that run in its folder; flags not given are taken from it"),
+    ("--tensorboard", bool, "TensorBoard logs in the run folder (default: on when tensorboard is installed)")]
+RESUME_MAY_CHANGE = ("resume", "max_steps", "device", "workers", "log_every", "data_root", "save_dir", "run_name",
+                     "tensorboard", "compile")
+
+
+def experiment_args(p):
+    g = p.add_argument_group("experiment")
+    for flag, kind, text in EXPERIMENT_FLAGS:
+        text += preset(flag[2:].replace("-", "_"))
+        if kind is bool:
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
+        else:
+            g.add_argument(flag, **({"choices": kind} if isinstance(kind, list) else {"type": kind}), help=text)
+
+
+def resolve_args(args):
+    """Fill each flag not given from --resume's checkpoint, else the --dataset preset, else DEFAULTS; refuse a
+    given flag that contradicts the checkpoint, and paths that cannot work."""
+    if args.resume is not None:
+        for key, saved in load_checkpoint(args.resume)["args"].items():
+            given = getattr(args, key, None)
+            if given is None and key not in ("max_steps", "run_name"):  # a resumed run goes on to the end
+                setattr(args, key, saved)
+            elif key not in RESUME_MAY_CHANGE and json.dumps(given) != json.dumps(saved):
+                raise RunError(f"--resume {args.resume} was trained with --{key.replace('_', '-')} {saved}, not "
+                               f"{given}: drop the flag to continue that run, or start a new one")
+    for key, value in {**DEFAULTS, **PRESETS[args.dataset or DEFAULTS["dataset"]]}.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, json.loads(json.dumps(value)))  # a copy: presets hold lists
+    if args.run_name is not None and (os.path.basename(args.run_name) != args.run_name or args.run_name in ("", ".", "..")):
+        raise RunError(f"--run-name {args.run_name}: must be a plain folder name (it is created inside --save-dir)")
+    for flag, path in (("--save-dir", args.save_dir), ("--data-root", args.data_root)):
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise RunError(f"{flag} {path} is a file, not a folder")
+    return args
+
+
+def setup(args):
+    """Device, torchrun's process group (where the script supports it), seed, backend flags -> (device, rank, world)."""
+    world, rank, local = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
+    if world > 1 and not DATA_PARALLEL:
+        raise RunError(f"{METHOD}.py trains on one process: start it with python, not torchrun")
+    kind = args.device if args.device != "auto" else (
+        "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
+    if (kind == "cuda" and not torch.cuda.is_available()) or (kind == "mps" and not torch.backends.mps.is_available()):
+        raise RunError(f"--device {kind}: there is no such device on this machine; use --device cpu (or auto)")
+    device = torch.device(f"cuda:{local}" if kind == "cuda" else kind)
+    if kind == "cuda":
+        torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = not args.deterministic
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if args.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    log("config: " + json.dumps(vars(args), sort_keys=True))
-
-    # data: tensor form lives on the device (batched augmentation); file form goes through DataLoader workers
-    split = load(args, _split_names(args)[0])
-    sampler = torch.utils.data.DistributedSampler(range(len(split.labels)), num_replicas=world, rank=rank,
-                                                  shuffle=True, seed=args.seed, drop_last=True)
-    steps_per_epoch = len(sampler) // bl  # drop_last, as the official loader
-    labelled = bool((split.labels >= 0).any())  # purity diagnostic only where labels exist
-    if steps_per_epoch == 0:
-        raise ConfigError(f"--batch-size {args.batch_size} exceeds the {len(split.labels)} training images")
-    if split.images is not None:
-        images, labels = common.to_device(split, device)
-    else:
-        ep_indices = []  # refilled in place each epoch: this rank's DistributedSampler share, minus done batches
-        views = common.two_views(common.moco_v2_transform(args.image_size, strong=True),  # (student, teacher)
-                                 common.moco_v2_transform(args.image_size, strong=args.teacher_view == "strong"))
-        ds = common.ImageFiles(split.paths, split.labels, views)
-        loader = common.make_loader(ds, bl, shuffle=False, workers=args.workers, drop_last=True, sampler=ep_indices)
-
-    # model, queue, optimizer: identical on every rank (same seed), then per-rank augmentation streams
+    torch.use_deterministic_algorithms(args.deterministic, warn_only=True)
+    if world > 1 and not dist.is_initialized():  # (a teacher trained first runs setup twice)
+        dist.init_process_group("nccl" if kind == "cuda" else "gloo", timeout=datetime.timedelta(hours=2))
+    args.amp = kind == "cuda" if args.amp is None else args.amp
     torch.manual_seed(args.seed)
-    model = ISD(args.arch, args.cifar_stem, args.projection).to(device)
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    queue = F.normalize(torch.randn(args.queue_size, model.out_dim), dim=1).to(device)  # Sec. 2 memory bank
-    queue_labels = torch.full((args.queue_size,), -1, dtype=torch.long, device=device)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=args.lr, momentum=0.9,
-                          weight_decay=args.weight_decay)  # Sec. 3: SGD momentum 0.9, wd on all parameters
-    torch.manual_seed(args.seed + 1000 * rank)
-    ptr, start_epoch, skip, step, best = 0, 0, 0, 0, None
-    if args.resume:
-        ptr, start_epoch, skip, step, best = _resume(args, model, opt, queue, queue_labels, rank)
-        log(f"resumed {args.resume}: epoch {start_epoch}, batch {skip}, step {step}")
-    if args.compile:  # in place: state_dict keys stay unprefixed
-        model.backbone_s.compile(), model.backbone_t.compile()
-    net = nn.parallel.DistributedDataParallel(model, device_ids=[local] if cuda else None) if world > 1 else model
+    return device, rank, world
 
-    run_dir = os.path.join(args.save_dir, args.run_name)
-    if main0:
-        os.makedirs(run_dir, exist_ok=True)
-        git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-        cfg = dict(vars(args), torch=torch.__version__, torchvision=torchvision.__version__, world_size=world,
-                   device_name=torch.cuda.get_device_name(device) if cuda else dev, git_commit=git or None)
-        with open(os.path.join(run_dir, "config.json"), "w") as f:
-            json.dump(cfg, f, indent=1)
-        if not args.resume:
-            open(os.path.join(run_dir, "metrics.jsonl"), "w").close()
 
-    def lr_at(epoch):
-        if args.lr_schedule == "cosine":  # official util.adjust_learning_rate, per epoch, no warm-up
-            return args.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / args.epochs))
-        return args.lr * 0.2 ** sum(epoch >= m for m in args.lr_milestones)  # x0.2 at 140, 180 (Sec. 3.1)
+def seed_step(args, step, rank=0):
+    """Step `step` (0-based: epoch e, batch j -> e * batches per epoch + j) draws its randomness (views, sampling) from
+    its own seed: a resumed run takes exactly the steps of the uninterrupted one, and every rank draws its own views."""
+    torch.manual_seed(((args.seed * 1_000_003 + step) * 1_009 + rank) % 2**63)
 
-    def checkpoint(epoch, batch):  # everything --resume needs; all ranks call it (RNG states are gathered)
-        mine = (torch.get_rng_state(), torch.cuda.get_rng_state(device) if cuda else None)
-        rngs = [mine] * world
-        if world > 1:
-            dist.all_gather_object(rngs, mine)
-        if main0:
-            _save(dict(method="isd", args=vars(args), model=model.state_dict(), optimizer=opt.state_dict(),
-                       queue=queue, queue_labels=queue_labels, queue_ptr=ptr, epoch=epoch, batch_in_epoch=batch,
-                       step=step, best=best, rng_cpu=[r[0] for r in rngs],
-                       rng_cuda=[r[1] for r in rngs] if cuda else None), os.path.join(run_dir, "last.pt"))
 
-    t_begin, ep_stats, train_s, train_imgs = time.time(), [0.0, 0.0, 0.0, 0], 0.0, 0
-    metrics = {}
+def autocast(args, device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
 
-    def run_eval(epoch):
-        nonlocal best, metrics
-        if main0:
-            t = time.time()
-            metrics = evaluate(model, args, device)
-            loss = ep_stats[0] / max(ep_stats[3], 1)
-            pur = 100.0 * ep_stats[1] / ep_stats[2] if ep_stats[2] else None
-            line = dict(epoch=epoch, step=step, **metrics, loss=loss if ep_stats[3] else None, purity=pur,
-                        elapsed_s=round(time.time() - t_begin, 2),
-                        images_per_s=round(train_imgs / train_s, 1) if train_s else None)
-            with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(line) + "\n")
-            log(f"eval epoch {epoch} step {step}: " + " ".join(f"{k} {v:.2f}" for k, v in metrics.items())
-                + (f" purity {pur:.1f}" if pur is not None else "") + f" ({time.time() - t:.1f}s)")
-            if metrics and (best is None or metrics["knn200w"] > best["knn200w"]):
-                best = dict(metrics, epoch=epoch)
-        model.train()
-        if world > 1:
-            dist.barrier()
 
-    acc = torch.zeros(4, device=device)  # loss sum, purity sum, labelled queries, steps (since last log)
-    first_bad = torch.full((), -1, dtype=torch.long, device=device)
-    interval = {"t": time.time(), "step": step}
-    amp = torch.autocast("cuda", torch.bfloat16, enabled=args.amp and cuda)
+def memory_format(args, device):
+    return torch.channels_last if args.channels_last and device.type == "cuda" else torch.contiguous_format
 
-    def flush(epoch, force_log):
-        nonlocal train_s, train_imgs
-        bad = first_bad.clone()
-        if world > 1:
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        if int(bad) >= 0:
-            raise ConfigError(f"non-finite {args.variant} loss at step {int(bad)} (last.pt keeps the last good epoch)")
-        vals = acc.tolist()
-        acc.zero_()
-        ep_stats[:] = [a + b for a, b in zip(ep_stats, vals)]
-        dt, ds = time.time() - interval["t"], step - interval["step"]
-        if ds > 0 and interval["step"] > 0:  # steady state: the first interval (warm-up) is not counted
-            train_s, train_imgs = train_s + dt, train_imgs + ds * args.batch_size
-        if force_log and ds > 0 and vals[3]:
-            eta = (args.epochs * steps_per_epoch - step) * dt / ds
-            pur = f" purity {100 * vals[1] / vals[2]:.1f}" if vals[2] else ""
-            log(f"epoch {epoch} step {step} loss {vals[0] / vals[3]:.4f}{pur} lr {opt.param_groups[0]['lr']:.4g} "
-                f"{ds * args.batch_size / dt:.0f} img/s eta {eta / 60:.1f} min")
-        interval.update(t=time.time(), step=step)
 
-    if start_epoch == 0 and skip == 0 and step == 0 and (args.eval_every or 0) > 0:
-        run_eval(0)  # the untrained network's k-NN (Fig. 4 starts here)
-    interval.update(t=time.time(), step=step)
-    epoch, batch = start_epoch, skip
+def why(error):
+    """The first line of an exception's message (its type when the message is empty), for a one-line error."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+
+
+def atomic_save(obj, path, text=False):
+    """Write to a temporary file, then rename: a crash never leaves a half-written file (text: a str)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    if text:
+        with open(tmp, "w") as f:
+            f.write(obj)
+    else:
+        torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def start_run(args, device, rank):
+    """The run folder (a fresh one under --save-dir, or --resume's own), config.json and TensorBoard (rank 0)."""
+    run = dict(dir=None, history=[], tb=None, t0=time.time(), rank=rank)
+    if rank != 0:
+        return run
+    run["dir"] = os.path.dirname(os.path.abspath(args.resume)) if args.resume else new_run_folder(args)
+    if not os.access(run["dir"], os.W_OK):
+        raise RunError(f"cannot write to the run folder {run['dir']}")
+    git = shutil.which("git") and subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                                 cwd=os.path.dirname(os.path.abspath(__file__)))
+    config = dict(vars(args), method=METHOD, torch=torch.__version__, torchvision=torchvision.__version__,
+                  device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+                  git_commit=git.stdout.strip() if git and git.returncode == 0 else None)
+    print("config: " + json.dumps(config, sort_keys=True), flush=True)
+    atomic_save(json.dumps(config, indent=1, sort_keys=True), os.path.join(run["dir"], "config.json"), text=True)
+    if args.tensorboard is not False:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            run["tb"] = SummaryWriter(run["dir"])
+        except ImportError:
+            if args.tensorboard:
+                raise RunError("--tensorboard: the tensorboard package is not installed (pip install tensorboard)")
+    return run
+
+
+def new_run_folder(args):
+    """--save-dir/--run-name, or the first free name-2, name-3, ...: never another run's folder."""
+    base = os.path.join(args.save_dir, args.run_name)
+    for path in (base if i == 1 else f"{base}-{i}" for i in itertools.count(1)):
+        try:
+            os.makedirs(args.save_dir, exist_ok=True)
+            os.mkdir(path)  # atomic: two runs started at once with one name still get two folders
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise RunError(f"--save-dir {args.save_dir}: cannot create a run folder there ({e.strerror})")
+        if path != base:
+            print(f"note: {base} holds another run; this run writes to {path}")
+        return path
+
+
+def load_checkpoint(path, keys=("method", "args", "model", "optimizer", "scheduler", "epoch", "batch", "step")):
+    """A checkpoint of this script, checked before use: RunError naming the file and what is wrong."""
+    if not os.path.isfile(path):
+        raise RunError(f"--resume {path}: no such file")
     try:
-        for epoch in range(start_epoch, args.epochs):
-            for g in opt.param_groups:
-                g["lr"] = lr_at(epoch)
-            sampler.set_epoch(epoch)
-            if split.images is not None:
-                order = torch.tensor(list(sampler)[:steps_per_epoch * bl], device=device).view(steps_per_epoch, bl)
-            else:
-                ep_indices[:] = list(sampler)[skip * bl:]
-                it = iter(loader)
-            ep_stats[:] = [0.0, 0.0, 0.0, 0]
-            for batch in range(skip, steps_per_epoch):
-                if split.images is not None:
-                    idx = order[batch]
-                    y = labels[idx]
-                    x_s, x_t = two_views(images[idx], args, split.mean, split.std)
-                else:
-                    (x_s, x_t), y = next(it)
-                    x_s, x_t, y = (t.to(device, non_blocking=True) for t in (x_s, x_t, y))
-                if args.channels_last:
-                    x_s, x_t = (x.contiguous(memory_format=torch.channels_last) for x in (x_s, x_t))
-                with amp:
-                    q, k = net(x_s, x_t, args.ema)  # teacher EMA-updated inside, before its forward
-                # METHOD: student mimics the teacher's similarity distribution over the queue anchors
-                if args.variant == "isd":
-                    loss = isd_loss(q, k, queue, args.tau_s, args.tau_t)
-                else:
-                    loss = moco_loss(q, k, queue, args.tau_s)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                with torch.no_grad():
-                    ld = loss.detach()
-                    first_bad = torch.where((first_bad < 0) & ~torch.isfinite(ld), step + 1, first_bad)
-                    # purity (diagnostic) is sampled before each log and at epoch end: no B x K search per step
-                    sample = labelled and ((step + 1) % args.log_every == 0 or batch + 1 == steps_per_epoch)
-                    ps, pc = purity(k, queue, y, queue_labels) if sample else (ld * 0, ld * 0)
-                    acc += torch.stack([ld, ps, pc.float(), torch.ones_like(ld)])
-                    ptr = enqueue(queue, queue_labels, ptr, _gather(k, world), _gather(y, world))  # after the loss
-                step += 1
-                if step % args.log_every == 0:
-                    flush(epoch, True)
-                if args.max_steps and step >= args.max_steps:
-                    break
-            skip = 0
-            flush(epoch, False)
-            stopped = bool(args.max_steps and step >= args.max_steps)
-            done = batch + 1 == steps_per_epoch
-            if done and ((args.eval_every and (epoch + 1) % args.eval_every == 0) or epoch + 1 == args.epochs):
-                run_eval(epoch + 1)
-            elif stopped:
-                run_eval(epoch + (batch + 1) / steps_per_epoch)
-            checkpoint(epoch + 1, 0) if done else checkpoint(epoch, batch + 1)
-            interval.update(t=time.time(), step=step)
-            if stopped:
-                break
-    except KeyboardInterrupt:
-        checkpoint(epoch, batch)  # the interrupted step may be half done; resumable, not bit-exact
-        log(f"interrupted: wrote {os.path.join(run_dir, 'last.pt')} (resume with --resume)")
-        sys.exit(130)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+        raise RunError(f"--resume {path}: not a readable checkpoint ({why(e)})")
+    if not isinstance(ckpt, dict) or ckpt.get("method") != METHOD:
+        raise RunError(f"--resume {path}: not a checkpoint of {METHOD}.py")
+    missing = [k for k in keys if k not in ckpt] + ([] if isinstance(ckpt.get("args"), dict) else ["args"])
+    if missing:
+        raise RunError(f"--resume {path}: lacks {', '.join(missing)} (resume from a run's last.pt, not its model.pt)")
+    return ckpt
 
-    if not metrics and start_epoch >= args.epochs:  # resumed a finished run: measure it again
-        run_eval(args.epochs)
-    if main0:
-        _save(dict(method="isd", args=vars(args), model=model.state_dict(), metrics=metrics),
-              os.path.join(run_dir, "model.pt"))
-        peak = (torch.cuda.max_memory_allocated(device) / 2**20 if cuda
-                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-        log("final (last epoch): " + " ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
-        if best:
-            log(f"best epoch (chosen on the test set) {best['epoch']}: "
-                + " ".join(f"{k} {v:.2f}" for k, v in best.items() if k != "epoch"))
-        rate = f"{train_imgs / train_s:.1f} img/s" if train_s else "not measured (no step after the first log interval)"
-        log(f"steady-state {rate}, peak memory {peak:.0f} MiB "
-            f"({'cuda allocated' if cuda else 'max RSS'}), wall {time.time() - t_begin:.1f}s, saved {run_dir}")
-    if world > 1:
-        dist.destroy_process_group()
+
+def resume(args, run, model, optimizer, scheduler):
+    """Load --resume's last.pt into the model, optimizer and schedule; returns (epoch, batch, step) to go on from."""
+    if args.resume is None:
+        return 0, 0, 0
+    ckpt = load_checkpoint(args.resume)
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise RunError(f"--resume {args.resume} does not fit this model: {why(e)}")
+    run["history"] = list(ckpt.get("history", []))
+    print(f"resumed {args.resume} at epoch {ckpt['epoch'] + 1}, batch {ckpt['batch']}, step {ckpt['step']}")
+    return ckpt["epoch"], ckpt["batch"], ckpt["step"]
+
+
+def final_metrics(run):
+    """The last evaluation's metrics, without its bookkeeping fields (model.pt's "metrics")."""
+    return {k: v for k, v in run["history"][-1].items() if k not in ("epoch", "step", "elapsed_s", "images_per_s")}
+
+
+def save_checkpoint(args, run, name, model, **state):
+    """last.pt (all --resume needs; randomness is re-derived from seed and step) or model.pt (eval.py's contract)."""
+    if run["dir"] is not None:
+        atomic_save(dict(method=METHOD, args=vars(args), model=model.state_dict(), history=run["history"], **state),
+                    os.path.join(run["dir"], name))
+
+
+class Meter:
+    """What the loop measures without a host sync inside a step: loss sums stay on the device and are read every
+    --log-every steps and before each checkpoint, where a non-finite component is reported with its 1-based step.
+    images/s is the steady state (images after the warm-up steps over their time, evaluation time excluded by
+    paused()), the same number on stdout, in metrics.jsonl and in TensorBoard."""
+
+    def __init__(self, args, run, device, step, total):
+        self.args, self.run, self.device, self.total = args, run, device, total
+        self.warm = step + max(1, min(10, (total - step) // 5))  # the first steps compile, allocate, warm caches
+        self.sums = self.bad = self.t_warm = None
+        self.count, self.images, self.t_paused = 0, 0, 0.0
+
+    def add(self, losses, images, epoch, step, lr):
+        """After each optimizer step: {name: 0-dim loss}, images in the global batch, 0-based epoch, 1-based step."""
+        values = torch.stack([v.detach().float() for v in losses.values()])
+        if self.sums is None:
+            self.names, self.sums, self.bad = list(losses), torch.zeros_like(values), torch.full_like(values, -1)
+        self.sums += values
+        self.bad = torch.where((self.bad < 0) & ~torch.isfinite(values), float(step), self.bad)
+        self.count += 1
+        if step == self.warm:
+            self.t_warm, self.t_paused, self.images = self.sync(), 0.0, 0
+        elif self.t_warm is not None:
+            self.images += images
+        if step % self.args.log_every == 0 or step == self.total:
+            self.check()
+            ips, mean = self.images_per_s(), dict(zip(self.names, (self.sums / self.count).tolist()))
+            eta = f" | eta {(self.total - step) * self.args.batch_size / ips / 60:.1f} min" if ips else ""
+            if self.run["rank"] == 0:
+                print(f"epoch {epoch + 1} step {step}/{self.total} | " + " ".join(f"{n} {v:.4f}" for n, v in
+                      mean.items()) + f" | lr {lr:.3g} | {ips or 0:.1f} img/s{eta}", flush=True)
+            tensorboard(self.run, "train/", {**mean, "lr": lr, "images_per_s": ips or 0}, step)
+            self.sums.zero_()
+            self.count = 0
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.time()
+
+    def check(self):
+        """Host sync: RunError at the first non-finite loss component, naming it and its 1-based step."""
+        if self.bad is not None and bool((self.bad >= 0).any()):
+            step, name = min((s, n) for s, n in zip(self.bad.tolist(), self.names) if s >= 0)
+            raise RunError(f"non-finite {name} loss at step {step:.0f}; stopped (last.pt holds the last finished epoch)")
+
+    def images_per_s(self):
+        return self.images / max(self.sync() - self.t_warm - self.t_paused, 1e-9) if self.images else None
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Time inside (evaluation, checkpoints) is not training time."""
+        start = self.sync()
+        yield
+        self.t_paused += self.sync() - start
+
+    def peak_memory(self):
+        if self.device.type == "cuda":
+            return f"{torch.cuda.max_memory_allocated(self.device) / 2**30:.2f} GiB (CUDA, max allocated)"
+        return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (max RSS)"
+
+
+def tensorboard(run, prefix, values, step):
+    for name, value in values.items() if run["tb"] else ():
+        run["tb"].add_scalar(prefix + name, value, step)
+
+
+def log_eval(run, meter, epoch, step, metrics):
+    """One evaluation (1-based epoch): a line on stdout, a row in metrics.jsonl (rewritten atomically), TensorBoard."""
+    ips = meter.images_per_s()
+    run["history"].append(dict(epoch=epoch, step=step, **metrics, elapsed_s=round(time.time() - run["t0"], 1),
+                               images_per_s=None if ips is None else round(ips, 1)))
+    print(f"eval  epoch {epoch} step {step} | " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()), flush=True)
+    if run["dir"] is not None:
+        atomic_save("".join(json.dumps(r) + "\n" for r in run["history"]), os.path.join(run["dir"], "metrics.jsonl"),
+                    text=True)
+    tensorboard(run, "eval/", metrics, step)
+
+
+def print_summary(run, meter, references=()):
+    """The headline (the last evaluation), each metric's best epoch (chosen on the test set), speed, memory."""
+    last, rows, names = run["history"][-1], run["history"], list(final_metrics(run))
+    for label, metrics in references:
+        print(f"{label}: " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+    print(f"final (last epoch {last['epoch']}, step {last['step']}; the headline): "
+          + "  ".join(f"{k} {last[k]:.2f}" for k in names))
+    best = {k: max((r for r in rows if k in r), key=lambda r: r[k]) for k in names}
+    print("best epoch of each metric (chosen on the test set): "
+          + "  ".join(f"{k} {best[k][k]:.2f} (epoch {best[k]['epoch']})" for k in names))
+    ips = meter.images_per_s()
+    print(f"throughput {f'{ips:.1f} images/s (steady state)' if ips else 'not measured (too few steps)'}, peak memory "
+          f"{meter.peak_memory()}, wall {time.time() - run['t0']:.1f} s; run folder {run['dir']}")
+    if run["tb"]:
+        run["tb"].close()
+
+
+STOP = [False]  # set by a first Ctrl-C during training; the loop stops once the step in flight is done
+
+
+@contextlib.contextmanager
+def finish_step_on_ctrl_c():
+    """A first Ctrl-C lets the current step finish, so last.pt is exact; a second one stops at once."""
+    def handler(signum, frame):
+        if STOP[0]:
+            raise KeyboardInterrupt("second Ctrl-C: stopped without writing last.pt")
+        STOP[0] = True
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        STOP[0] = False
 
 
 def main(argv=None):
+    """Bad input: one line, exit 2. Ctrl-C: exit 130 (with a resumable last.pt once training has begun)."""
     try:
-        train(resolve(get_args(argv)))
-    except (ConfigError, common.DatasetError) as e:
+        run(get_args(argv))
+    except (RunError, common.DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as e:
+        print(f"interrupted: {str(e) or 'before training started; nothing to resume'}", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+# ================================================================================================ end of bookkeeping
+
+
+# ------------------------------------------------------------------------------------------------ training
+def run(args):
+    device, rank, world = setup(args)
+    if args.batch_size % world:
+        raise RunError(f"--batch-size {args.batch_size} does not divide into {world} processes")
+    split = load_data(args, "train")
+    load_data(args, "test")  # a missing test split fails now, not after the first epoch
+    if len(split) < args.batch_size:
+        raise RunError(f"--batch-size {args.batch_size} is larger than the {len(split)} training images")
+    if split.images is not None:  # small images live on the device as uint8; views are made there
+        data = dict(split=split, images=split.images.to(device), labels=split.labels.to(device))
+    else:  # image files: the two views (student strong, teacher strong or weak) in DataLoader workers
+        views = common.TwoViews(common.moco_v2_transform(args.image_size, True, (args.min_scale, 1.0)),
+                                common.moco_v2_transform(args.image_size, args.teacher_view == "strong", (args.min_scale, 1.0)))
+        data = dict(split=split, loader=common.make_loader(common.ImageFiles(split.paths, split.labels, views), args.workers))
+    run_ = start_run(args, device, rank)
+    model = ISD(args).to(device, memory_format=memory_format(args, device))  # identical on every rank (same seed)
+    optimizer = torch.optim.SGD(model.student.parameters(), lr=args.lr, momentum=0.9,  # Sec. 3: SGD 0.9, wd on all
+                                weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: lr_factor(args, epoch))
+    epoch, batch, step = resume(args, run_, model, optimizer, scheduler)
+    net = data_parallel(torch.compile(model.student) if args.compile else model.student, device, world)
+    with finish_step_on_ctrl_c():
+        meter = train(args, model, net, optimizer, scheduler, data, run_, device, epoch, batch, step, rank, world)
+    if rank == 0:
+        save_checkpoint(args, run_, "model.pt", model, metrics=final_metrics(run_))
+        print_summary(run_, meter)
+    if world > 1:
+        dist.barrier()  # the other ranks wait for rank 0's last evaluation
+
+
+def train(args, model, net, optimizer, scheduler, data, run, device, epoch, batch, step, rank, world):
+    steps_per_epoch = len(data["split"]) // args.batch_size  # drop_last (official loader)
+    total = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
+    meter = Meter(args, run, device, step, total)
+    if step == 0 and args.eval_every and rank == 0:  # METHOD: the untrained network's k-NN (Fig. 4 starts there)
+        log_eval(run, meter, 0, 0, evaluate(model, args, device))
+    while epoch < args.epochs and step < total:
+        model.train()
+        for views, y in train_batches(args, data, epoch, batch, device, rank, world):
+            with autocast(args, device):
+                views = [v.contiguous(memory_format=memory_format(args, device)) for v in views]
+                losses, keys = step_losses(net, model, views, step, args, world)  # METHOD
+            optimizer.zero_grad(set_to_none=True)
+            sum(losses.values()).backward()
+            optimizer.step()
+            enqueue(model, gather(keys, world), gather(y, world))  # METHOD: after the loss, keys of all ranks (Sec. 2)
+            step, batch = step + 1, batch + 1
+            meter.add(losses, len(y) * world, epoch, step, optimizer.param_groups[0]["lr"])
+            if step >= total or STOP[0]:
+                break
+        meter.check()
+        if batch == steps_per_epoch:  # the epoch is complete
+            epoch, batch = epoch + 1, 0
+            scheduler.step()
+            if rank == 0 and ((args.eval_every and epoch % args.eval_every == 0) or epoch == args.epochs or step >= total):
+                with meter.paused():  # the other ranks wait in their next collective
+                    log_eval(run, meter, epoch, step, evaluate(model, args, device))
+        with meter.paused():
+            save_checkpoint(args, run, "last.pt", model, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                            epoch=epoch, batch=batch, step=step)
+        if STOP[0]:
+            last = os.path.join(run["dir"] or ".", "last.pt")
+            raise KeyboardInterrupt(f"wrote {last} after step {step}; continue with --resume {last}")
+    if rank == 0 and (not run["history"] or run["history"][-1]["step"] != step):  # stopped inside an epoch, or resumed
+        log_eval(run, meter, epoch + 1 if batch else epoch, step, evaluate(model, args, device))
+    return meter
 
 
 if __name__ == "__main__":

@@ -4,252 +4,214 @@ Roth, Milbich, Ommer, Cohen, Ghassemi. ICML 2021. https://arxiv.org/abs/2009.083
 Official code: https://github.com/MLforHealth/S2SD (criteria/s2sd.py), built on
 https://github.com/Confusezius/Revisiting_Deep_Metric_Learning_PyTorch (criteria, batchminer).
 
-Idea: train, next to the low-dimensional base embedding z that is evaluated, K higher-dimensional
-auxiliary embeddings t_k (MLP heads on the same backbone features) with the same DML loss, and distill
-each auxiliary space's batch similarity matrix into the base space's with a row-wise KL divergence
-(Eq. 3). Optionally also distill from the normalised backbone features (Eq. 6). Test cost = baseline.
+Idea: next to the low-dimensional base embedding z that is evaluated, train K higher-dimensional auxiliary
+embeddings t_k (MLP heads on the same backbone features) with the same DML loss, and distill each auxiliary
+space's batch similarity matrix into the base space's with a row-wise KL divergence (Eq. 3); optionally also
+distill from the normalised backbone features (Eq. 6). Test cost = baseline. The algorithm: step_losses().
 
 Usage:
-    python s2sd.py                                   # offline digits preset (CPU, < 1 minute)
-    python s2sd.py --dataset cub --data-root ./data  # released CUB setting (MS + MSDFA, d=128)
-    python s2sd.py --dataset sop --embed-dim 512     # Table 2 dimension (margin + MSDF)
-    python s2sd.py --dataset cars --variant baseline # plain Multisimilarity baseline
-    python s2sd.py --dataset synthetic --max-steps 20  # throughput at 224 px, batch 112
-    python eval.py runs/<run>/model.pt               # re-evaluate a saved model
+    python s2sd.py                                    # offline digits preset (CPU, well under a minute)
+    python s2sd.py --dataset cub --data-root ./data   # released CUB setting (MS + MSDFA, d = 128)
+    python s2sd.py --dataset cars --variant baseline  # plain Multisimilarity baseline
+    python s2sd.py --dataset folder --data-root DIR   # your images: DIR/train + DIR/test, or one class-split DIR
+    python s2sd.py --dataset synthetic --max-steps 20 # throughput at 224 px, batch 112
+    python eval.py runs/<run>/model.pt                # re-evaluate a saved model
 
-Implementation details (numbers refer to the paper; "notes" = shared/notes/s2sd.md, "code" = official code):
- 1. Backbone: torchvision ResNet-50, IMAGENET1K_V1 weights; every BatchNorm2d stays in eval mode
-    (frozen running stats, trainable affine with weight decay), Sec. 4.2 and code resnet50_frozen_normalize.
- 2. Base embedding: GAP(layer4) = u (2048-d) -> Linear(2048, d) -> L2-normalise; d = 128 (512 for Table 2).
- 3. Auxiliary ("target") spaces g_k: Linear(2048, d_k) -> ReLU -> Linear(d_k, d_k) -> L2-normalise, d_k in
-    {512, 1024, 1536, 2048} (MSD, Eq. 5) or {2048} (DSD, Eq. 4); input u is NOT detached, so the aux DML
-    losses also train the backbone (Sec. 4.2; code target_nets).
+Implementation details (notes = shared/notes/s2sd.md, code = the official code):
+ 1. Backbone: torchvision ResNet-50, IMAGENET1K_V1; every BatchNorm2d stays in eval mode (frozen statistics,
+    trainable affine with weight decay), Sec. 4.2 and code resnet50_frozen_normalize.
+ 2. Base embedding: GAP(layer4) = u (2048-d) -> Linear(2048, d) -> L2-normalise; d = 128 (Table 1).
+ 3. Auxiliary spaces g_k: Linear(2048, d_k) -> ReLU -> Linear(d_k, d_k) -> L2-normalise, d_k in {512, 1024,
+    1536, 2048} (MSD, Eq. 5) or {2048} (DSD, Eq. 4); u is NOT detached: the aux losses train the backbone too.
  4. Similarities D = cosine Gram matrices of the normalised vectors, B x B, diagonal included (Sec. 3.2).
- 5. Eq. 3 as in the code: KL_k = T^2 * sum_i KL(softmax(D^g_k[i]/T) || softmax(D^f[i]/T)) / B, with the
-    teacher D^g_k detached (the dagger in Eq. 3) -> `similarity_kl`.
- 6. Eq. 5: L = 1/2 [L_dml(z) + mean_k L_dml(t_k)] + w * mean_k KL_k; each branch has its OWN loss instance
-    (own margin betas, own miner using that branch's dimension), code target_criteria.
- 7. Eq. 6 (MSDF): + feat_w * KL(f || z) with f = normalise(u).detach(), switched on once the optimizer
-    step counter reaches 1000 (Sec. 4.2 "n = 1000 iterations"; code feat_distill_delay).
- 8. "A" variants (MSDFA, Sec. 3.4): branches and feature distillation read u_A = GAP + GMP (a sum,
-    code pool_aggr); the evaluated base embedding keeps plain GAP.
- 9. Multisimilarity (Wang et al. 2019) exactly as Revisiting-DML criteria/multisimilarity.py: alpha 2,
-    beta 40, lambda 0.5, eps 0.1; mining against the UN-mined sets (keep neg if s + eps > min pos, keep pos
-    if s - eps < max neg), anchors with an empty mined set skipped, mean over surviving anchors.
-10. Margin loss (SOP setting): m = 0.2, one learnable beta per training class (init 1.2; R-Margin 0.6),
-    distance-weighted negatives (Wu et al. 2017) on detached distances clamped at 0.5, uniform positives;
-    loss divided by #triplets with an active hinge. R-Margin: with p = 0.2 an anchor's triplet becomes
-    (a, a, positive), i.e. it is pushed from a same-class sample (code rho_distance miner).
-11. Optimisation (code parameters.py, Sample_Runs.sh): Adam lr 1e-5 everywhere, coupled weight decay 4e-4
-    on backbone + embedding only, no schedule, 150 epochs, batch 112 = 56 classes x 2 drawn with
-    replacement (common.class_balanced_batches), floor(N/112) batches per epoch. Betas train at the base
-    lr inside S2SD and at 5e-4 for a plain margin baseline (code criterion.lr).
-12. Presets: CUB/CARS = Multisimilarity + MSDFA, w = 50, feat_w = 50; SOP = Margin + MSDF, w = 50,
-    feat_w = 5 (the paper's "gamma = 5 on SOP" is the feature weight in the released runs); T = 1.
+ 5. Eq. 3 as in the code: KL_k = T^2 sum_i KL(softmax(D^g_k[i]/T) || softmax(D^f[i]/T)) / B, teacher D^g_k
+    detached (the dagger of Eq. 3) -> `similarity_kl`.
+ 6. Eq. 5: L = 1/2 [L_dml(z) + mean_k L_dml(t_k)] + w mean_k KL_k; each branch has its OWN loss instance (own
+    margin betas, own miner using that branch's dimension), code target_criteria.
+ 7. Eq. 6 (MSDF): + feat_w KL(f || z), f = normalise(u).detach(), on once the optimizer has taken n = 1000
+    steps (Sec. 4.2; code feat_distill_delay). Sec. 4.2: gamma = 50 (CUB, CARS) / 5 (SOP) weighs both terms.
+ 8. "A" variants (MSDFA, Sec. 3.4): the branches and Eq. 6 read u_A = GAP + GMP (a sum, code pool_aggr); the
+    evaluated base embedding keeps plain GAP.
+ 9. Multisimilarity (Wang et al. 2019) as Revisiting-DML criteria/multisimilarity.py: alpha 2, beta 40, lambda
+    0.5, eps 0.1; mining against the UN-mined sets, anchors with an empty mined set skipped, mean over the rest.
+10. Margin loss (SOP setting): m 0.2, one learnable beta per training class (init 1.2; R-Margin 0.6), distance-
+    weighted negatives (Wu et al. 2017) on detached distances clamped at 0.5, uniform positives; divided by the
+    triplets with an active hinge. R-Margin: with probability p (0.4 CUB, 0.35 CARS, 0.15 SOP; the Revisiting-
+    DML runs) an anchor's triplet becomes (a, a, positive): it is pushed from a same-class sample.
+11. Optimisation (code parameters.py): Adam lr 1e-5 everywhere, coupled weight decay 4e-4 on backbone +
+    embedding only, no schedule, 150 epochs, batch 112 = 56 classes x 2 drawn with replacement
+    (common.class_balanced_batches), floor(N / 112) batches per epoch. Betas train at the base lr inside S2SD
+    and at 5e-4 for a plain margin baseline (code criterion.lr).
+12. Evaluation: only z, fp32, test set vs itself (R@1/2/4/8, MAP@R, NMI; shared/notes/metrics.md). Headline =
+    last epoch; the papers' convention (each metric's best epoch over training, chosen on the test set) is
+    printed beside it, labelled.
 
-Deviations (from the paper's prose, or from the official code; all chosen to follow notes/s2sd.md):
- - Weight decay 4e-4 (code default, notes) where Sec. 4.2 says 4e-5.
- - Eq. 3 writes KL(student, teacher) with a garbled definition and sums rows; we use the code's
-   KL(teacher || student) * T^2 / B. Eq. 6 reuses gamma; the code (and we) use separate w and feat_w, and
-   on SOP w = 50 with feat_w = 5 instead of the paper's "gamma = 5".
- - The code's criterion crashes when no MS anchor survives; we return a graph-connected zero. Anchors
-   without a negative are skipped by the margin miner (the code crashes). The distance-weighted
-   log-density is stabilised by its max over negatives only and 1 - d^2/4 is clamped at 1e-8 (the code
-   gives NaN for antipodal pairs); the sampled distribution is otherwise identical.
- - bf16 autocast on CUDA (code: fp32); losses/KL are computed in fp32 inside autocast.
- - Table 2 used an LR schedule (Sec. 4.1); we implement none (Table 1 protocol), so d=512 runs are
-   Table-1-style. Metrics follow shared/notes/metrics.md (query excluded by index, NMI with k = #test
-   classes, MAP@R), not the code's evaluation. Headline = last epoch; the paper's tables pick the best
-   epoch on the test set (reported here as "best epoch (chosen on the test set)").
- - `digits` preset (not in the paper): 3-layer CNN from scratch (trainable BN), 8x8 input, no
-   augmentation, d = 32, branches {64,128,192,256} on a 128-d feature, lr 3e-4, feature delay 100.
+Deviations (from the paper's prose or the official code):
+ - Weight decay 4e-4 (code default) where Sec. 4.2 says 4e-5.
+ - SOP: w = feat_w = 5 as Sec. 4.2 ("gamma = 5"); the released Sample_Runs.sh runs SOP with w = 50,
+   feat_w = 5 (the alternative: --distill-weight 50).
+ - Eq. 3 writes KL(student, teacher) and sums rows; we use the code's KL(teacher || student) T^2 / B.
+ - The code crashes when no MS anchor survives or an anchor has no negative; we return a graph-connected zero
+   / skip the anchor. Distance weights: stabilised by their max over negatives, 1 - d^2/4 clamped at 1e-8 (the
+   code gives NaN for antipodal pairs); the sampled distribution is otherwise identical.
+ - bf16 autocast on CUDA (code: fp32; --no-amp); losses and KLs are fp32 inside autocast.
+ - d = 512 runs use the Table 1 protocol: Table 2's learning-rate schedule is not published.
+ - Metrics follow notes/metrics.md (query excluded by index, NMI with k = #test classes), not the code's.
+ - Offline presets (ours, not in the paper): digits / fashionmnist train a 3-block CNN from scratch
+   (trainable BN) on classes 0-4 and test on 5-9; see PRESETS.
 
-Paper numbers (Table 1, ResNet-50, d = 128, R@1 / NMI, mean of best-epoch test results over seeds):
-    paper  CUB  MS 62.80/68.55  MS+MSDFA 67.68/71.40  Margin+MSDF 67.58/71.47
-    paper  CARS MS 81.68/69.43  MS+MSDFA 85.89/71.45  Margin+MSDF 85.55/71.68
-    paper  SOP  MS 77.99/90.00  MS+MSDF  78.59/90.09  Margin+MSDF 79.63/90.70
-
-Measured results (this repo; 2-core AMD EPYC CPU, torch 2.15, seed 0, 1 run each; a sanity check, not evidence):
-    python s2sd.py  (digits, msdfa, 6 epochs, 132 steps; idle machine, default threads, 10.6 s wall)
-      last epoch R@1 / MAP@R / NMI 93.75 / 42.32 / 43.32;  --variant baseline 89.62 / 36.41 / 38.93 (5.6 s)
-    OMP_NUM_THREADS=1 python s2sd.py --variant V (loaded machine; results differ slightly with the thread count)
-      dsd 89.62/32.88/35.78  msd 90.07/35.25/46.12  msdf 91.18/35.97/44.96  msdfa 92.97/39.07/45.14
-    No CUB/CARS/SOP runs were possible here (no GPU, no datasets). Loss timings below: loaded machine, 1 thread.
-    Loss cost, B = 112, fwd+bwd, 1 thread, median of 15: Multisimilarity 0.6-1.0 ms (a per-anchor loop as in
-    the code: 32-43 ms); S2SD Eq. 5+6 on given branch outputs (5 MS + 5 KL) 16-24 ms; incl. the four branch
-    MLPs from 2048-d u_A 230-310 ms. ResNet-50 fwd+bwd+Adam for 112 images at 224 px: 100-150 s (7 micro-
-    batches of 16; frozen BN makes this the same compute as one batch of 112, which needs ~16 GB RAM).
+Paper (Table 1, ResNet-50, d = 128, R@1 / NMI, each metric's best epoch, mean over seeds):
+    CUB  MS 62.80/68.55  MS+MSDFA 67.68/71.40  Margin+MSDF 67.58/71.47
+    CARS MS 81.68/69.43  MS+MSDFA 85.89/71.45  Margin+MSDF 85.55/71.68
+    SOP  MS 77.99/90.00  MS+MSDF  78.59/90.09  Margin+MSDF 79.63/90.70
+Measured here (README "Results"): MEASURED_PLACEHOLDER
 """
 import argparse
+import contextlib
+import datetime
+import itertools
 import json
 import math
 import os
-import random
+import pickle
 import resource
+import shutil
+import signal
+import subprocess
 import sys
 import time
+import zipfile
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
 import common
 
+METHOD, DATA_PARALLEL = "s2sd", False
+_PAPER = dict(arch="resnet50", pretrained=True, image_size=224, epochs=150, lr=1e-5,  # Sec. 4.2, code parameters.py
+              batch_size=112, samples_per_class=2, weight_decay=4e-4,  # code --bs 112 (56 x 2); decay: code default
+              embed_dim=128, target_dims=[512, 1024, 1536, 2048], temperature=1.0,  # Table 1; Sec. 4.2 dims, T = 1
+              feat_delay=1000, crop_scale=0.08, workers=6, eval_every=1, log_every=20)  # Sec. 4.2 n = 1000; code
 PRESETS = {
-    # Released run scripts (Sample_Runs.sh) + parameters.py of the official code; Sec. 4.2.
-    "cub": dict(arch="resnet50", pretrained=True, image_size=224, epochs=150, batch_size=112,  # code --bs 112
-                samples_per_class=2, lr=1e-5, weight_decay=4e-4,  # parameters.py (lr, decay)
-                embed_dim=128, loss="multisimilarity", variant="msdfa",  # Sample_Runs.sh CUB
-                distill_weight=50.0, feat_weight=50.0, feat_delay=1000,  # --loss_s2sd_w/feat_w/delay
-                target_dims=[512, 1024, 1536, 2048], workers=6, eval_every=1, log_every=20),  # kernels 6
-    "cars": dict(arch="resnet50", pretrained=True, image_size=224, epochs=150, batch_size=112,
-                 samples_per_class=2, lr=1e-5, weight_decay=4e-4, embed_dim=128,
-                 loss="multisimilarity", variant="msdfa",  # Sample_Runs.sh CARS196
-                 distill_weight=50.0, feat_weight=50.0, feat_delay=1000,
-                 target_dims=[512, 1024, 1536, 2048], workers=6, eval_every=1, log_every=20),
-    "sop": dict(arch="resnet50", pretrained=True, image_size=224, epochs=150, batch_size=112,
-                samples_per_class=2, lr=1e-5, weight_decay=4e-4, embed_dim=128,
-                loss="margin", variant="msdf",  # Sample_Runs.sh SOP: margin + distance miner, no pool_aggr
-                distill_weight=50.0, feat_weight=5.0, feat_delay=1000,  # --loss_s2sd_feat_w 5
-                target_dims=[512, 1024, 1536, 2048], workers=6, eval_every=1, log_every=50),
-    # Offline sanity preset (ours): digits 0-4 train / 5-9 test, small CNN, tuned for < 60 s on 2 CPU cores.
-    "digits": dict(arch="smallcnn", pretrained=False, image_size=None, epochs=6, batch_size=40,
-                   samples_per_class=2, lr=3e-4, weight_decay=4e-4, embed_dim=32,
-                   loss="multisimilarity", variant="msdfa", distill_weight=50.0, feat_weight=50.0,
-                   feat_delay=100, target_dims=[64, 128, 192, 256], workers=0, eval_every=2, log_every=50),
+    "cub": dict(_PAPER, loss="multisimilarity", variant="msdfa", distill_weight=50.0, feat_weight=50.0,  # Sec. 4.2
+                rho_p=0.4),  # Sample_Runs.sh CUB; R-Margin p 0.4 (Revisiting-DML CUB runs)
+    "cars": dict(_PAPER, loss="multisimilarity", variant="msdfa", distill_weight=50.0, feat_weight=50.0,
+                 rho_p=0.35),  # Sample_Runs.sh CARS196; R-Margin p 0.35
+    "sop": dict(_PAPER, loss="margin", variant="msdf", distill_weight=5.0, feat_weight=5.0,  # Sec. 4.2 gamma = 5;
+                rho_p=0.15, log_every=50),  # Sample_Runs.sh SOP: margin + distance miner, no "A"; R-Margin p 0.15
+    "folder": dict(_PAPER, loss="multisimilarity", variant="msdfa", distill_weight=50.0, feat_weight=50.0,
+                   rho_p=0.4),  # ours: your images get the CUB setting
+    # Offline presets (ours): a 3-block CNN from scratch, classes 0-4 train / 5-9 test.
+    "digits": dict(arch="smallcnn", pretrained=False, image_size=8, epochs=6, batch_size=40, samples_per_class=2,
+                   lr=3e-4, weight_decay=4e-4, embed_dim=32, target_dims=[64, 128, 192, 256], temperature=1.0,
+                   loss="multisimilarity", variant="msdfa", distill_weight=50.0, feat_weight=50.0, rho_p=0.4,
+                   feat_delay=100, crop_scale=None, workers=0, eval_every=2, log_every=50),  # < 1 min on 2 cores
+    "fashionmnist": dict(arch="smallcnn", pretrained=False, image_size=28, epochs=3, batch_size=112,
+                         samples_per_class=2, lr=3e-4, weight_decay=4e-4, embed_dim=32, temperature=1.0,
+                         target_dims=[64, 128, 192, 256], loss="multisimilarity", variant="msdfa",
+                         distill_weight=50.0, feat_weight=50.0, rho_p=0.4, feat_delay=200, crop_scale=0.5,
+                         train_subset=None, workers=0, eval_every=1, log_every=50),
     # Throughput benchmark (ours): ResNet-50 at the paper's 224 px and batch 112, random images.
-    "synthetic": dict(arch="resnet50", pretrained=False, image_size=224, epochs=1, batch_size=112,
-                      samples_per_class=2, lr=1e-5, weight_decay=4e-4, embed_dim=128,
-                      loss="multisimilarity", variant="msdfa", distill_weight=50.0, feat_weight=50.0,
-                      feat_delay=1000, target_dims=[512, 1024, 1536, 2048], workers=0, eval_every=1,
-                      log_every=1),
+    "synthetic": dict(_PAPER, pretrained=False, loss="multisimilarity", variant="msdfa", distill_weight=50.0,
+                      feat_weight=50.0, rho_p=0.4, epochs=1, workers=0, log_every=1),
 }
 SYNTHETIC_SIZE = {"train": (448, 56, 224), "test": (112, 28, 224)}  # (N, classes, px): 4 train steps
 VARIANTS = ("baseline", "dsd", "msd", "msdf", "msdfa")
-LOSSES = ("multisimilarity", "margin", "rmargin")
-ARCHS = ("resnet50", "smallcnn")
-COMPONENTS = ("dml", "aux_dml", "distill", "feat_distill", "total")
 
 
+# ------------------------------------------------------------------------------------------------ arguments
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    e = p.add_argument_group("experiment")
-    e.add_argument("--dataset", default="digits", help="cub | cars | sop | digits | synthetic (default digits)")
-    e.add_argument("--data-root", default="./data", help="folder holding one folder per dataset")
-    e.add_argument("--arch", default=None, help="resnet50 | smallcnn (preset: resnet50; smallcnn for digits)")
-    e.add_argument("--epochs", type=int, default=None, help="training epochs (preset: 150, code n_epochs)")
-    e.add_argument("--batch-size", type=int, default=None, help="batch size (preset: 112, code --bs)")
-    e.add_argument("--samples-per-class", type=int, default=None, help="images per drawn class (preset 2)")
-    e.add_argument("--lr", type=float, default=None, help="Adam learning rate (preset 1e-5, code)")
-    e.add_argument("--weight-decay", type=float, default=None,
-                   help="coupled L2 on backbone+embedding (preset 4e-4, code; paper text says 4e-5)")
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
-    e.add_argument("--workers", type=int, default=None, help="DataLoader workers for image files (preset 6)")
-    e.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast (CUDA)")
-    e.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-                   help="channels_last memory format (CUDA only)")
-    e.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile")
-    e.add_argument("--eval-every", type=int, default=None, help="evaluate every N epochs (preset 1; last always)")
-    e.add_argument("--log-every", type=int, default=None, help="print a line every N steps")
-    e.add_argument("--save-dir", default="runs")
-    e.add_argument("--run-name", default=None, help="default <dataset>_<variant>_<loss>_s<seed>")
-    e.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps (tests/benchmarks)")
-    e.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=False)
-    e.add_argument("--resume", default=None, help="path to a last.pt to continue from")
-    e.add_argument("--no-pretrained", action="store_true", help="skip the ImageNet (IMAGENET1K_V1) weights")
-    e.add_argument("--embed-dim", type=int, default=None, help="base embedding dim d (preset 128; 512: Table 2)")
-    e.add_argument("--image-size", type=int, default=None,
-                   help="train crop / test centre crop (preset 224, test resize 256/224 of it; Sec. 4.2)")
+    p = Parser(description="S2SD (Roth et al., ICML 2021): similarity self-distillation for deep metric learning")
+    experiment_args(p)
     m = p.add_argument_group("method")
-    m.add_argument("--variant", default=None, choices=VARIANTS,
-                   help="baseline | dsd | msd | msdf | msdfa (preset: msdfa CUB/CARS, msdf SOP; Sec. 4)")
-    m.add_argument("--loss", default=None, choices=LOSSES, help="DML loss for base and aux spaces (preset)")
-    m.add_argument("--distill-weight", type=float, default=None, help="w in Eq. 5 (preset 50, code loss_s2sd_w)")
-    m.add_argument("--feat-weight", type=float, default=None, help="feat_w in Eq. 6 (preset 50; 5 on SOP)")
-    m.add_argument("--temperature", type=float, default=1.0, help="T in Eq. 3 (default 1, Sec. 4.2)")
-    m.add_argument("--target-dims", type=int, nargs="+", default=None,
-                   help="aux dims (preset 512 1024 1536 2048; dsd uses the largest)")
-    m.add_argument("--feat-delay", type=int, default=None, help="steps before Eq. 6 is on (preset 1000)")
-    m.add_argument("--margin-beta", type=float, default=None, help="initial beta (1.2 margin, 0.6 rmargin)")
-    m.add_argument("--rho-p", type=float, default=0.2, help="R-Margin negative->positive swap prob (0.2)")
-    m.add_argument("--beta-lr", type=float, default=None,
-                   help="lr of the margin betas (default: --lr inside S2SD, 5e-4 for the baseline; code)")
-    m.add_argument("--freeze-bn", action=argparse.BooleanOptionalAction, default=None,
-                   help="keep BatchNorm in eval mode (default: on for resnet50, off for smallcnn)")
+    m.add_argument("--variant", choices=VARIANTS, help="baseline | dsd | msd | msdf | msdfa (Sec. 4)" + preset("variant"))
+    m.add_argument("--loss", choices=["multisimilarity", "margin", "rmargin"], help="DML loss of every space"
+                   + preset("loss"))
+    m.add_argument("--arch", choices=["resnet50", "smallcnn"], help="backbone" + preset("arch"))
+    m.add_argument("--pretrained", action=argparse.BooleanOptionalAction, help="ResNet-50 IMAGENET1K_V1 weights"
+                   + preset("pretrained"))
+    m.add_argument("--embed-dim", type=number(int, 1), help="base embedding dim d (Table 1: 128)" + preset("embed_dim"))
+    m.add_argument("--target-dims", type=number(int, 1), nargs="+", help="aux dims (dsd: one)" + preset("target_dims"))
+    m.add_argument("--samples-per-class", type=number(int, 1), help="images per drawn class" + preset("samples_per_class"))
+    m.add_argument("--distill-weight", type=number(float, 0), help="w of Eq. 5" + preset("distill_weight"))
+    m.add_argument("--feat-weight", type=number(float, 0), help="feat_w of Eq. 6" + preset("feat_weight"))
+    m.add_argument("--temperature", type=number(float, 0, low_open=True), help="T of Eq. 3" + preset("temperature"))
+    m.add_argument("--feat-delay", type=number(int, 0), help="steps before Eq. 6 is on" + preset("feat_delay"))
+    m.add_argument("--margin-beta", type=number(float, 0), help="initial margin beta (default 1.2; rmargin 0.6)")
+    m.add_argument("--rho-p", type=number(float, 0, 1), help="R-Margin swap probability" + preset("rho_p"))
+    m.add_argument("--beta-lr", type=number(float, 0), help="lr of the margin betas (default --lr inside S2SD, "
+                   "5e-4 for the baseline; code criterion.lr)")
+    m.add_argument("--freeze-bn", action=argparse.BooleanOptionalAction, help="BatchNorm in eval mode while "
+                   "training (default: on for resnet50, off for smallcnn)")
+    m.add_argument("--crop-scale", type=number(float, 0, 1, low_open=True), help="small-image datasets: "
+                   "RandomResizedCrop min scale + flip (no value: no augmentation)" + preset("crop_scale"))
+    m.add_argument("--train-subset", type=number(int, 1), help="train on a seeded random subset of N images"
+                   + preset("train_subset"))
     args = p.parse_args(argv)
-    if args.dataset not in PRESETS:
-        raise ValueError(f"unknown dataset '{args.dataset}' (choose from {', '.join(PRESETS)})")
-    for k, v in PRESETS[args.dataset].items():
-        if k != "pretrained" and getattr(args, k, None) is None:
-            setattr(args, k, v)
-    args.pretrained = PRESETS[args.dataset]["pretrained"] and not args.no_pretrained
-    if args.arch not in ARCHS:
-        raise ValueError(f"unknown arch '{args.arch}' (choose from {', '.join(ARCHS)})")
+    explicit_dims = args.target_dims
+    args = resolve_args(args)
     if args.batch_size % args.samples_per_class:
-        raise ValueError(f"--batch-size {args.batch_size} is not a multiple of --samples-per-class")
-    args.in_channels = 1 if args.dataset == "digits" else 3
+        raise RunError(f"--batch-size {args.batch_size} is not a multiple of --samples-per-class {args.samples_per_class}")
+    if args.variant == "dsd" and explicit_dims and len(explicit_dims) > 1:
+        raise RunError("--variant dsd takes exactly one --target-dims value")
+    args.target_dims = [] if args.variant == "baseline" else [max(args.target_dims)] if args.variant == "dsd" \
+        else args.target_dims  # Sec. 4.2: DSD = one branch of d = 2048
     args.freeze_bn = args.arch == "resnet50" if args.freeze_bn is None else args.freeze_bn
-    if args.variant == "baseline":
-        args.target_dims = []
-    elif args.variant == "dsd":  # Sec. 4.2: one branch of d = 2048 (the largest preset dim)
-        if len(args.target_dims) > 1 and "--target-dims" in (argv if argv is not None else sys.argv):
-            raise ValueError("--variant dsd takes exactly one --target-dims value")
-        args.target_dims = [max(args.target_dims)]
-    if args.margin_beta is None:
-        args.margin_beta = 0.6 if args.loss == "rmargin" else 1.2  # Revisiting-DML: R-Margin beta 0.6
-    if args.beta_lr is None:
-        args.beta_lr = 5e-4 if args.variant == "baseline" else args.lr  # code: criterion.lr vs S2SD opt.lr
-    if args.run_name is None:
-        args.run_name = (os.path.basename(os.path.dirname(os.path.abspath(args.resume))) if args.resume
-                         else f"{args.dataset}_{args.variant}_{args.loss}_s{args.seed}")
+    args.margin_beta = (0.6 if args.loss == "rmargin" else 1.2) if args.margin_beta is None else args.margin_beta
+    args.beta_lr = (5e-4 if args.variant == "baseline" else args.lr) if args.beta_lr is None else args.beta_lr
+    args.run_name = args.run_name or f"{args.dataset}_{args.variant}_{args.loss}_s{args.seed}"
     return args
 
 
-# ----------------------------------------------------------------------------------------------- models
-class EmbeddingNet(nn.Module):
-    """x [B,C,H,W] -> (z [B,d] L2-normalised, u [B,F] = GAP, u_A [B,F] = GAP + GMP); aux heads in .aux."""
+# ------------------------------------------------------------------------------------------------ model
+def small_cnn(in_channels, image_size):
+    """Ours, for the offline presets: conv-BN-ReLU blocks of 32, 64, 128 channels with a 2x2 max-pool after the
+    second (and after the first too from 16 px on, so 28-px Fashion-MNIST costs about what 8-px digits do)."""
+    def block(i, o):
+        return [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True)]
+    first_pool = [nn.MaxPool2d(2)] if image_size >= 16 else []
+    return nn.Sequential(*block(in_channels, 32), *first_pool, *block(32, 64), nn.MaxPool2d(2), *block(64, 128))
 
-    def __init__(self, arch, embed_dim, target_dims, in_channels=3, pretrained=False, freeze_bn=True):
+
+class EmbeddingNet(nn.Module):
+    """x [B,C,H,W] -> (z [B,d] L2-normalised, u [B,F] = GAP, u_A [B,F] = GAP + GMP). Training-only parts: the aux
+    heads g_k (.aux) and, for the margin losses, one learnable beta per training class and loss instance (.betas)."""
+
+    def __init__(self, args, pretrained=False):
         super().__init__()
-        if arch == "resnet50":
+        if args.arch not in ("resnet50", "smallcnn"):
+            raise RunError(f"unknown --arch {args.arch} (choose from resnet50, smallcnn)")
+        if args.arch == "resnet50":
             r = torchvision.models.resnet50(weights="IMAGENET1K_V1" if pretrained else None)
-            self.body = nn.Sequential(r.conv1, r.bn1, r.relu, r.maxpool, r.layer1, r.layer2, r.layer3, r.layer4)
-            feat = 2048
-        else:  # small CNN for 8x8 digits
-            def block(i, o):
-                return [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True)]
-            self.body = nn.Sequential(*block(in_channels, 32), *block(32, 64), nn.MaxPool2d(2), *block(64, 128))
-            feat = 128
-        self.embed = nn.Linear(feat, embed_dim)  # fresh, default init (code last_linear)
+            self.body, feat = nn.Sequential(r.conv1, r.bn1, r.relu, r.maxpool, r.layer1, r.layer2, r.layer3, r.layer4), 2048
+        else:
+            self.body, feat = small_cnn(args.in_channels, args.image_size), 128
+        self.embed = nn.Linear(feat, args.embed_dim)  # fresh, default init (code last_linear)
         # Auxiliary target spaces g_k (Sec. 3.2/3.3): two-layer MLPs, no BN, default init (code target_nets).
-        self.aux = nn.ModuleList(nn.Sequential(nn.Linear(feat, t), nn.ReLU(), nn.Linear(t, t)) for t in target_dims)
-        self.freeze_bn = freeze_bn
+        self.aux = nn.ModuleList(nn.Sequential(nn.Linear(feat, t), nn.ReLU(), nn.Linear(t, t)) for t in args.target_dims)
+        margin = args.loss in ("margin", "rmargin")
+        self.betas = nn.ParameterList(nn.Parameter(torch.full((args.num_classes,), args.margin_beta))
+                                      for _ in range(1 + len(args.target_dims)) if margin)
+        self.freeze_bn = args.freeze_bn
 
     def train(self, mode=True):
         super().train(mode)
-        if self.freeze_bn:  # frozen BN statistics (Sec. 4.2); affine parameters stay trainable
-            for mod in self.modules():
-                if isinstance(mod, nn.BatchNorm2d):
-                    mod.eval()
+        for mod in self.modules() if self.freeze_bn else ():  # frozen BN statistics (Sec. 4.2), trainable affine
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.eval()
         return self
 
     def forward(self, x):
         fmap = self.body(x)
         u = fmap.mean((2, 3))
         u_a = u + fmap.amax((2, 3))  # "A" pooling (Sec. 3.4, code pool_aggr): a sum, same dim
-        z = F.normalize(self.embed(u).float(), dim=-1)
-        return z, u, u_a
+        return F.normalize(self.embed(u).float(), dim=-1), u, u_a
 
 
-def model_from_args(args):
-    """The network whose state_dict is checkpoint['model']; never downloads weights."""
-    return EmbeddingNet(args.arch, args.embed_dim, args.target_dims, args.in_channels, False, args.freeze_bn)
-
-
-# ----------------------------------------------------------------------------------------------- losses
+# ------------------------------------------------------------------------------------------------ METHOD: losses
 def _fp32(x):
     """Upcast half/bf16 to fp32 (keep fp32/fp64): Gram matrices, exp and KL in full precision."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
@@ -339,284 +301,508 @@ def margin_loss(emb, labels, beta, triplets, margin=0.2):
         active = ((lp > 0) | (ln > 0)).sum()
         return (lp + ln).sum() / active.clamp(min=1)
 
-
 def dml_loss(args, emb, labels, betas, k):
-    """L_DML for loss instance k (0 = base, k >= 1 = aux branch k-1, each with its own betas)."""
+    """L_DML for loss instance k (0 = base, k >= 1 = aux branch k - 1, each with its own betas)."""
     if args.loss == "multisimilarity":
         return multisimilarity_loss(emb, labels)
     trip = distance_weighted_triplets(emb, labels, rho=args.rho_p if args.loss == "rmargin" else 0.0)
     return margin_loss(emb, labels, betas[k], trip)
 
 
-def s2sd_loss(args, model, z, u, u_a, labels, betas, step):
-    """Eq. 3-6. z [B,d] base embedding, u/u_A [B,F] pooled features -> (total, stacked components)."""
-    base = dml_loss(args, z, labels, betas, 0)
-    zero = base.new_zeros(())
+def step_losses(model, x, labels, step, args):
+    """The algorithm of one step: {name: weighted term}; their sum is Eq. 5 (+ Eq. 6). step = steps taken so far."""
+    z, u, u_a = model(x)
+    base = dml_loss(args, z, labels, model.betas, 0)
     if args.variant == "baseline":
-        return base, torch.stack([base, zero, zero, zero, base])
-    # METHOD: Eq. 5, aux spaces from u (or u_A for "A"), one DML loss each, KL from each into z.
+        return {"dml": base}
+    # METHOD: Eq. 5, aux spaces from u (u_A for "A"), one DML loss each, KL from each space into z
     feats = u_a if args.variant == "msdfa" else u
-    heads = model.aux
-    targets = [F.normalize(_fp32(h(feats)), dim=-1) for h in heads]
-    aux = torch.stack([dml_loss(args, t, labels, betas, k + 1) for k, t in enumerate(targets)]).mean()
+    targets = [F.normalize(_fp32(head(feats)), dim=-1) for head in model.aux]
+    aux = torch.stack([dml_loss(args, t, labels, model.betas, k + 1) for k, t in enumerate(targets)]).mean()
     kl = torch.stack([similarity_kl(z, t, args.temperature) for t in targets]).mean()
-    total = 0.5 * (base + aux) + args.distill_weight * kl
-    feat_kl = zero
-    if args.variant in ("msdf", "msdfa") and step >= args.feat_delay:  # Eq. 6 after n iterations
-        feat_kl = similarity_kl(z, F.normalize(_fp32(feats), dim=-1).detach(), args.temperature)
-        total = total + args.feat_weight * feat_kl
-    return total, torch.stack([base, aux, kl, feat_kl, total])
+    out = {"dml": 0.5 * base, "aux_dml": 0.5 * aux, "distill": args.distill_weight * kl}
+    if args.variant in ("msdf", "msdfa"):  # Eq. 6 from step n = feat_delay on (zero before, same log columns)
+        f = F.normalize(_fp32(feats), dim=-1).detach()
+        out["feat_distill"] = args.feat_weight * similarity_kl(z, f, args.temperature) * (step >= args.feat_delay)
+    return out
 
 
-# ----------------------------------------------------------------------------------------------- data / eval
-def load_split(args, split):
-    if args.dataset == "digits":  # zero-shot DML split: classes 0-4 train / 5-9 test
-        return common.load_split("digits", args.data_root, split="dml_" + split, image_size=args.image_size)
+# ------------------------------------------------------------------------------------------------ data and evaluation
+def load_data(args, split):
+    """'train' / 'test' of args.dataset under the DML protocol (disjoint classes; digits, fashionmnist and a
+    single labelled folder: the first half of the classes train, the second half test)."""
     if args.dataset == "synthetic":
-        return common.load_split("synthetic", args.data_root, split=split, synthetic_size=SYNTHETIC_SIZE[split])
-    return common.load_split(args.dataset, args.data_root, split=split)
+        return common.load_split("synthetic", args.data_root, split, synthetic_size=SYNTHETIC_SIZE[split])
+    name = ("dml_" if args.dataset in ("digits", "fashionmnist", "folder") else "") + split
+    out = common.load_split(args.dataset, args.data_root, name)
+    if split == "train" and args.train_subset and args.train_subset < len(out):  # a fixed seeded subset
+        keep = torch.randperm(len(out), generator=torch.Generator().manual_seed(0))[:args.train_subset].sort().values
+        out = common.Split(out.name, out.labels[keep], out.num_classes, out.mean, out.std, images=out.images[keep])
+    return out
+
+
+def train_batches(args, data, epoch, skip, device):
+    """This epoch's (images, labels) on the device from batch `skip` on: the released class-balanced sampler. Batch j
+    draws its randomness (views, then the step's sampling) from seed_step, so a resumed epoch repeats exactly."""
+    batches = common.epoch_batches(data["split"].labels, args.batch_size, args.seed, epoch,
+                                   samples_per_class=args.samples_per_class)
+    if "loader" in data:  # image files: DataLoader workers, RandomResizedCrop(224) + flip (code train transform)
+        for j, (x, y) in enumerate(common.loader_batches(data["loader"], batches[skip:], device, (args.seed, epoch), skip), skip):
+            seed_step(args, epoch * len(batches) + j)
+            yield x, y
+        return
+    for j, b in enumerate(batches[skip:], skip):
+        seed_step(args, epoch * len(batches) + j)
+        x = data["images"][b.to(device)]
+        if args.crop_scale:  # the same view, batched on the device
+            x = common.random_hflip(common.random_resized_crop(x, args.image_size, scale=(args.crop_scale, 1.0)))
+        yield common.normalize(x, data["split"].mean, data["split"].std), data["labels"][b.to(device)]
+
+
+def model_from_args(args):
+    """eval.py contract: the network whose state_dict is model.pt's "model" (no download)."""
+    return EmbeddingNet(args)
+
+
+@torch.no_grad()
+def embeddings(model, args, device):
+    """eval.py contract: {"emb": base embeddings z [N, d], "labels": [N]} of the test split, fp32."""
+    model.eval()
+    split = load_data(args, "test")
+    tf = None if split.images is not None else common.eval_transform(round(args.image_size * 256 / 224), args.image_size)
+    emb, labels = common.embed(lambda x: model(x)[0], split, device, workers=args.workers, transform=tf,
+                               batch_size=256 if args.arch == "resnet50" else 1024)
+    return {"emb": emb, "labels": labels}
 
 
 def evaluate(model, args, device):
-    """Test-set retrieval metrics (percent) of the base embedding z only (test cost = baseline)."""
-    split = load_split(args, "test")
-    model.eval()
-    use_amp = args.amp and torch.device(device).type == "cuda"
-
-    def fn(x):
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-            return model(x)[0]
-
-    tf = None if split.images is not None else common.eval_transform(round(args.image_size * 256 / 224),
-                                                                         args.image_size)
-    out = common.embed(fn, split, device, batch_size=256 if args.arch == "resnet50" else 1024,
-                       workers=args.workers, transform=tf)
-    return common.retrieval_metrics(out[0].float(), out[-1])
+    """Test-set R@1/2/4/8, MAP@R and NMI (percent) of the base embedding z only (test cost = baseline)."""
+    out = embeddings(model, args, device)
+    return common.retrieval_metrics(out["emb"], out["labels"])
 
 
-def _atomic_save(obj, path):
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+# ================================================================================================ run bookkeeping
+# The same text in s2sd.py, camd.py, spkd.py and isd.py (test_smoke.py checks): edit the four copies together.
+class RunError(Exception):
+    """Bad input, or a run that cannot go on: main() prints the message as one line and exits with 2."""
 
 
-class _Batches:
-    """Batch sampler whose list is swapped each epoch; iterated in the main process, so persistent
-    DataLoader workers see the new batches."""
-
-    def __init__(self):
-        self.batches = []
-
-    def __iter__(self):
-        return iter(self.batches)
-
-    def __len__(self):
-        return len(self.batches)
-
-
-# ----------------------------------------------------------------------------------------------- main
-def main():
-    try:
-        args = get_args()
-        run(args)
-    except (ValueError, common.DatasetError) as e:
-        print(f"error: {e}", file=sys.stderr)
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own complaints: one line and exit 2, like every other bad input
+        print(f"error: {message} (see --help)", file=sys.stderr)
         sys.exit(2)
 
 
-def run(args):
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else (
-            "mps" if torch.backends.mps.is_available() else "cpu")
-    device = torch.device(args.device)
-    cuda = device.type == "cuda"
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    if args.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    if cuda:
+def number(kind, low, high=math.inf, low_open=False):
+    """argparse type: an int or float in [low, high] ((low, high] with low_open); nan and inf refused."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if not ((low < value) if low_open else (low <= value)) or not value <= high or value == math.inf:
+            raise argparse.ArgumentTypeError(f"must be {'>' if low_open else '>='} {low}"
+                                             + (f" and <= {high}" if high < math.inf else "") + f", got {text}")
+        return value
+    return parse
+
+
+def preset(key):
+    """' (preset: digits 6, cub 150)': what each --dataset preset gives `key`, for a help string."""
+    given = [f"{name} {values[key]}" for name, values in PRESETS.items() if values.get(key) is not None]
+    return f" (preset: {', '.join(given)})" if given else ""
+
+
+DEFAULTS = dict(dataset="digits", data_root="./data", seed=0, device="auto", workers=4, channels_last=True,
+                compile=False, eval_every=1, log_every=50, save_dir="runs", deterministic=False)
+EXPERIMENT_FLAGS = [  # flag, argparse type (bool: --x/--no-x), help; none has an argparse default (resolve_args)
+    ("--dataset", list(PRESETS), "the data and the preset that goes with it (default digits: offline, ~1 min on CPU)"),
+    ("--data-root", str, "folder with one folder per dataset; --dataset folder: your image folder (default ./data)"),
+    ("--epochs", number(int, 1), "training epochs"), ("--batch-size", number(int, 2), "global batch size"),
+    ("--lr", number(float, 0, low_open=True), "learning rate"), ("--weight-decay", number(float, 0), "weight decay"),
+    ("--image-size", number(int, 8), "training resolution in pixels"),
+    ("--seed", number(int, 0), "seeds the weights, the data order and every augmentation (default 0)"),
+    ("--device", ["auto", "cuda", "mps", "cpu"], "default auto: cuda, else mps, else cpu"),
+    ("--workers", number(int, 0), "DataLoader workers for image files (small images stay on the device; default 4)"),
+    ("--amp", bool, "bf16 autocast in training (default: on with CUDA); --no-amp = the papers' fp32; eval is fp32"),
+    ("--channels-last", bool, "channels_last memory format on CUDA (default on; no effect elsewhere)"),
+    ("--compile", bool, "torch.compile the trained network (default off)"),
+    ("--eval-every", number(int, 0), "evaluate every N epochs; 0 = only at the end (default 1)"),
+    ("--log-every", number(int, 1), "a log line every N steps (default 50)"),
+    ("--save-dir", str, "where run folders go (default runs)"),
+    ("--run-name", str, "run folder under --save-dir (default from the flags; a taken name gets -2, -3, ...)"),
+    ("--max-steps", number(int, 1), "stop after N optimizer steps in all (smoke tests, benchmarks; default none)"),
+    ("--deterministic", bool, "deterministic kernels and no cudnn.benchmark (default off)"),
+    ("--resume", str, "a run's last.pt: continue that run in its folder; flags not given are taken from it"),
+    ("--tensorboard", bool, "TensorBoard logs in the run folder (default: on when tensorboard is installed)")]
+RESUME_MAY_CHANGE = ("resume", "max_steps", "device", "workers", "log_every", "data_root", "save_dir", "run_name",
+                     "tensorboard", "compile")
+
+
+def experiment_args(p):
+    g = p.add_argument_group("experiment")
+    for flag, kind, text in EXPERIMENT_FLAGS:
+        text += preset(flag[2:].replace("-", "_"))
+        if kind is bool:
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
+        else:
+            g.add_argument(flag, **({"choices": kind} if isinstance(kind, list) else {"type": kind}), help=text)
+
+
+def resolve_args(args):
+    """Fill each flag not given from --resume's checkpoint, else the --dataset preset, else DEFAULTS; refuse a
+    given flag that contradicts the checkpoint, and paths that cannot work."""
+    if args.resume is not None:
+        for key, saved in load_checkpoint(args.resume)["args"].items():
+            given = getattr(args, key, None)
+            if given is None and key not in ("max_steps", "run_name"):  # a resumed run goes on to the end
+                setattr(args, key, saved)
+            elif key not in RESUME_MAY_CHANGE and json.dumps(given) != json.dumps(saved):
+                raise RunError(f"--resume {args.resume} was trained with --{key.replace('_', '-')} {saved}, not "
+                               f"{given}: drop the flag to continue that run, or start a new one")
+    for key, value in {**DEFAULTS, **PRESETS[args.dataset or DEFAULTS["dataset"]]}.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, json.loads(json.dumps(value)))  # a copy: presets hold lists
+    if args.run_name is not None and (os.path.basename(args.run_name) != args.run_name or args.run_name in ("", ".", "..")):
+        raise RunError(f"--run-name {args.run_name}: must be a plain folder name (it is created inside --save-dir)")
+    for flag, path in (("--save-dir", args.save_dir), ("--data-root", args.data_root)):
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise RunError(f"{flag} {path} is a file, not a folder")
+    return args
+
+
+def setup(args):
+    """Device, torchrun's process group (where the script supports it), seed, backend flags -> (device, rank, world)."""
+    world, rank, local = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
+    if world > 1 and not DATA_PARALLEL:
+        raise RunError(f"{METHOD}.py trains on one process: start it with python, not torchrun")
+    kind = args.device if args.device != "auto" else (
+        "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
+    if (kind == "cuda" and not torch.cuda.is_available()) or (kind == "mps" and not torch.backends.mps.is_available()):
+        raise RunError(f"--device {kind}: there is no such device on this machine; use --device cpu (or auto)")
+    device = torch.device(f"cuda:{local}" if kind == "cuda" else kind)
+    if kind == "cuda":
+        torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = not args.deterministic
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    config = dict(vars(args), torch=torch.__version__, torchvision=torchvision.__version__,
-                  device_name=torch.cuda.get_device_name(device) if cuda else args.device)
-    print("config: " + json.dumps(config, sort_keys=True))
-    train = load_split(args, "train")
-    load_split(args, "test")  # fail early on a missing test split
-    run_dir = os.path.join(args.save_dir, args.run_name)
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "config.json"), "w") as f:
-        json.dump(config, f, indent=1, sort_keys=True)
-    try:
-        model = EmbeddingNet(args.arch, args.embed_dim, args.target_dims, args.in_channels, args.pretrained,
-                             args.freeze_bn).to(device)
-    except Exception as e:  # weight download failure (offline machine)
-        raise ValueError(f"could not build {args.arch} with ImageNet weights ({e}); use --no-pretrained")
-    if cuda and args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    n_classes = int(train.labels.max()) + 1
-    margin = args.loss in ("margin", "rmargin")
-    betas = nn.ParameterList([nn.Parameter(torch.full((n_classes,), args.margin_beta, device=device))
-                              for _ in range(1 + len(args.target_dims))] if margin else [])
-    # Code: backbone + embedding with weight decay; aux heads and loss parameters without (Sec. 4.2).
-    groups = [dict(params=list(model.body.parameters()) + list(model.embed.parameters()),
-                   weight_decay=args.weight_decay),
-              dict(params=list(model.aux.parameters()), weight_decay=0.0),
-              dict(params=list(betas.parameters()), lr=args.beta_lr, weight_decay=0.0)]
-    optimizer = torch.optim.Adam([g for g in groups if g["params"]], lr=args.lr)
-    fwd = torch.compile(model) if args.compile else model
+    torch.use_deterministic_algorithms(args.deterministic, warn_only=True)
+    if world > 1 and not dist.is_initialized():  # (a teacher trained first runs setup twice)
+        dist.init_process_group("nccl" if kind == "cuda" else "gloo", timeout=datetime.timedelta(hours=2))
+    args.amp = kind == "cuda" if args.amp is None else args.amp
+    torch.manual_seed(args.seed)
+    return device, rank, world
 
-    epoch, next_batch, step, history = 0, 0, 0, []
-    if args.resume:
+
+def seed_step(args, step, rank=0):
+    """Step `step` (0-based: epoch e, batch j -> e * batches per epoch + j) draws its randomness (views, sampling) from
+    its own seed: a resumed run takes exactly the steps of the uninterrupted one, and every rank draws its own views."""
+    torch.manual_seed(((args.seed * 1_000_003 + step) * 1_009 + rank) % 2**63)
+
+
+def autocast(args, device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
+
+
+def memory_format(args, device):
+    return torch.channels_last if args.channels_last and device.type == "cuda" else torch.contiguous_format
+
+
+def why(error):
+    """The first line of an exception's message (its type when the message is empty), for a one-line error."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+
+
+def atomic_save(obj, path, text=False):
+    """Write to a temporary file, then rename: a crash never leaves a half-written file (text: a str)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    if text:
+        with open(tmp, "w") as f:
+            f.write(obj)
+    else:
+        torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def start_run(args, device, rank):
+    """The run folder (a fresh one under --save-dir, or --resume's own), config.json and TensorBoard (rank 0)."""
+    run = dict(dir=None, history=[], tb=None, t0=time.time(), rank=rank)
+    if rank != 0:
+        return run
+    run["dir"] = os.path.dirname(os.path.abspath(args.resume)) if args.resume else new_run_folder(args)
+    if not os.access(run["dir"], os.W_OK):
+        raise RunError(f"cannot write to the run folder {run['dir']}")
+    git = shutil.which("git") and subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                                 cwd=os.path.dirname(os.path.abspath(__file__)))
+    config = dict(vars(args), method=METHOD, torch=torch.__version__, torchvision=torchvision.__version__,
+                  device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+                  git_commit=git.stdout.strip() if git and git.returncode == 0 else None)
+    print("config: " + json.dumps(config, sort_keys=True), flush=True)
+    atomic_save(json.dumps(config, indent=1, sort_keys=True), os.path.join(run["dir"], "config.json"), text=True)
+    if args.tensorboard is not False:
         try:
-            ck = torch.load(args.resume, map_location=device, weights_only=False)
-            assert ck.get("method") == "s2sd", "not an s2sd checkpoint"
-            model.load_state_dict(ck["model"])
-            betas.load_state_dict(ck["betas"])
-            optimizer.load_state_dict(ck["optimizer"])
-        except Exception as e:
-            raise ValueError(f"cannot resume from {args.resume}: {str(e).splitlines()[0]}")
-        epoch, next_batch, step, history = ck["epoch"], ck["next_batch"], ck["step"], ck["history"]
-        torch.set_rng_state(ck["rng"]["torch"])
-        random.setstate(ck["rng"]["python"])
-        if cuda and ck["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(ck["rng"]["cuda"])
-        print(f"resumed from {args.resume} at epoch {epoch}, batch {next_batch}, step {step}")
+            from torch.utils.tensorboard import SummaryWriter
+            run["tb"] = SummaryWriter(run["dir"])
+        except ImportError:
+            if args.tensorboard:
+                raise RunError("--tensorboard: the tensorboard package is not installed (pip install tensorboard)")
+    return run
 
-    def save_last(ep, nb):
-        rng = dict(torch=torch.get_rng_state(), python=random.getstate(),
-                   cuda=torch.cuda.get_rng_state(device) if cuda else None)
-        _atomic_save(dict(method="s2sd", args=vars(args), model=model.state_dict(), betas=betas.state_dict(),
-                          optimizer=optimizer.state_dict(), epoch=ep, next_batch=nb, step=step,
-                          history=history, rng=rng), os.path.join(run_dir, "last.pt"))
 
-    # Data: tensor datasets live on the device (batched aug); image files go through a DataLoader.
-    cpb = args.batch_size // args.samples_per_class
-    if train.images is not None:
-        images, labels_dev = common.to_device(train, device)
-        loader = None
-    else:
-        sampler = _Batches()
-        loader = common.make_loader(common.ImageFiles(train.paths, train.labels,
-                                                      common.dml_train_transform(args.image_size)),
-                                    None, False, args.workers, batch_sampler=sampler)
+def new_run_folder(args):
+    """--save-dir/--run-name, or the first free name-2, name-3, ...: never another run's folder."""
+    base = os.path.join(args.save_dir, args.run_name)
+    for path in (base if i == 1 else f"{base}-{i}" for i in itertools.count(1)):
+        try:
+            os.makedirs(args.save_dir, exist_ok=True)
+            os.mkdir(path)  # atomic: two runs started at once with one name still get two folders
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise RunError(f"--save-dir {args.save_dir}: cannot create a run folder there ({e.strerror})")
+        if path != base:
+            print(f"note: {base} holds another run; this run writes to {path}")
+        return path
 
-    def batches_of(ep):
-        g = torch.Generator().manual_seed(args.seed * 100003 + ep)  # epoch-seeded: resume-exact
-        return common.class_balanced_batches(train.labels, cpb, args.samples_per_class, generator=g)
 
-    def get_batch(idx):
-        x = images[idx]
-        if args.dataset == "synthetic":  # RandomResizedCrop + flip, as the real-image train transform
-            x = common.random_hflip(common.random_resized_crop(x, args.image_size))
-        return common.normalize(x, train.mean, train.std), labels_dev[idx]
-
-    steps_per_epoch = len(batches_of(0))
-    total_steps = min(args.epochs * steps_per_epoch, args.max_steps or 10**12)
-    use_amp = args.amp and cuda
-    comp_sum = torch.zeros(len(COMPONENTS), device=device, dtype=torch.float64)
-    bad_step = torch.full((len(COMPONENTS),), -1, device=device, dtype=torch.long)
-    n_logged, t_start, t_log, step_log = 0, time.time(), time.time(), step
-    t_end = None
-    warm_step, t_warm, clock = None, None, {"eval": 0.0}  # eval time is excluded from images/s
-    final = None
-
-    def check_finite():
-        bad = (bad_step >= 0).nonzero()
-        if len(bad):
-            j = int(bad[0])
-            print(f"error: non-finite {COMPONENTS[j]} loss at step {int(bad_step[j])}", file=sys.stderr)
-            sys.exit(2)
-
-    def do_eval(ep):
-        t0 = time.time()
-        with torch.random.fork_rng(devices=[device] if cuda else []):  # eval never moves the train RNG
-            met = evaluate(model, args, device)
-        clock["eval"] += time.time() - t0
-        el = time.time() - t_start
-        rec = dict(epoch=ep + 1, step=step, **met, elapsed_s=round(el, 2),
-                   images_per_s=round(args.batch_size * max(step - start_step, 0) / max(el, 1e-9), 2))
-        history.append(rec)
-        with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(rec) + "\n")
-        print("eval  epoch %d step %d  " % (ep + 1, step) + "  ".join(f"{k} {v:.2f}" for k, v in met.items()))
-        return met
-
-    start_step = step
-    stop = step >= total_steps
+def load_checkpoint(path, keys=("method", "args", "model", "optimizer", "scheduler", "epoch", "batch", "step")):
+    """A checkpoint of this script, checked before use: RunError naming the file and what is wrong."""
+    if not os.path.isfile(path):
+        raise RunError(f"--resume {path}: no such file")
     try:
-        while epoch < args.epochs and not stop:
-            all_b = batches_of(epoch)
-            model.train()
-            if loader is None:
-                it = (get_batch(b.to(device)) for b in all_b[next_batch:])
-            else:
-                sampler.batches = all_b[next_batch:].tolist()
-                it = ((x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in loader)
-            for x, y in it:
-                if cuda and args.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                    z, u, u_a = fwd(x)
-                    loss, comps = s2sd_loss(args, model, z, u, u_a, y, betas, step)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                comps = comps.detach().double()
-                comp_sum += comps
-                bad_step = torch.where(~torch.isfinite(comps) & (bad_step < 0), step + 1, bad_step)
-                step, next_batch, n_logged = step + 1, next_batch + 1, n_logged + 1
-                if warm_step is None and step - start_step == min(2, max(total_steps - start_step - 1, 1)):
-                    if cuda:
-                        torch.cuda.synchronize()
-                    warm_step, t_warm = step, time.time() - clock["eval"]  # steady state starts here
-                if step % args.log_every == 0 or step == total_steps:
-                    check_finite()
-                    now = time.time() - clock["eval"]
-                    ips = args.batch_size * (step - step_log) / max(now - t_log, 1e-9)
-                    c = (comp_sum / max(n_logged, 1)).tolist()
-                    eta = (total_steps - step) * (now - t_log) / max(step - step_log, 1)
-                    print(f"epoch {epoch + 1} step {step}/{total_steps} " + " ".join(
-                        f"{k} {v:.4f}" for k, v in zip(COMPONENTS, c)) +
-                          f" lr {args.lr:.1e} img/s {ips:.1f} eta {eta / 60:.1f}m", flush=True)
-                    comp_sum.zero_()
-                    n_logged, t_log, step_log = 0, now, step
-                if step >= total_steps:
-                    stop = True
-                    if cuda:
-                        torch.cuda.synchronize()
-                    t_end = time.time() - clock["eval"]
-                    break
-            check_finite()
-            if next_batch >= len(all_b):
-                epoch, next_batch = epoch + 1, 0
-                last = epoch == args.epochs or stop
-                if last or epoch % args.eval_every == 0:
-                    final = do_eval(epoch - 1)
-            save_last(epoch, next_batch)
-    except KeyboardInterrupt:
-        save_last(epoch, next_batch)
-        print(f"interrupted: wrote {os.path.join(run_dir, 'last.pt')} (continue with --resume)", file=sys.stderr)
-        sys.exit(130)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+        raise RunError(f"--resume {path}: not a readable checkpoint ({why(e)})")
+    if not isinstance(ckpt, dict) or ckpt.get("method") != METHOD:
+        raise RunError(f"--resume {path}: not a checkpoint of {METHOD}.py")
+    missing = [k for k in keys if k not in ckpt] + ([] if isinstance(ckpt.get("args"), dict) else ["args"])
+    if missing:
+        raise RunError(f"--resume {path}: lacks {', '.join(missing)} (resume from a run's last.pt, not its model.pt)")
+    return ckpt
 
-    if cuda:
-        torch.cuda.synchronize()
-    if history and history[-1]["step"] == step:
-        final = {k: history[-1][k] for k in history[-1] if k not in ("epoch", "step", "elapsed_s", "images_per_s")}
+
+def resume(args, run, model, optimizer, scheduler):
+    """Load --resume's last.pt into the model, optimizer and schedule; returns (epoch, batch, step) to go on from."""
+    if args.resume is None:
+        return 0, 0, 0
+    ckpt = load_checkpoint(args.resume)
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise RunError(f"--resume {args.resume} does not fit this model: {why(e)}")
+    run["history"] = list(ckpt.get("history", []))
+    print(f"resumed {args.resume} at epoch {ckpt['epoch'] + 1}, batch {ckpt['batch']}, step {ckpt['step']}")
+    return ckpt["epoch"], ckpt["batch"], ckpt["step"]
+
+
+def final_metrics(run):
+    """The last evaluation's metrics, without its bookkeeping fields (model.pt's "metrics")."""
+    return {k: v for k, v in run["history"][-1].items() if k not in ("epoch", "step", "elapsed_s", "images_per_s")}
+
+
+def save_checkpoint(args, run, name, model, **state):
+    """last.pt (all --resume needs; randomness is re-derived from seed and step) or model.pt (eval.py's contract)."""
+    if run["dir"] is not None:
+        atomic_save(dict(method=METHOD, args=vars(args), model=model.state_dict(), history=run["history"], **state),
+                    os.path.join(run["dir"], name))
+
+
+class Meter:
+    """What the loop measures without a host sync inside a step: loss sums stay on the device and are read every
+    --log-every steps and before each checkpoint, where a non-finite component is reported with its 1-based step.
+    images/s is the steady state (images after the warm-up steps over their time, evaluation time excluded by
+    paused()), the same number on stdout, in metrics.jsonl and in TensorBoard."""
+
+    def __init__(self, args, run, device, step, total):
+        self.args, self.run, self.device, self.total = args, run, device, total
+        self.warm = step + max(1, min(10, (total - step) // 5))  # the first steps compile, allocate, warm caches
+        self.sums = self.bad = self.t_warm = None
+        self.count, self.images, self.t_paused = 0, 0, 0.0
+
+    def add(self, losses, images, epoch, step, lr):
+        """After each optimizer step: {name: 0-dim loss}, images in the global batch, 0-based epoch, 1-based step."""
+        values = torch.stack([v.detach().float() for v in losses.values()])
+        if self.sums is None:
+            self.names, self.sums, self.bad = list(losses), torch.zeros_like(values), torch.full_like(values, -1)
+        self.sums += values
+        self.bad = torch.where((self.bad < 0) & ~torch.isfinite(values), float(step), self.bad)
+        self.count += 1
+        if step == self.warm:
+            self.t_warm, self.t_paused, self.images = self.sync(), 0.0, 0
+        elif self.t_warm is not None:
+            self.images += images
+        if step % self.args.log_every == 0 or step == self.total:
+            self.check()
+            ips, mean = self.images_per_s(), dict(zip(self.names, (self.sums / self.count).tolist()))
+            eta = f" | eta {(self.total - step) * self.args.batch_size / ips / 60:.1f} min" if ips else ""
+            if self.run["rank"] == 0:
+                print(f"epoch {epoch + 1} step {step}/{self.total} | " + " ".join(f"{n} {v:.4f}" for n, v in
+                      mean.items()) + f" | lr {lr:.3g} | {ips or 0:.1f} img/s{eta}", flush=True)
+            tensorboard(self.run, "train/", {**mean, "lr": lr, "images_per_s": ips or 0}, step)
+            self.sums.zero_()
+            self.count = 0
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.time()
+
+    def check(self):
+        """Host sync: RunError at the first non-finite loss component, naming it and its 1-based step."""
+        if self.bad is not None and bool((self.bad >= 0).any()):
+            step, name = min((s, n) for s, n in zip(self.bad.tolist(), self.names) if s >= 0)
+            raise RunError(f"non-finite {name} loss at step {step:.0f}; stopped (last.pt holds the last finished epoch)")
+
+    def images_per_s(self):
+        return self.images / max(self.sync() - self.t_warm - self.t_paused, 1e-9) if self.images else None
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Time inside (evaluation, checkpoints) is not training time."""
+        start = self.sync()
+        yield
+        self.t_paused += self.sync() - start
+
+    def peak_memory(self):
+        if self.device.type == "cuda":
+            return f"{torch.cuda.max_memory_allocated(self.device) / 2**30:.2f} GiB (CUDA, max allocated)"
+        return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (max RSS)"
+
+
+def tensorboard(run, prefix, values, step):
+    for name, value in values.items() if run["tb"] else ():
+        run["tb"].add_scalar(prefix + name, value, step)
+
+
+def log_eval(run, meter, epoch, step, metrics):
+    """One evaluation (1-based epoch): a line on stdout, a row in metrics.jsonl (rewritten atomically), TensorBoard."""
+    ips = meter.images_per_s()
+    run["history"].append(dict(epoch=epoch, step=step, **metrics, elapsed_s=round(time.time() - run["t0"], 1),
+                               images_per_s=None if ips is None else round(ips, 1)))
+    print(f"eval  epoch {epoch} step {step} | " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()), flush=True)
+    if run["dir"] is not None:
+        atomic_save("".join(json.dumps(r) + "\n" for r in run["history"]), os.path.join(run["dir"], "metrics.jsonl"),
+                    text=True)
+    tensorboard(run, "eval/", metrics, step)
+
+
+def print_summary(run, meter, references=()):
+    """The headline (the last evaluation), each metric's best epoch (chosen on the test set), speed, memory."""
+    last, rows, names = run["history"][-1], run["history"], list(final_metrics(run))
+    for label, metrics in references:
+        print(f"{label}: " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+    print(f"final (last epoch {last['epoch']}, step {last['step']}; the headline): "
+          + "  ".join(f"{k} {last[k]:.2f}" for k in names))
+    best = {k: max((r for r in rows if k in r), key=lambda r: r[k]) for k in names}
+    print("best epoch of each metric (chosen on the test set): "
+          + "  ".join(f"{k} {best[k][k]:.2f} (epoch {best[k]['epoch']})" for k in names))
+    ips = meter.images_per_s()
+    print(f"throughput {f'{ips:.1f} images/s (steady state)' if ips else 'not measured (too few steps)'}, peak memory "
+          f"{meter.peak_memory()}, wall {time.time() - run['t0']:.1f} s; run folder {run['dir']}")
+    if run["tb"]:
+        run["tb"].close()
+
+
+STOP = [False]  # set by a first Ctrl-C during training; the loop stops once the step in flight is done
+
+
+@contextlib.contextmanager
+def finish_step_on_ctrl_c():
+    """A first Ctrl-C lets the current step finish, so last.pt is exact; a second one stops at once."""
+    def handler(signum, frame):
+        if STOP[0]:
+            raise KeyboardInterrupt("second Ctrl-C: stopped without writing last.pt")
+        STOP[0] = True
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        STOP[0] = False
+
+
+def main(argv=None):
+    """Bad input: one line, exit 2. Ctrl-C: exit 130 (with a resumable last.pt once training has begun)."""
+    try:
+        run(get_args(argv))
+    except (RunError, common.DatasetError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt as e:
+        print(f"interrupted: {str(e) or 'before training started; nothing to resume'}", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+# ================================================================================================ end of bookkeeping
+
+
+# ------------------------------------------------------------------------------------------------ training
+def run(args):
+    device, rank, world = setup(args)
+    split = load_data(args, "train")
+    load_data(args, "test")  # a missing test split fails now, not after the first epoch
+    args.in_channels, args.num_classes = (split.images.shape[1] if split.images is not None else 3), split.num_classes
+    if len(split) < args.batch_size:
+        raise RunError(f"--batch-size {args.batch_size} is larger than the {len(split)} training images")
+    if split.images is not None:  # small images live on the device as uint8; batches are augmented there
+        data = dict(split=split, images=split.images.to(device), labels=split.labels.to(device))
     else:
-        final = do_eval(epoch - 1 if next_batch == 0 else epoch)
-    _atomic_save(dict(method="s2sd", args=vars(args), model=model.state_dict(), metrics=final),
-                 os.path.join(run_dir, "model.pt"))
-    if warm_step is not None and step > warm_step:
-        ips = args.batch_size * (step - warm_step) / ((t_end or time.time() - clock["eval"]) - t_warm)
-        mem = (f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB (cuda max allocated)" if cuda else
-               f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (max RSS)")
-        print(f"throughput: {ips:.1f} images/s over steps {warm_step + 1}-{step} (after warm-up); peak memory {mem}")
-    best = max(history, key=lambda r: r["R@1"]) if history else None
-    print("final (last epoch): " + "  ".join(f"{k} {v:.2f}" for k, v in final.items()))
-    if best is not None:
-        print(f"best epoch (chosen on the test set, the paper's convention): epoch {best['epoch']}  " +
-              "  ".join(f"{k} {best[k]:.2f}" for k in final))
-    print(f"saved {os.path.join(run_dir, 'model.pt')}")
+        data = dict(split=split, loader=common.make_loader(common.ImageFiles(
+            split.paths, split.labels, common.dml_train_transform(args.image_size, args.crop_scale)), args.workers))
+    run_ = start_run(args, device, rank)
+    try:
+        model = EmbeddingNet(args, pretrained=args.pretrained and not args.resume)
+    except OSError as e:  # the ImageNet weights cannot be downloaded (offline machine)
+        raise RunError(f"cannot download the ResNet-50 ImageNet weights ({e}); use --no-pretrained")
+    model = model.to(device, memory_format=memory_format(args, device))
+    # code: backbone + embedding with weight decay; aux heads and loss parameters without (Sec. 4.2)
+    optimizer = torch.optim.Adam([g for g in (
+        dict(params=[*model.body.parameters(), *model.embed.parameters()], weight_decay=args.weight_decay),
+        dict(params=list(model.aux.parameters()), weight_decay=0.0),
+        dict(params=list(model.betas.parameters()), lr=args.beta_lr, weight_decay=0.0)) if g["params"]], lr=args.lr)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[])  # constant lr (code)
+    epoch, batch, step = resume(args, run_, model, optimizer, scheduler)
+    net = torch.compile(model) if args.compile else model
+    with finish_step_on_ctrl_c():
+        meter = train(args, model, net, optimizer, scheduler, data, run_, device, epoch, batch, step)
+    save_checkpoint(args, run_, "model.pt", model, metrics=final_metrics(run_))
+    print_summary(run_, meter)
+
+
+def train(args, model, net, optimizer, scheduler, data, run, device, epoch, batch, step):
+    steps_per_epoch = len(data["split"]) // args.batch_size  # the released sampler: floor(N / B) batches
+    total = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
+    meter = Meter(args, run, device, step, total)
+    while epoch < args.epochs and step < total:
+        model.train()
+        for x, y in train_batches(args, data, epoch, batch, device):
+            with autocast(args, device):
+                losses = step_losses(net, x.contiguous(memory_format=memory_format(args, device)), y, step, args)  # METHOD
+            optimizer.zero_grad(set_to_none=True)
+            sum(losses.values()).backward()
+            optimizer.step()
+            step, batch = step + 1, batch + 1
+            meter.add(losses, len(y), epoch, step, optimizer.param_groups[0]["lr"])
+            if step >= total or STOP[0]:
+                break
+        meter.check()
+        if batch == steps_per_epoch:  # the epoch is complete
+            epoch, batch = epoch + 1, 0
+            scheduler.step()
+            if (args.eval_every and epoch % args.eval_every == 0) or epoch == args.epochs or step >= total:
+                with meter.paused():
+                    log_eval(run, meter, epoch, step, evaluate(model, args, device))
+        with meter.paused():
+            save_checkpoint(args, run, "last.pt", model, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                            epoch=epoch, batch=batch, step=step)
+        if STOP[0]:
+            last = os.path.join(run["dir"], "last.pt")
+            raise KeyboardInterrupt(f"wrote {last} after step {step}; continue with --resume {last}")
+    if not run["history"] or run["history"][-1]["step"] != step:  # stopped inside an epoch, or resumed a finished run
+        log_eval(run, meter, epoch + 1 if batch else epoch, step, evaluate(model, args, device))
+    return meter
 
 
 if __name__ == "__main__":

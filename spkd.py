@@ -1,149 +1,144 @@
 """SP: Similarity-Preserving Knowledge Distillation.
 
-Paper: F. Tung and G. Mori, "Similarity-Preserving Knowledge Distillation", ICCV 2019.
-https://arxiv.org/abs/1907.09682 . Benchmark code: HobbitLong/RepDistiller (distiller_zoo/SP.py, train_student.py).
+F. Tung and G. Mori, "Similarity-Preserving Knowledge Distillation", ICCV 2019. https://arxiv.org/abs/1907.09682
+Benchmark code: HobbitLong/RepDistiller (distiller_zoo/SP.py, train_student.py).
 
 Idea: inputs with similar teacher activations should get similar student activations. Per batch, the student's
 b x b Gram matrix of flattened activation maps, row-L2-normalised (G, Eq. 2-3), must match the teacher's (Eq. 4).
-Only pairwise similarities transfer: widths/sizes may differ, rotating the teacher's channels changes nothing.
+Only pairwise similarities transfer, so widths and map sizes may differ. The algorithm: step_losses().
 
 Usage:
-    python spkd.py                                   # digits preset, CPU, < 1 min (teacher trained + cached)
-    python spkd.py --dataset cifar100                # RepDistiller recipe, resnet32x4 -> resnet8x4, gamma 3000
-    python spkd.py --dataset cifar100 --teacher-path resnet32x4_vanilla/ckpt_epoch_240.pth
-    python spkd.py --dataset cifar10                 # paper Sec. 3.1: WRN-40-2 -> WRN-16-2
-    python spkd.py --dataset cifar100 --kd-weight 0 --sp-weight 0   # vanilla student (KD: --ce-weight 0.1 --kd-weight 0.9)
-    python spkd.py --dataset synthetic --max-steps 50                        # throughput (random teacher)
+    python spkd.py                                  # digits preset, CPU, ~1 min (the teacher is trained + cached first)
+    python spkd.py --dataset cifar10                # paper Sec. 4.1: WRN-40-2 -> WRN-16-2, gamma 3000
+    python spkd.py --dataset cifar100 --teacher-path resnet32x4_vanilla/ckpt_epoch_240.pth   # RepDistiller pair
+    python spkd.py --dataset cifar100 --sp-weight 0 --ce-weight 0.1 --kd-weight 0.9          # the KD baseline
+    python spkd.py --dataset cifar100 --sp-weight 0                                          # the vanilla student
+    python spkd.py --dataset folder --data-root DIR # your images: DIR/train/<class>/, DIR/val/<class>/
+    python spkd.py --dataset synthetic --max-steps 50   # throughput (random teacher)
     python eval.py runs/<run>/model.pt
 
 Implementation details:
  1. L_SP (Eq. 2-4) = sum over layer pairs of ||G_T - G_S||_F^2 / b^2 with G = F.normalize(Q Q^T, dim=1), the
-    row-wise normalisation of RepDistiller distiller_zoo/SP.py ("verified by original author"). fp32 with
-    autocast off: Q Q^T over 16k-dim rows overflows fp16 and loses precision in bf16.
- 2. --sp-layers last (default; paper Sec. 3.1 found per-block pairs no better): the last stage's map before
-    pooling (RepDistiller feat[-2]): WRN block3 output BEFORE the final BN-ReLU, ResNet/VGG post-ReLU.
-    --sp-layers all sums Eq. 4 over every stage end (needs equal stage counts).
- 3. Loss = ce_weight * CE + kd_weight * T^2 * KL(p_t || p_s) + sp_weight * L_SP: Eq. 5 plus an optional Hinton
-    term exactly as RepDistiller (gamma*CE + alpha*KD + beta*SP; its SP runs use -r 1 -a 0 -b 3000, T 4;
-    KL summed over classes, mean over the batch). Teacher in eval mode under no_grad.
- 4. Teacher: --teacher-path (this repo's model.pt, the benchmark's {"model","epoch","accuracy","optimizer"}
-    pickle, or a bare state_dict; strict load), else trained here with CE under the same preset and cached in
-    <save-dir>/teachers/. Its test metrics are printed before distillation.
- 5. CIFAR zoo = RepDistiller models/{resnet,wrn,vgg}.py (names, shapes, init, forward): benchmark teachers
-    load strictly and give identical logits. torchvision resnet18/34/50 for large images.
- 6. Data on the device; per batch 4-px zero-pad crop + flip, normalise (RepDistiller CIFAR transform), no
-    drop_last. SGD; lr x decay for 1-indexed epochs > milestone (RepDistiller) == MultiStepLR stepped per epoch.
- 7. Metrics (CAMD protocol, so SP and CAMD compare): top-1 / error; Rank-1/Rank-2 retrieval on the test set
-    (query excluded) with the pooled feature averaged over image + flip, then L2-normalised.
+    row-wise normalisation of RepDistiller distiller_zoo/SP.py; fp32 with autocast off (Q Q^T over 16k-dim rows
+    overflows fp16 and loses precision in bf16).
+ 2. --sp-layers last (paper Sec. 4.1: per-block pairs gave no improvement): the last stage's map before pooling
+    (RepDistiller feat[-2]): the WRN block3 output BEFORE the final BN-ReLU, ResNet/VGG post-ReLU.
+ 3. Loss = ce_weight CE + kd_weight T^2 KL(p_t || p_s) + sp_weight L_SP: Eq. 5 plus an optional Hinton term exactly
+    as RepDistiller (gamma CE + alpha KD + beta SP; its SP runs use -r 1 -a 0 -b 3000, T 4; KL summed over classes,
+    mean over the batch). Teacher in eval mode under no_grad. KD baseline (paper): 0.1 CE + 0.9 KD, T 4.
+ 4. Teacher: --teacher-path (this repo's model.pt, the benchmark's {"model", "epoch", "accuracy", "optimizer"} pickle,
+    or a bare state_dict; strict load), else trained here with CE under the same recipe and cached in
+    runs/teachers/ under a name that camd.py shares (a teacher trained by either is reused by the other).
+ 5. CIFAR zoo = RepDistiller models/{resnet,wrn,vgg}.py (names, shapes, init, forward): the benchmark's teachers
+    load strictly and give the same logits. torchvision resnet18/34/50 for large images.
+ 6. Data on the device; per batch a 4-px pad-crop + flip, normalise, no drop_last: CIFAR-100 pads with zeros
+    (RepDistiller), CIFAR-10 with reflection (the WRN protocol the paper follows: attention-transfer cifar.py
+    Pad(4, padding_mode='reflect')). SGD; lr x decay at the start of each milestone epoch (1-indexed epochs
+    milestone + 1, as RepDistiller).
+ 7. Metrics (CAMD's protocol, so SP and CAMD compare): top-1 (error = 100 - top-1); Rank-1 / Rank-2 on the test
+    set (query excluded) with the pooled feature averaged over image + flip, then L2-normalised; fp32.
 
 Deviations:
  - sp_loss returns a 0-dim tensor (RepDistiller: shape [1]). Seeds are set (RepDistiller set none).
- - Paper Eq. 1 writes KD as (1-a) CE + 2a T^2 CE(soft); we use the benchmark's weights * T^2 KL form.
- - cifar100 lr 0.01 for MobileNet/ShuffleNet students (RepDistiller) does not apply: not in this zoo.
- - Global pooling covers the whole map (== official AvgPool2d(8) at 32 px; also valid at other sizes).
+ - Paper Eq. 1 writes KD as (1-a) CE + 2a T^2 CE(soft); we use the benchmark's weight * T^2 KL form.
+ - Weight decay 5e-4 on CIFAR-10 is the WRN / attention-transfer code's value; the paper does not state it.
+ - CIFAR-100 lr 0.01 for MobileNet/ShuffleNet students (RepDistiller) does not apply: not in this zoo.
+ - Global pooling over the whole map (== the official AvgPool2d(8) at 32 px; also valid at other sizes).
+ - bf16 autocast on CUDA (the papers: fp32; --no-amp). Offline presets (digits, fashionmnist) are ours.
 
-Measured results (idle 2-core AMD EPYC CPU, torch 2.15, default threads, seed 0; last epoch).
-`python spkd.py` (digits, resnet14 -> resnet8, 5 + 8 epochs, 49.5 s wall incl. the teacher): teacher top-1
-88.61 / Rank-1 93.33; SP student top-1 89.44, error 10.56, Rank-1 90.00, Rank-2 94.17; vanilla student
-(--kd-weight 0 --sp-weight 0) 92.78 / 94.44 / 96.39 (a toy teacher: SP does not help on digits).
-`python spkd.py --dataset synthetic --max-steps 10 --log-every 5` (resnet32x4 -> resnet8x4, batch 64, 32 px,
-random teacher): CE (--kd-weight 0 --sp-weight 0) 233.9, KD (--ce-weight 0.1 --kd-weight 0.9 --sp-weight 0) 99.8,
-SP 96.0 img/s: SP costs +4% over KD (the teacher's forward pass is KD's cost; sp_loss fwd+bwd on 64x256x8x8
-alone: 20.7 ms, measured on a loaded machine). No CIFAR runs here (no GPU); paper: CIFAR-10 WRN-40-2 ->
-WRN-16-2 error 5.52; RepDistiller CIFAR-100 resnet32x4 -> resnet8x4 SP top-1 72.94 (as reported by CRD).
+Paper (Table 2, CIFAR-10, median top-1 error of 5 runs): WRN-16-2 <- WRN-40-2: 5.52 (KD 5.71, student 6.26).
+RepDistiller CIFAR-100 resnet32x4 -> resnet8x4 (as reported by CRD): SP 72.94, KD 73.33, student 72.50.
+Measured here (README "Results"): MEASURED_PLACEHOLDER
 """
 import argparse
-import functools
+import contextlib
+import datetime
+import hashlib
+import itertools
 import json
 import math
 import os
+import pickle
 import resource
+import shutil
+import signal
 import subprocess
 import sys
 import time
+import zipfile
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
 import common
 
-_COMMON = dict(momentum=0.9, weight_decay=5e-4, ce_weight=1.0, kd_weight=0.0, kd_T=4.0, sp_weight=3000.0)
-PRESETS = {  # _COMMON: SGD 0.9, wd 5e-4 (paper Sec. 3.1 and RepDistiller); Eq. 5 = CE + 3000 * L_SP; KD T 4
-    "cifar10": dict(_COMMON, teacher_arch="wrn_40_2", student_arch="wrn_16_2",  # paper Table 2, row 3
-                    epochs=200, batch_size=128, lr=0.1, nesterov=True,  # paper Sec. 3.1 (WRN protocol [40])
-                    lr_milestones=[60, 120, 160], lr_decay=0.2),  # paper Sec. 3.1
-    "cifar100": dict(_COMMON, teacher_arch="resnet32x4", student_arch="resnet8x4",  # RepDistiller run_cifar_distill.sh
-                     epochs=240, batch_size=64, lr=0.05, nesterov=False,  # RepDistiller train_student.py defaults
-                     lr_milestones=[150, 180, 210], lr_decay=0.1),  # ibid.; SP line: -r 1 -a 0 -b 3000
-    "digits": dict(_COMMON, teacher_arch="resnet14", student_arch="resnet8", teacher_epochs=5,  # ours: offline smoke,
-                   epochs=8, batch_size=64, lr=0.05, nesterov=False, lr_milestones=[6], lr_decay=0.1),  # < 60 s CPU
-    "synthetic": dict(_COMMON, teacher_arch="resnet32x4", student_arch="resnet8x4", teacher_epochs=0,  # ours: speed,
-                      epochs=2, batch_size=64, lr=0.05, nesterov=False, lr_milestones=[150, 180, 210], lr_decay=0.1,
-                      synthetic_size=[1024, 100, 32]),  # benchmark pair at 32 px, batch 64 (--max-steps <= 32)
+METHOD, DATA_PARALLEL = "spkd", False
+CE_ONLY = dict(ce_weight=1.0, kd_weight=0.0, sp_weight=0.0)  # how this script trains a teacher (or a vanilla student)
+_SP = dict(ce_weight=1.0, kd_weight=0.0, kd_T=4.0, sp_weight=3000.0, sp_layers="last",  # Eq. 5, gamma 3000 (Sec. 4.1);
+           momentum=0.9, weight_decay=5e-4, crop_padding=4, workers=0, eval_every=1)  # RepDistiller -r 1 -a 0 -b 3000
+_CIFAR100 = dict(_SP, teacher_arch="resnet32x4", student_arch="resnet8x4", image_size=32, pad_mode="constant",
+                 epochs=240, batch_size=64, lr=0.05, nesterov=False,  # RepDistiller train_student.py (kd_cifar.md)
+                 lr_milestones=[150, 180, 210], lr_decay=0.1, log_every=100)
+PRESETS = {
+    "cifar10": dict(_SP, teacher_arch="wrn_40_2", student_arch="wrn_16_2", image_size=32,  # paper Table 2, row 3
+                    epochs=200, batch_size=128, lr=0.1, nesterov=True,  # paper Sec. 4.1 (the WRN protocol [40])
+                    lr_milestones=[60, 120, 160], lr_decay=0.2, pad_mode="reflect", log_every=100),  # ibid.; AT code
+    "cifar100": _CIFAR100,
+    # Offline presets (ours). The teacher recipe matches camd.py's presets, so both scripts share its teacher.
+    "digits": dict(_SP, teacher_arch="resnet14", student_arch="resnet8", image_size=32, pad_mode="constant",
+                   teacher_epochs=5, epochs=8, batch_size=64, lr=0.05, nesterov=False, lr_milestones=[6],
+                   lr_decay=0.1, log_every=50),
+    "fashionmnist": dict(_SP, teacher_arch="resnet20", student_arch="resnet8", image_size=28, pad_mode="constant",
+                         teacher_epochs=4, epochs=4, batch_size=64, lr=0.05, nesterov=False,
+                         lr_milestones=[3], lr_decay=0.1, train_subset=10000, log_every=100),
+    "folder": dict(_SP, teacher_arch="resnet34", student_arch="resnet18", image_size=224, pad_mode="constant",
+                   pretrained=True, epochs=30, batch_size=64, lr=0.01, nesterov=False, lr_milestones=[20, 25],
+                   lr_decay=0.1, workers=8, log_every=50),  # ours: fine-tune ImageNet weights on your classes
+    "synthetic": dict(_CIFAR100, teacher_epochs=0, epochs=2, synthetic_n=1024, log_every=10),  # benchmark pair, 32 px
 }
 
 
+# ------------------------------------------------------------------------------------------------ arguments
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="SP: similarity-preserving knowledge distillation (Tung & Mori, ICCV 2019)")
-    g = p.add_argument_group("experiment")
-    g.add_argument("--dataset", default="digits", help="digits | synthetic | cifar10 | cifar100 (default digits: offline smoke)")
-    g.add_argument("--data-root", default="./data", help="dataset folder (default ./data)")
-    g.add_argument("--epochs", type=int, default=None, help="student epochs (preset: cifar100 240, cifar10 200)")
-    g.add_argument("--batch-size", type=int, default=None, help="preset: cifar100 64 (RepDistiller), cifar10 128 (paper)")
-    g.add_argument("--lr", type=float, default=None, help="preset: cifar100 0.05 (RepDistiller), cifar10 0.1 (paper)")
-    g.add_argument("--momentum", type=float, default=None, help="SGD momentum (preset 0.9)")
-    g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None, help="preset: cifar10 on (paper), cifar100 off")
-    g.add_argument("--lr-milestones", type=int, nargs="*", default=None, help="epochs after which lr *= --lr-decay (preset: 150 180 210 / 60 120 160)")
-    g.add_argument("--lr-decay", type=float, default=None, help="step factor (preset: cifar100 0.1, cifar10 0.2)")
-    g.add_argument("--weight-decay", type=float, default=None, help="preset 5e-4 (both recipes)")
-    g.add_argument("--synthetic-size", type=int, nargs=3, default=None, metavar=("N", "CLASSES", "PX"), help="synthetic data (preset 1024 100 32)")
-    g.add_argument("--seed", type=int, default=0, help="default 0")
-    g.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"], help="auto: cuda, else mps, else cpu")
-    g.add_argument("--workers", type=int, default=0, help="unused: small-image data stays on the device (default 0)")
-    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA (default on)")
-    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False, help="channels_last memory format")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the student")
-    g.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (default 1; last epoch always)")
-    g.add_argument("--log-every", type=int, default=50, help="print a training line every N steps (default 50)")
-    g.add_argument("--save-dir", default="runs", help="default runs/")
-    g.add_argument("--run-name", default=None, help="default spkd_<dataset>_<teacher>-<student>_s<seed>")
-    g.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps (smoke tests / benchmarks)")
-    g.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=False, help="deterministic kernels, no cudnn.benchmark")
-    g.add_argument("--resume", default=None, help="path to a last.pt to continue from")
-    g.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=False, help="ImageNet weights for a resnet18/34/50 student (default off)")
+    p = Parser(description="SP: similarity-preserving knowledge distillation (Tung & Mori, ICCV 2019)")
+    experiment_args(p)
     m = p.add_argument_group("method")
-    m.add_argument("--teacher-arch", default=None, help="preset: cifar100 resnet32x4, cifar10 wrn_40_2")
-    m.add_argument("--student-arch", default=None, help="preset: cifar100 resnet8x4, cifar10 wrn_16_2")
-    m.add_argument("--teacher-path", default=None, help="teacher checkpoint (model.pt, RepDistiller ckpt_epoch_240.pth, or state_dict); default: train + cache one")
-    m.add_argument("--teacher-epochs", type=int, default=None, help="epochs when training the teacher here (default: --epochs; 0 = random teacher)")
-    m.add_argument("--ce-weight", type=float, default=None, help="CE weight (preset 1.0; RepDistiller -r)")
-    m.add_argument("--kd-weight", type=float, default=None, help="Hinton KD weight (preset 0: RepDistiller SP runs use -a 0)")
-    m.add_argument("--kd-T", type=float, default=None, help="KD temperature (preset 4)")
-    m.add_argument("--sp-weight", type=float, default=None, help="gamma of Eq. 5 (preset 3000: paper Sec. 3.1, RepDistiller -b)")
-    m.add_argument("--sp-layers", default="last", choices=["last", "all"], help="last stage only (default, paper Sec. 3.1) or every stage end")
-    args = p.parse_args(argv)
-    if args.dataset not in PRESETS:
-        raise ValueError(f"unknown dataset '{args.dataset}' (choose from {', '.join(PRESETS)})")
-    for k, v in dict({"synthetic_size": [512, 10, 32]}, **PRESETS[args.dataset]).items():
-        setattr(args, k, v if getattr(args, k, None) is None else getattr(args, k))
-    args.teacher_epochs = args.epochs if args.teacher_epochs is None else args.teacher_epochs
+    teacher_student_args(m)
+    m.add_argument("--ce-weight", type=number(float, 0), help="CE weight (RepDistiller -r)" + preset("ce_weight"))
+    m.add_argument("--kd-weight", type=number(float, 0), help="Hinton KD weight (RepDistiller -a)" + preset("kd_weight"))
+    m.add_argument("--kd-T", type=number(float, 0, low_open=True), help="KD temperature" + preset("kd_T"))
+    m.add_argument("--sp-weight", type=number(float, 0), help="gamma of Eq. 5 (RepDistiller -b)" + preset("sp_weight"))
+    m.add_argument("--sp-layers", choices=["last", "all"], help="the last stage (paper) or every stage end"
+                   + preset("sp_layers"))
+    args = resolve_args(p.parse_args(argv))
+    check_teacher_student_args(args)
     args.run_name = args.run_name or f"spkd_{args.dataset}_{args.teacher_arch}-{args.student_arch}_s{args.seed}"
-    for a in (args.teacher_arch, args.student_arch):
-        if a not in ARCHS:
-            raise ValueError(f"unknown architecture '{a}' (choose from {', '.join(ARCHS)})")
-    if args.epochs < 1 or args.batch_size < 1 or args.teacher_epochs < 0 or args.eval_every < 1:
-        raise ValueError("--epochs, --batch-size and --eval-every must be >= 1, --teacher-epochs >= 0")
     return args
 
 
-# ---- CIFAR model zoo (RepDistiller-compatible) ----
-# Module names, shapes, init and forward follow HobbitLong/RepDistiller models/{resnet,wrn,vgg}.py, so the
-# benchmark's teacher checkpoints (<arch>_vanilla/ckpt_epoch_240.pth) load with strict=True and give the
-# same logits. Contract: model(x) -> logits; model(x, with_features=True) -> (feature_maps, pooled, logits)
-# with feature_maps = stage outputs (last = the map SP/RepDistiller feat[-2] uses) and pooled = the
-# penultimate vector (retrieval / CAMD "backbone feature").
+# ================================================================================================ zoo, data, teacher
+# The same text in camd.py and spkd.py (test_smoke.py checks): edit both copies together.
+# The CIFAR zoo follows HobbitLong/RepDistiller models/{resnet,wrn,vgg}.py in module names, shapes, init and
+# forward, so the benchmark's teachers (<arch>_vanilla/ckpt_epoch_240.pth) load strictly and give the same
+# logits. model(x) -> logits; model(x, with_features=True) -> (stage outputs, pooled feature, logits): the last
+# stage output is the map SP uses (RepDistiller feat[-2]), the pooled vector the retrieval / CAMD feature.
+def repdistiller_init(model, linear_std=None):
+    """RepDistiller wrn.py / vgg.py init: conv N(0, sqrt(2 / (k k out))) and bias 0, BN 1 / 0, Linear bias 0 (and
+    weight N(0, linear_std) for vgg), in module order as the official loops."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            m.weight.data.normal_(0, math.sqrt(2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)))
+        if isinstance(m, nn.BatchNorm2d):
+            m.weight.data.fill_(1)
+        if isinstance(m, nn.Linear) and linear_std:
+            m.weight.data.normal_(0, linear_std)
+        if isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.Linear)) and m.bias is not None:
+            m.bias.data.zero_()
+
+
 class CifarBasicBlock(nn.Module):
     """Post-activation BasicBlock (RepDistiller resnet.py): relu(bn2(conv2(relu(bn1(conv1 x)))) + shortcut)."""
 
@@ -239,14 +234,7 @@ class WideResNet(nn.Module):
         self.block3 = WRNGroup(n, c[2], c[3], 2)
         self.bn1 = nn.BatchNorm2d(c[3])
         self.fc = nn.Linear(c[3], num_classes)
-        for m in self.modules():  # RepDistiller init: conv N(0, sqrt(2/(k*k*out))), BN 1/0, fc bias 0
-            if isinstance(m, nn.Conv2d):
-                m.weight.data.normal_(0, math.sqrt(2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)))
-            elif isinstance(m, nn.BatchNorm2d):
-                m.weight.data.fill_(1)
-                m.bias.data.zero_()
-            elif isinstance(m, nn.Linear):
-                m.bias.data.zero_()
+        repdistiller_init(self)
 
     def forward(self, x, with_features=False):
         x = self.conv1(x)
@@ -274,16 +262,7 @@ class CifarVGG(nn.Module):
                 in_ch = v
             setattr(self, f"block{i}", nn.Sequential(*layers[:-1]))  # drop the trailing ReLU (indices as official)
         self.classifier = nn.Linear(512, num_classes)
-        for m in self.modules():  # RepDistiller init
-            if isinstance(m, nn.Conv2d):
-                m.weight.data.normal_(0, math.sqrt(2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)))
-                m.bias.data.zero_()
-            elif isinstance(m, nn.BatchNorm2d):
-                m.weight.data.fill_(1)
-                m.bias.data.zero_()
-            elif isinstance(m, nn.Linear):
-                m.weight.data.normal_(0, 0.01)
-                m.bias.data.zero_()
+        repdistiller_init(self, linear_std=0.01)
 
     def forward(self, x, with_features=False):
         h = x.shape[2]
@@ -344,11 +323,178 @@ def build_model(arch, num_classes, pretrained=False):
                 state = {k: v for k, v in state.items() if not k.startswith("fc.")}
             model.load_state_dict(state, strict=False)
         return model
-    raise ValueError(f"unknown architecture '{arch}' (choose from {', '.join(ARCHS)})")
-# ---- end of model zoo ----
+    raise RunError(f"unknown architecture '{arch}' (choose from {', '.join(ARCHS)})")
 
 
-# ---- losses ----
+def teacher_student_args(m):
+    """The method flags camd.py and spkd.py share: the two networks, the teacher, the SGD recipe and its data."""
+    m.add_argument("--teacher-arch", choices=ARCHS, help="teacher network" + preset("teacher_arch"))
+    m.add_argument("--student-arch", choices=ARCHS, help="student network" + preset("student_arch"))
+    m.add_argument("--teacher-path", help="teacher checkpoint (a model.pt of this repo, RepDistiller's ckpt_epoch_240"
+                   ".pth, or a state_dict); default: the cached CE teacher of this recipe, trained first if missing")
+    m.add_argument("--teacher-epochs", type=number(int, 0), help="CE epochs of a teacher trained here (default: "
+                   "--epochs; 0 = a random teacher, for benchmarks)" + preset("teacher_epochs"))
+    m.add_argument("--pretrained", action=argparse.BooleanOptionalAction, help="start torchvision ResNets (student and "
+                   "a teacher trained here) from ImageNet weights (default off)" + preset("pretrained"))
+    m.add_argument("--momentum", type=number(float, 0, 1), help="SGD momentum" + preset("momentum"))
+    m.add_argument("--nesterov", action=argparse.BooleanOptionalAction, help="Nesterov momentum" + preset("nesterov"))
+    m.add_argument("--lr-milestones", type=number(int, 1), nargs="*", help="lr *= --lr-decay after these epochs"
+                   + preset("lr_milestones"))
+    m.add_argument("--lr-decay", type=number(float, 0, 1), help="step factor" + preset("lr_decay"))
+    m.add_argument("--crop-padding", type=number(int, 0), help="pad-crop pixels (small images)" + preset("crop_padding"))
+    m.add_argument("--pad-mode", choices=["constant", "reflect"], help="pad-crop fill" + preset("pad_mode"))
+    m.add_argument("--train-subset", type=number(int, 1), help="train on a fixed random subset of N images"
+                   + preset("train_subset"))
+
+
+def check_teacher_student_args(args):
+    args.teacher_epochs = args.epochs if args.teacher_epochs is None else args.teacher_epochs
+    args.pretrained = bool(args.pretrained)
+    if args.teacher_path and not os.path.isfile(args.teacher_path):
+        raise RunError(f"--teacher-path {args.teacher_path}: no such file")
+
+
+TENSOR_FORM = ("digits", "fashionmnist", "synthetic", "cifar10", "cifar100", "tinyimagenet")
+
+
+def load_data(args, split):
+    """'train' / 'test' of args.dataset for teacher -> student classification: the official splits (digits:
+    stratified 80/20; folder: DIR/train and DIR/val), tensor-form images at --image-size (grey -> RGB)."""
+    name = split if split == "train" else {"tinyimagenet": "val", "imagenet": "val"}.get(args.dataset, "test")
+    kw = dict(image_size=args.image_size, channels=3) if args.dataset in TENSOR_FORM else {}
+    if args.dataset == "synthetic":
+        kw["synthetic_size"] = (args.synthetic_n if split == "train" else args.synthetic_n // 4, 100, args.image_size)
+    out = common.load_split(args.dataset, args.data_root, name, **kw)
+    if split == "train" and args.train_subset and args.train_subset < len(out):  # a fixed seeded subset
+        keep = torch.randperm(len(out), generator=torch.Generator().manual_seed(0))[:args.train_subset].sort().values
+        out = common.Split(out.name, out.labels[keep], out.num_classes, out.mean, out.std, classes=out.classes,
+                           images=None if out.images is None else out.images[keep],
+                           paths=None if out.paths is None else [out.paths[i] for i in keep])
+    return out
+
+
+def train_data(args, split, device):
+    """The training split for train_batches: uint8 images on the device, or a DataLoader over image files."""
+    if split.images is not None:
+        return dict(split=split, images=split.images.to(device), labels=split.labels.to(device))
+    ds = common.ImageFiles(split.paths, split.labels, common.dml_train_transform(args.image_size))
+    return dict(split=split, loader=common.make_loader(ds, args.workers))
+
+
+def train_batches(args, data, epoch, skip, device, rank=0, world=1):
+    """This epoch's (images, labels) on the device from batch `skip` on: a seeded permutation, no drop_last
+    (RepDistiller), each rank its slice; pad-crop + flip (RepDistiller CIFAR), or RandomResizedCrop + flip. Batch j
+    draws its randomness from seed_step, so a resumed epoch repeats exactly."""
+    batches = common.epoch_batches(data["split"].labels, args.batch_size, args.seed, epoch, rank, world)
+    if "loader" in data:
+        for j, (x, y) in enumerate(common.loader_batches(data["loader"], batches[skip:], device, (args.seed, epoch, rank),
+                                                         skip), skip):
+            seed_step(args, epoch * len(batches) + j, rank)
+            yield x, y
+        return
+    for j, b in enumerate(batches[skip:], skip):
+        seed_step(args, epoch * len(batches) + j, rank)
+        x = common.random_crop_flip(data["images"][b.to(device)], args.crop_padding, args.pad_mode)
+        yield common.normalize(x, data["split"].mean, data["split"].std), data["labels"][b.to(device)]
+
+
+def model_from_args(args):
+    """eval.py contract: the deployable student (backbone + classifier), model.pt's "model" (no download)."""
+    return build_model(args.student_arch, args.num_classes)
+
+
+@torch.no_grad()
+def embeddings(model, args, device):
+    """eval.py contract, CAMD's protocol: the pooled backbone feature averaged over image and flip, then
+    L2-normalised ("emb"), the logits of the plain image, and the labels of the test split; fp32."""
+    model.eval()
+    split = load_data(args, "test")
+    tf = None if split.images is not None else common.eval_transform(args.image_size * 8 // 7, args.image_size)
+    emb, logits, labels = common.embed(lambda x: model(x, with_features=True)[1:], split, device, flip_average=True,
+                                       workers=args.workers, transform=tf)
+    return {"emb": F.normalize(emb, dim=1), "logits": logits, "labels": labels}
+
+
+def evaluate(model, args, device):
+    """Top-1 of the logits and Rank-1 / Rank-2 retrieval of the test set against itself (percent)."""
+    out = embeddings(model, args, device)
+    rank = common.retrieval_metrics(out["emb"], out["labels"], ks=(1, 2), with_map=False, with_nmi=False)
+    return {"top1": 100 * common.topk_accuracy(out["logits"], out["labels"], ks=(1,))[1],
+            "Rank-1": rank["R@1"], "Rank-2": rank["R@2"]}
+
+
+TEACHER_RECIPE = ("dataset", "teacher_arch", "teacher_epochs", "batch_size", "lr", "weight_decay", "momentum", "nesterov",
+                  "lr_milestones", "lr_decay", "image_size", "crop_padding", "pad_mode", "train_subset", "seed")
+
+
+def teacher_folder(args):
+    """runs/teachers/<dataset>_<arch>_e<epochs>_s<seed>_<hash of the whole CE recipe>: one name per recipe, so a
+    teacher trained by camd.py is found by spkd.py and the other way round."""
+    recipe = {k: getattr(args, k) for k in TEACHER_RECIPE}
+    recipe["data"] = os.path.abspath(args.data_root) if args.dataset == "folder" else None
+    digest = hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:8]
+    name = f"{args.dataset}_{args.teacher_arch}_e{args.teacher_epochs}_s{args.seed}_{digest}"
+    return os.path.join(args.save_dir, "teachers", name)
+
+
+def load_teacher(path, arch, num_classes):
+    """Strictly load a teacher: this repo's model.pt, the RepDistiller/mdistiller {"model": state_dict, "epoch", ...}
+    pickle, or a bare state_dict. RunError naming the file otherwise."""
+    if not os.path.isfile(path):
+        raise RunError(f"teacher checkpoint {path}: no such file")
+    try:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:  # RepDistiller pickles hold more than tensors; the user vouches for the file
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, AttributeError,
+            ImportError) as e:
+        raise RunError(f"teacher checkpoint {path} is unreadable ({why(e)}); delete it "
+                       f"(a cached teacher is then trained again) or pass another --teacher-path") from None
+    state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise RunError(f"teacher checkpoint {path}: no state_dict in it (expected a dict with 'model', or a state_dict)")
+    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+    model, bad = build_model(arch, num_classes), []
+    own = model.state_dict()
+    bad = [k for k in own if k not in state or state[k].shape != own[k].shape] + [k for k in state if k not in own]
+    if bad:
+        raise RunError(f"teacher checkpoint {path} does not fit --teacher-arch {arch} with {num_classes} classes "
+                       f"({len(bad)} missing, unexpected or mis-shaped tensors, e.g. {bad[0]})")
+    model.load_state_dict(state)
+    return model
+
+
+def get_teacher(args, device, rank, world):
+    """The frozen teacher (eval mode, no grad): --teacher-path; torchvision's ImageNet weights (imagenet); else the
+    CE teacher of this recipe, trained now by this script's own loop (CE only, --max-steps not applied) unless it
+    is cached. Only a finished teacher run writes model.pt; an interrupted one resumes from its last.pt."""
+    if args.teacher_path or args.dataset == "imagenet":  # CAMD Sec. IV-A: the torchvision ResNet-34
+        model = (load_teacher(args.teacher_path, args.teacher_arch, args.num_classes) if args.teacher_path
+                 else build_model(args.teacher_arch, args.num_classes, pretrained=True))
+    elif args.teacher_epochs == 0:
+        print("warning: --teacher-epochs 0: a randomly initialised teacher (speed benchmarks only)")
+        model = build_model(args.teacher_arch, args.num_classes)
+    else:
+        folder = teacher_folder(args)
+        if not os.path.isfile(os.path.join(folder, "model.pt")):
+            if rank == 0 and os.path.isdir(folder) and not os.path.isfile(os.path.join(folder, "last.pt")):
+                shutil.rmtree(folder)  # a teacher run that died before its first checkpoint: nothing to keep
+            last = os.path.join(folder, "last.pt")
+            print(f"teacher: training {args.teacher_arch} with CE for {args.teacher_epochs} epochs in {folder}")
+            run(argparse.Namespace(**{**vars(args), **CE_ONLY, "student_arch": args.teacher_arch, "max_steps": None,
+                                      "epochs": args.teacher_epochs, "save_dir": os.path.dirname(folder),
+                                      "run_name": os.path.basename(folder), "tensorboard": False,
+                                      "resume": last if os.path.isfile(last) else None}))
+            if world > 1:
+                dist.barrier()  # rank 0 writes model.pt
+        print(f"teacher: {os.path.join(folder, 'model.pt')}")
+        model = load_teacher(os.path.join(folder, "model.pt"), args.teacher_arch, args.num_classes)
+    return model.to(device, memory_format=memory_format(args, device)).eval().requires_grad_(False)
+# ================================================================================================ end of zoo, data, teacher
+
+
+# ------------------------------------------------------------------------------------------------ METHOD: losses
 def sp_loss(f_s, f_t):
     """Similarity-preserving loss, Eq. 2-4 for one layer pair (RepDistiller Similarity.similarity_loss).
 
@@ -375,272 +521,447 @@ def kd_loss(logits_s, logits_t, T):
         return (log_p_t.exp() * (log_p_t - log_p_s)).sum(1).mean() * T * T
 
 
-# ---- data, checkpoints, evaluation ----
-@functools.lru_cache(maxsize=4)
-def load_split(dataset, data_root, split, synthetic_size):  # digits: 8x8 grey -> 32-px RGB for the zoo
-    kw = dict(image_size=32, channels=3) if dataset == "digits" else dict(synthetic_size=synthetic_size)
-    return common.load_split(dataset, root=data_root, split=split, **kw)
+def step_losses(student, teacher, x, y, args):
+    """The algorithm of one step: {"ce", "kd", "sp"} weighted terms (only those with a weight); their sum is Eq. 5
+    plus the optional Hinton term. teacher None: the vanilla student (CE only)."""
+    feats_s, _, logits_s = student(x, with_features=True)
+    out = {"ce": args.ce_weight * F.cross_entropy(logits_s.float(), y)}
+    if teacher is None:
+        return out
+    with torch.no_grad():
+        feats_t, _, logits_t = teacher(x, with_features=True)
+    if args.kd_weight:
+        out["kd"] = args.kd_weight * kd_loss(logits_s, logits_t, args.kd_T)
+    if args.sp_weight:  # METHOD: Eq. 5, gamma * sum over the layer pairs of L_SP
+        pairs = [(feats_s[-1], feats_t[-1])] if args.sp_layers == "last" else zip(feats_s, feats_t)
+        out["sp"] = args.sp_weight * sum(sp_loss(f_s, f_t) for f_s, f_t in pairs)
+    return out
 
 
-def model_from_args(args):
-    """eval.py contract: the student network (no download; the state_dict overwrites everything)."""
-    return build_model(args.student_arch, args.num_classes)
+# ================================================================================================ run bookkeeping
+# The same text in s2sd.py, camd.py, spkd.py and isd.py (test_smoke.py checks): edit the four copies together.
+class RunError(Exception):
+    """Bad input, or a run that cannot go on: main() prints the message as one line and exits with 2."""
 
 
-@torch.no_grad()
-def evaluate(model, args, device):
-    """Top-1/error of the logits, Rank-1/Rank-2 of the flip-averaged, L2-normalised pooled feature (percent)."""
-    model.eval()
-    fn = lambda x: model(x, with_features=True)[1:]  # noqa: E731  (pooled feature, logits); fp32 (no autocast)
-    emb, logits, labels = common.embed(fn, load_split(args.dataset, args.data_root, "test", tuple(args.synthetic_size)), device, batch_size=256, flip_average=True)
-    top1 = 100.0 * common.topk_accuracy(logits, labels, ks=(1,))[1]
-    r = common.retrieval_metrics(F.normalize(emb, dim=1), labels, ks=(1, 2), with_map=False, with_nmi=False)
-    return {"top1": top1, "error": 100.0 - top1, "Rank-1": r["R@1"], "Rank-2": r["R@2"]}
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own complaints: one line and exit 2, like every other bad input
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
 
 
-def atomic_save(obj, path):
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
+def number(kind, low, high=math.inf, low_open=False):
+    """argparse type: an int or float in [low, high] ((low, high] with low_open); nan and inf refused."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if not ((low < value) if low_open else (low <= value)) or not value <= high or value == math.inf:
+            raise argparse.ArgumentTypeError(f"must be {'>' if low_open else '>='} {low}"
+                                             + (f" and <= {high}" if high < math.inf else "") + f", got {text}")
+        return value
+    return parse
+
+
+def preset(key):
+    """' (preset: digits 6, cub 150)': what each --dataset preset gives `key`, for a help string."""
+    given = [f"{name} {values[key]}" for name, values in PRESETS.items() if values.get(key) is not None]
+    return f" (preset: {', '.join(given)})" if given else ""
+
+
+DEFAULTS = dict(dataset="digits", data_root="./data", seed=0, device="auto", workers=4, channels_last=True,
+                compile=False, eval_every=1, log_every=50, save_dir="runs", deterministic=False)
+EXPERIMENT_FLAGS = [  # flag, argparse type (bool: --x/--no-x), help; none has an argparse default (resolve_args)
+    ("--dataset", list(PRESETS), "the data and the preset that goes with it (default digits: offline, ~1 min on CPU)"),
+    ("--data-root", str, "folder with one folder per dataset; --dataset folder: your image folder (default ./data)"),
+    ("--epochs", number(int, 1), "training epochs"), ("--batch-size", number(int, 2), "global batch size"),
+    ("--lr", number(float, 0, low_open=True), "learning rate"), ("--weight-decay", number(float, 0), "weight decay"),
+    ("--image-size", number(int, 8), "training resolution in pixels"),
+    ("--seed", number(int, 0), "seeds the weights, the data order and every augmentation (default 0)"),
+    ("--device", ["auto", "cuda", "mps", "cpu"], "default auto: cuda, else mps, else cpu"),
+    ("--workers", number(int, 0), "DataLoader workers for image files (small images stay on the device; default 4)"),
+    ("--amp", bool, "bf16 autocast in training (default: on with CUDA); --no-amp = the papers' fp32; eval is fp32"),
+    ("--channels-last", bool, "channels_last memory format on CUDA (default on; no effect elsewhere)"),
+    ("--compile", bool, "torch.compile the trained network (default off)"),
+    ("--eval-every", number(int, 0), "evaluate every N epochs; 0 = only at the end (default 1)"),
+    ("--log-every", number(int, 1), "a log line every N steps (default 50)"),
+    ("--save-dir", str, "where run folders go (default runs)"),
+    ("--run-name", str, "run folder under --save-dir (default from the flags; a taken name gets -2, -3, ...)"),
+    ("--max-steps", number(int, 1), "stop after N optimizer steps in all (smoke tests, benchmarks; default none)"),
+    ("--deterministic", bool, "deterministic kernels and no cudnn.benchmark (default off)"),
+    ("--resume", str, "a run's last.pt: continue that run in its folder; flags not given are taken from it"),
+    ("--tensorboard", bool, "TensorBoard logs in the run folder (default: on when tensorboard is installed)")]
+RESUME_MAY_CHANGE = ("resume", "max_steps", "device", "workers", "log_every", "data_root", "save_dir", "run_name",
+                     "tensorboard", "compile")
+
+
+def experiment_args(p):
+    g = p.add_argument_group("experiment")
+    for flag, kind, text in EXPERIMENT_FLAGS:
+        text += preset(flag[2:].replace("-", "_"))
+        if kind is bool:
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
+        else:
+            g.add_argument(flag, **({"choices": kind} if isinstance(kind, list) else {"type": kind}), help=text)
+
+
+def resolve_args(args):
+    """Fill each flag not given from --resume's checkpoint, else the --dataset preset, else DEFAULTS; refuse a
+    given flag that contradicts the checkpoint, and paths that cannot work."""
+    if args.resume is not None:
+        for key, saved in load_checkpoint(args.resume)["args"].items():
+            given = getattr(args, key, None)
+            if given is None and key not in ("max_steps", "run_name"):  # a resumed run goes on to the end
+                setattr(args, key, saved)
+            elif key not in RESUME_MAY_CHANGE and json.dumps(given) != json.dumps(saved):
+                raise RunError(f"--resume {args.resume} was trained with --{key.replace('_', '-')} {saved}, not "
+                               f"{given}: drop the flag to continue that run, or start a new one")
+    for key, value in {**DEFAULTS, **PRESETS[args.dataset or DEFAULTS["dataset"]]}.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, json.loads(json.dumps(value)))  # a copy: presets hold lists
+    if args.run_name is not None and (os.path.basename(args.run_name) != args.run_name or args.run_name in ("", ".", "..")):
+        raise RunError(f"--run-name {args.run_name}: must be a plain folder name (it is created inside --save-dir)")
+    for flag, path in (("--save-dir", args.save_dir), ("--data-root", args.data_root)):
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise RunError(f"{flag} {path} is a file, not a folder")
+    return args
+
+
+def setup(args):
+    """Device, torchrun's process group (where the script supports it), seed, backend flags -> (device, rank, world)."""
+    world, rank, local = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
+    if world > 1 and not DATA_PARALLEL:
+        raise RunError(f"{METHOD}.py trains on one process: start it with python, not torchrun")
+    kind = args.device if args.device != "auto" else (
+        "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
+    if (kind == "cuda" and not torch.cuda.is_available()) or (kind == "mps" and not torch.backends.mps.is_available()):
+        raise RunError(f"--device {kind}: there is no such device on this machine; use --device cpu (or auto)")
+    device = torch.device(f"cuda:{local}" if kind == "cuda" else kind)
+    if kind == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = not args.deterministic
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.use_deterministic_algorithms(args.deterministic, warn_only=True)
+    if world > 1 and not dist.is_initialized():  # (a teacher trained first runs setup twice)
+        dist.init_process_group("nccl" if kind == "cuda" else "gloo", timeout=datetime.timedelta(hours=2))
+    args.amp = kind == "cuda" if args.amp is None else args.amp
+    torch.manual_seed(args.seed)
+    return device, rank, world
+
+
+def seed_step(args, step, rank=0):
+    """Step `step` (0-based: epoch e, batch j -> e * batches per epoch + j) draws its randomness (views, sampling) from
+    its own seed: a resumed run takes exactly the steps of the uninterrupted one, and every rank draws its own views."""
+    torch.manual_seed(((args.seed * 1_000_003 + step) * 1_009 + rank) % 2**63)
+
+
+def autocast(args, device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
+
+
+def memory_format(args, device):
+    return torch.channels_last if args.channels_last and device.type == "cuda" else torch.contiguous_format
+
+
+def why(error):
+    """The first line of an exception's message (its type when the message is empty), for a one-line error."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+
+
+def atomic_save(obj, path, text=False):
+    """Write to a temporary file, then rename: a crash never leaves a half-written file (text: a str)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    if text:
+        with open(tmp, "w") as f:
+            f.write(obj)
+    else:
+        torch.save(obj, tmp)
     os.replace(tmp, path)
 
 
-def load_teacher(path, arch, num_classes):
-    """Teacher from this repo's model.pt, the benchmark's {"model", "epoch", "accuracy", "optimizer"} pickle
-    (trusted: weights_only=False fallback), or a bare state_dict; strict load. ValueError on any problem."""
+def start_run(args, device, rank):
+    """The run folder (a fresh one under --save-dir, or --resume's own), config.json and TensorBoard (rank 0)."""
+    run = dict(dir=None, history=[], tb=None, t0=time.time(), rank=rank)
+    if rank != 0:
+        return run
+    run["dir"] = os.path.dirname(os.path.abspath(args.resume)) if args.resume else new_run_folder(args)
+    if not os.access(run["dir"], os.W_OK):
+        raise RunError(f"cannot write to the run folder {run['dir']}")
+    git = shutil.which("git") and subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                                 cwd=os.path.dirname(os.path.abspath(__file__)))
+    config = dict(vars(args), method=METHOD, torch=torch.__version__, torchvision=torchvision.__version__,
+                  device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+                  git_commit=git.stdout.strip() if git and git.returncode == 0 else None)
+    print("config: " + json.dumps(config, sort_keys=True), flush=True)
+    atomic_save(json.dumps(config, indent=1, sort_keys=True), os.path.join(run["dir"], "config.json"), text=True)
+    if args.tensorboard is not False:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            run["tb"] = SummaryWriter(run["dir"])
+        except ImportError:
+            if args.tensorboard:
+                raise RunError("--tensorboard: the tensorboard package is not installed (pip install tensorboard)")
+    return run
+
+
+def new_run_folder(args):
+    """--save-dir/--run-name, or the first free name-2, name-3, ...: never another run's folder."""
+    base = os.path.join(args.save_dir, args.run_name)
+    for path in (base if i == 1 else f"{base}-{i}" for i in itertools.count(1)):
+        try:
+            os.makedirs(args.save_dir, exist_ok=True)
+            os.mkdir(path)  # atomic: two runs started at once with one name still get two folders
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise RunError(f"--save-dir {args.save_dir}: cannot create a run folder there ({e.strerror})")
+        if path != base:
+            print(f"note: {base} holds another run; this run writes to {path}")
+        return path
+
+
+def load_checkpoint(path, keys=("method", "args", "model", "optimizer", "scheduler", "epoch", "batch", "step")):
+    """A checkpoint of this script, checked before use: RunError naming the file and what is wrong."""
     if not os.path.isfile(path):
-        raise ValueError(f"teacher checkpoint {path}: no such file")
+        raise RunError(f"--resume {path}: no such file")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        try:  # RepDistiller/mdistiller pickles hold non-tensor objects; the user vouches for the file
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:
-            raise ValueError(f"teacher checkpoint {path}: unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
-    state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise ValueError(f"teacher checkpoint {path}: no state_dict found (expected a dict with 'model' or a state_dict)")
-    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
-    model = build_model(arch, num_classes)
-    own = model.state_dict()
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        raise ValueError(f"teacher checkpoint {path} does not match --teacher-arch {arch} with {num_classes} classes: {len(missing)} "
-                         f"missing {missing[:2]}.., {len(unexpected)} unexpected {unexpected[:2]}.., {len(shapes)} shape mismatches {shapes[:1]}..")
-    model.load_state_dict(state, strict=True)
-    return model
+    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+        raise RunError(f"--resume {path}: not a readable checkpoint ({why(e)})")
+    if not isinstance(ckpt, dict) or ckpt.get("method") != METHOD:
+        raise RunError(f"--resume {path}: not a checkpoint of {METHOD}.py")
+    missing = [k for k in keys if k not in ckpt] + ([] if isinstance(ckpt.get("args"), dict) else ["args"])
+    if missing:
+        raise RunError(f"--resume {path}: lacks {', '.join(missing)} (resume from a run's last.pt, not its model.pt)")
+    return ckpt
 
 
-# ---- training ----
-def train(student, teacher, images, labels, split, args, device, epochs, log_dir=None, resume=None, tag="student"):
-    """SGD loop shared by the teacher (teacher=None: CE only) and the student. Returns final metrics."""
-    use_teacher = teacher is not None and (args.kd_weight > 0 or args.sp_weight > 0)
-    ce_w, kd_w, sp_w = (args.ce_weight, args.kd_weight, args.sp_weight) if teacher is not None else (1.0, 0.0, 0.0)
-    amp = args.amp and device.type == "cuda"
-    opt = torch.optim.SGD(student.parameters(), lr=args.lr, momentum=args.momentum, nesterov=args.nesterov,
-                          weight_decay=args.weight_decay)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=args.lr_milestones, gamma=args.lr_decay)
-    net = torch.compile(student) if args.compile else student
-    start_epoch, step, best = 0, 0, None
-    if resume is not None:
-        student.load_state_dict(resume["model"])
-        opt.load_state_dict(resume["optimizer"])
-        sched.load_state_dict(resume["scheduler"])
-        start_epoch, step, best = resume["epoch"], resume["step"], resume["best"]
-        torch.set_rng_state(resume["rng_cpu"])
-        if device.type == "cuda" and resume.get("rng_cuda") is not None:
-            torch.cuda.set_rng_state(resume["rng_cuda"])
-    n, bs = len(labels), args.batch_size
-    total = min(epochs * math.ceil(n / bs), args.max_steps or 1 << 62)  # optimizer steps this run will reach
-    first_bad = torch.full((3,), -1, dtype=torch.long, device=device)  # first non-finite step per component
-    t0, step0, metrics, warm = time.time(), step, None, None
-
-    def checkpoint(epoch):
-        return {"model": student.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "epoch": epoch, "step": step, "best": best, "args": vars(args),
-                "rng_cpu": torch.get_rng_state(), "rng_cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
-
-    def check_finite():
-        bad = first_bad.tolist()
-        if max(bad) >= 0:
-            i = min((s, i) for i, s in enumerate(bad) if s >= 0)[1]
-            print(f"error: non-finite {('ce', 'kd', 'sp')[i]} loss at step {bad[i]} ({tag})", file=sys.stderr)
-            sys.exit(2)
-
-    epoch = start_epoch
+def resume(args, run, model, optimizer, scheduler):
+    """Load --resume's last.pt into the model, optimizer and schedule; returns (epoch, batch, step) to go on from."""
+    if args.resume is None:
+        return 0, 0, 0
+    ckpt = load_checkpoint(args.resume)
     try:
-        for epoch in range(start_epoch, epochs):
-            if step >= total:
-                break
-            student.train()
-            sums, n_seen, t_log = torch.zeros(3, device=device), 0, time.time()
-            for idx in common.batch_indices(n, bs, shuffle=True, drop_last=False, device=device):
-                x = common.normalize(common.random_crop_flip(images[idx], padding=4), split.mean, split.std)
-                x, y = x.contiguous(memory_format=_mf(args)), labels[idx]
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    feats_s, _, logits_s = net(x, with_features=True)
-                    if use_teacher:
-                        with torch.no_grad():
-                            feats_t, _, logits_t = teacher(x, with_features=True)
-                # METHOD: Eq. 5 (+ optional Hinton term): CE + kd_w * T^2 KL + gamma * sum_{(l,l')} L_SP
-                ce = F.cross_entropy(logits_s.float(), y)
-                kd = kd_loss(logits_s, logits_t, args.kd_T) if use_teacher and kd_w > 0 else ce.new_zeros(())
-                sp = ce.new_zeros(())
-                if use_teacher and sp_w > 0:
-                    pairs = [(feats_s[-1], feats_t[-1])] if args.sp_layers == "last" else zip(feats_s, feats_t)
-                    sp = sum(sp_loss(fs, ft) for fs, ft in pairs)
-                loss = ce_w * ce + kd_w * kd + sp_w * sp
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                comps = torch.stack([ce, kd, sp]).detach()
-                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(comps), torch.full_like(first_bad, step), first_bad)
-                sums, n_seen, step = sums + comps, n_seen + 1, step + 1
-                if warm is None and step - step0 >= min(10, max(1, (total - step0) // 5)):
-                    torch.cuda.synchronize() if device.type == "cuda" else None
-                    warm = [time.time(), step]  # steady-state clock; evaluation time is excluded below
-                if step % args.log_every == 0 or step == total:
-                    check_finite()
-                    c = (sums / n_seen).tolist()
-                    ips = n_seen * bs / max(time.time() - t_log, 1e-9)
-                    eta = (total - step) * bs / max(ips, 1e-9)
-                    print(f"[{tag}] epoch {epoch + 1} step {step}/{total} ce {c[0]:.4f} kd {c[1]:.4f} sp {c[2]:.6f} "
-                          f"lr {opt.param_groups[0]['lr']:.4g} {ips:.0f} img/s eta {eta:.0f}s", flush=True)
-                if step >= total:
-                    break
-            check_finite()
-            sched.step()
-            last = epoch + 1 == epochs or step >= total
-            if (epoch + 1) % args.eval_every == 0 or last:
-                t_eval = time.time()
-                metrics = evaluate(student, args, device)
-                if warm is not None:
-                    warm[0] += time.time() - t_eval
-                if best is None or metrics["top1"] > best["top1"]:
-                    best = dict(metrics, epoch=epoch + 1)
-                print(f"[{tag}] eval epoch {epoch + 1}: " + _fmt(metrics), flush=True)
-                if log_dir:
-                    with open(os.path.join(log_dir, "metrics.jsonl"), "a") as f:
-                        f.write(json.dumps(dict(epoch=epoch + 1, step=step, **metrics, elapsed_s=time.time() - t0,
-                                                images_per_s=_throughput(warm, step, bs, device))) + "\n")
-            if log_dir:
-                atomic_save(checkpoint(epoch + 1), os.path.join(log_dir, "last.pt"))
-    except KeyboardInterrupt:
-        if log_dir:  # resumable: the interrupted epoch restarts from its first batch
-            atomic_save(checkpoint(epoch), os.path.join(log_dir, "last.pt"))
-        sys.exit(130)
-    if metrics is None:  # resumed run that was already complete
-        metrics = evaluate(student, args, device)
-    return metrics, best, _throughput(warm, step, bs, device)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise RunError(f"--resume {args.resume} does not fit this model: {why(e)}")
+    run["history"] = list(ckpt.get("history", []))
+    print(f"resumed {args.resume} at epoch {ckpt['epoch'] + 1}, batch {ckpt['batch']}, step {ckpt['step']}")
+    return ckpt["epoch"], ckpt["batch"], ckpt["step"]
 
 
-def _throughput(warm, step, bs, device):
-    """Steady-state images/s since the warm-up point, evaluation time excluded (None if too few steps)."""
-    if warm is None or step <= warm[1]:
-        return None
-    torch.cuda.synchronize() if device.type == "cuda" else None
-    return (step - warm[1]) * bs / max(time.time() - warm[0], 1e-9)
+def final_metrics(run):
+    """The last evaluation's metrics, without its bookkeeping fields (model.pt's "metrics")."""
+    return {k: v for k, v in run["history"][-1].items() if k not in ("epoch", "step", "elapsed_s", "images_per_s")}
 
 
-def get_teacher(args, images, labels, split, device):
-    """Teacher from --teacher-path, else from the cache <save-dir>/teachers/, else trained here with CE under the
-    same preset (then cached as a model.pt that eval.py reads). Frozen, eval mode. Returns (teacher, metrics)."""
-    metrics = None
-    if args.teacher_path:
-        teacher = load_teacher(args.teacher_path, args.teacher_arch, args.num_classes)
-    else:
-        key = f"{args.dataset}_{args.teacher_arch}_e{args.teacher_epochs}_b{args.batch_size}_lr{args.lr}_s{args.seed}"
-        key += "_{}x{}x{}".format(*args.synthetic_size) if args.dataset == "synthetic" else ""
-        cache = os.path.join(args.save_dir, "teachers", key + ".pt")
-        if os.path.isfile(cache):
-            print(f"teacher: reusing {cache}")
-            teacher = load_teacher(cache, args.teacher_arch, args.num_classes)
-        else:
-            print(f"teacher: training {args.teacher_arch} with CE for {args.teacher_epochs} epochs -> {cache}")
-            teacher = build_model(args.teacher_arch, args.num_classes).to(device, memory_format=_mf(args))
-            targs = dict(vars(args), student_arch=args.teacher_arch, kd_weight=0.0, sp_weight=0.0, epochs=args.teacher_epochs,
-                         eval_every=max(args.teacher_epochs, 1), max_steps=None, compile=False, resume=None)
-            if args.teacher_epochs > 0:
-                metrics = train(teacher, None, images, labels, split, argparse.Namespace(**targs), device, args.teacher_epochs, tag="teacher")[0]
-            metrics = metrics or evaluate(teacher, args, device)
-            os.makedirs(os.path.dirname(cache), exist_ok=True)
-            atomic_save({"method": "spkd", "args": targs, "model": teacher.state_dict(), "metrics": metrics}, cache)
-    teacher = teacher.to(device, memory_format=_mf(args)).eval().requires_grad_(False)
-    metrics = metrics or evaluate(teacher, args, device)
-    if args.sp_layers == "all":
-        with torch.no_grad():
-            probe = torch.zeros(2, *images.shape[1:], device=device)
-            n_s = len(build_model(args.student_arch, args.num_classes).to(device)(probe, with_features=True)[0])
-            n_t = len(teacher(probe, with_features=True)[0])
-        if n_s != n_t:
-            raise ValueError(f"--sp-layers all needs equal stage counts ({args.student_arch}: {n_s}, {args.teacher_arch}: {n_t})")
-    return teacher, metrics
+def save_checkpoint(args, run, name, model, **state):
+    """last.pt (all --resume needs; randomness is re-derived from seed and step) or model.pt (eval.py's contract)."""
+    if run["dir"] is not None:
+        atomic_save(dict(method=METHOD, args=vars(args), model=model.state_dict(), history=run["history"], **state),
+                    os.path.join(run["dir"], name))
 
 
-def _fmt(metrics):
-    return " ".join(f"{k} {v:.2f}" for k, v in metrics.items() if k != "epoch")
+class Meter:
+    """What the loop measures without a host sync inside a step: loss sums stay on the device and are read every
+    --log-every steps and before each checkpoint, where a non-finite component is reported with its 1-based step.
+    images/s is the steady state (images after the warm-up steps over their time, evaluation time excluded by
+    paused()), the same number on stdout, in metrics.jsonl and in TensorBoard."""
+
+    def __init__(self, args, run, device, step, total):
+        self.args, self.run, self.device, self.total = args, run, device, total
+        self.warm = step + max(1, min(10, (total - step) // 5))  # the first steps compile, allocate, warm caches
+        self.sums = self.bad = self.t_warm = None
+        self.count, self.images, self.t_paused = 0, 0, 0.0
+
+    def add(self, losses, images, epoch, step, lr):
+        """After each optimizer step: {name: 0-dim loss}, images in the global batch, 0-based epoch, 1-based step."""
+        values = torch.stack([v.detach().float() for v in losses.values()])
+        if self.sums is None:
+            self.names, self.sums, self.bad = list(losses), torch.zeros_like(values), torch.full_like(values, -1)
+        self.sums += values
+        self.bad = torch.where((self.bad < 0) & ~torch.isfinite(values), float(step), self.bad)
+        self.count += 1
+        if step == self.warm:
+            self.t_warm, self.t_paused, self.images = self.sync(), 0.0, 0
+        elif self.t_warm is not None:
+            self.images += images
+        if step % self.args.log_every == 0 or step == self.total:
+            self.check()
+            ips, mean = self.images_per_s(), dict(zip(self.names, (self.sums / self.count).tolist()))
+            eta = f" | eta {(self.total - step) * self.args.batch_size / ips / 60:.1f} min" if ips else ""
+            if self.run["rank"] == 0:
+                print(f"epoch {epoch + 1} step {step}/{self.total} | " + " ".join(f"{n} {v:.4f}" for n, v in
+                      mean.items()) + f" | lr {lr:.3g} | {ips or 0:.1f} img/s{eta}", flush=True)
+            tensorboard(self.run, "train/", {**mean, "lr": lr, "images_per_s": ips or 0}, step)
+            self.sums.zero_()
+            self.count = 0
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.time()
+
+    def check(self):
+        """Host sync: RunError at the first non-finite loss component, naming it and its 1-based step."""
+        if self.bad is not None and bool((self.bad >= 0).any()):
+            step, name = min((s, n) for s, n in zip(self.bad.tolist(), self.names) if s >= 0)
+            raise RunError(f"non-finite {name} loss at step {step:.0f}; stopped (last.pt holds the last finished epoch)")
+
+    def images_per_s(self):
+        return self.images / max(self.sync() - self.t_warm - self.t_paused, 1e-9) if self.images else None
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Time inside (evaluation, checkpoints) is not training time."""
+        start = self.sync()
+        yield
+        self.t_paused += self.sync() - start
+
+    def peak_memory(self):
+        if self.device.type == "cuda":
+            return f"{torch.cuda.max_memory_allocated(self.device) / 2**30:.2f} GiB (CUDA, max allocated)"
+        return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (max RSS)"
+
+
+def tensorboard(run, prefix, values, step):
+    for name, value in values.items() if run["tb"] else ():
+        run["tb"].add_scalar(prefix + name, value, step)
+
+
+def log_eval(run, meter, epoch, step, metrics):
+    """One evaluation (1-based epoch): a line on stdout, a row in metrics.jsonl (rewritten atomically), TensorBoard."""
+    ips = meter.images_per_s()
+    run["history"].append(dict(epoch=epoch, step=step, **metrics, elapsed_s=round(time.time() - run["t0"], 1),
+                               images_per_s=None if ips is None else round(ips, 1)))
+    print(f"eval  epoch {epoch} step {step} | " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()), flush=True)
+    if run["dir"] is not None:
+        atomic_save("".join(json.dumps(r) + "\n" for r in run["history"]), os.path.join(run["dir"], "metrics.jsonl"),
+                    text=True)
+    tensorboard(run, "eval/", metrics, step)
+
+
+def print_summary(run, meter, references=()):
+    """The headline (the last evaluation), each metric's best epoch (chosen on the test set), speed, memory."""
+    last, rows, names = run["history"][-1], run["history"], list(final_metrics(run))
+    for label, metrics in references:
+        print(f"{label}: " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+    print(f"final (last epoch {last['epoch']}, step {last['step']}; the headline): "
+          + "  ".join(f"{k} {last[k]:.2f}" for k in names))
+    best = {k: max((r for r in rows if k in r), key=lambda r: r[k]) for k in names}
+    print("best epoch of each metric (chosen on the test set): "
+          + "  ".join(f"{k} {best[k][k]:.2f} (epoch {best[k]['epoch']})" for k in names))
+    ips = meter.images_per_s()
+    print(f"throughput {f'{ips:.1f} images/s (steady state)' if ips else 'not measured (too few steps)'}, peak memory "
+          f"{meter.peak_memory()}, wall {time.time() - run['t0']:.1f} s; run folder {run['dir']}")
+    if run["tb"]:
+        run["tb"].close()
+
+
+STOP = [False]  # set by a first Ctrl-C during training; the loop stops once the step in flight is done
+
+
+@contextlib.contextmanager
+def finish_step_on_ctrl_c():
+    """A first Ctrl-C lets the current step finish, so last.pt is exact; a second one stops at once."""
+    def handler(signum, frame):
+        if STOP[0]:
+            raise KeyboardInterrupt("second Ctrl-C: stopped without writing last.pt")
+        STOP[0] = True
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        STOP[0] = False
 
 
 def main(argv=None):
+    """Bad input: one line, exit 2. Ctrl-C: exit 130 (with a resumable last.pt once training has begun)."""
     try:
-        args = get_args(argv)
-        if args.device == "auto":
-            args.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-        device = torch.device(args.device)
-        torch.manual_seed(args.seed)
-        if device.type == "cuda":
-            torch.backends.cudnn.benchmark = not args.deterministic
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        if args.deterministic:
-            torch.use_deterministic_algorithms(True, warn_only=True)
-        train_split = load_split(args.dataset, args.data_root, "train", tuple(args.synthetic_size))
-        args.num_classes = train_split.num_classes
-        images, labels = common.to_device(train_split, device)
-        run_dir = os.path.join(args.save_dir, args.run_name)
-        os.makedirs(run_dir, exist_ok=True)
-        resume = None
-        if args.resume:
-            try:
-                resume = torch.load(args.resume, map_location="cpu", weights_only=False)
-                build_model(args.student_arch, args.num_classes).load_state_dict(resume["model"])
-            except Exception as e:
-                raise ValueError(f"cannot resume from {args.resume}: {type(e).__name__}: {str(e).splitlines()[0][:150]}")
-        print("config: " + json.dumps(vars(args)), flush=True)
-        with open(os.path.join(run_dir, "config.json"), "w") as f:
-            json.dump(dict(vars(args), torch=torch.__version__, torchvision=torchvision.__version__,
-                           device_name=torch.cuda.get_device_name() if device.type == "cuda" else args.device,
-                           git_commit=subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                                     cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None), f, indent=1)
-        teacher, teacher_metrics = None, None
-        if args.kd_weight > 0 or args.sp_weight > 0:
-            teacher, teacher_metrics = get_teacher(args, images, labels, train_split, device)
-            print(f"teacher {args.teacher_arch}: " + _fmt(teacher_metrics), flush=True)
-        else:
-            print("kd-weight = sp-weight = 0: vanilla student (CE only), no teacher")
-        torch.manual_seed(args.seed)  # student init independent of whether the teacher was trained or loaded
-        student = build_model(args.student_arch, args.num_classes, pretrained=args.pretrained).to(device, memory_format=_mf(args))
-        t0 = time.time()
-        metrics, best, ips = train(student, teacher, images, labels, train_split, args, device, args.epochs,
-                                   log_dir=run_dir, resume=resume)
-        atomic_save({"method": "spkd", "args": vars(args), "model": student.state_dict(), "metrics": metrics,
-                     "teacher_metrics": teacher_metrics, "best": best}, os.path.join(run_dir, "model.pt"))
-    except (ValueError, common.DatasetError) as e:
+        run(get_args(argv))
+    except (RunError, common.DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    mem = (f"{torch.cuda.max_memory_allocated() / 2**20:.0f} MiB (cuda max allocated)" if device.type == "cuda"
-           else f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB (maxrss)")
-    print(f"== summary ({args.run_name}) ==")
-    if teacher_metrics:
-        print("teacher      : " + _fmt(teacher_metrics))
-    print("student last : " + _fmt(metrics) + "   <- headline (last epoch)")
-    if best:
-        print(f"student best : epoch {best['epoch']} " + _fmt(best) + "   (best epoch, chosen on the test set)")
-    print(f"throughput   : {f'{ips:.1f} img/s steady state' if ips else 'n/a (too few steps)'} | peak memory {mem}"
-          f" | student wall {time.time() - t0:.1f}s | saved {os.path.join(run_dir, 'model.pt')}")
+    except KeyboardInterrupt as e:
+        print(f"interrupted: {str(e) or 'before training started; nothing to resume'}", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+# ================================================================================================ end of bookkeeping
 
 
-def _mf(args):
-    return torch.channels_last if args.channels_last else torch.contiguous_format
+# ------------------------------------------------------------------------------------------------ training
+def run(args):
+    device, rank, world = setup(args)
+    split = load_data(args, "train")
+    load_data(args, "test")  # a missing test split fails now, not after the first epoch
+    args.num_classes = split.num_classes
+    if len(split) < args.batch_size:
+        raise RunError(f"--batch-size {args.batch_size} is larger than the {len(split)} training images")
+    teacher = get_teacher(args, device, rank, world) if args.kd_weight or args.sp_weight else None
+    if teacher is not None and args.sp_layers == "all":
+        probe = torch.zeros(2, 3, args.image_size, args.image_size, device=device)
+        stages = [len(m.to(device)(probe, with_features=True)[0]) for m in (build_model(args.student_arch, 2), teacher)]
+        if stages[0] != stages[1]:
+            raise RunError(f"--sp-layers all needs equal stage counts ({args.student_arch} {stages[0]}, "
+                           f"{args.teacher_arch} {stages[1]})")
+    run_ = start_run(args, device, rank)
+    references = [(f"teacher {args.teacher_arch}", evaluate(teacher, args, device))] if teacher is not None else []
+    torch.manual_seed(args.seed)  # the student's initial weights do not depend on how the teacher was obtained
+    try:
+        model = build_model(args.student_arch, args.num_classes, pretrained=args.pretrained and not args.resume)
+    except OSError as e:  # the ImageNet weights cannot be downloaded (offline machine)
+        raise RunError(f"cannot download the ImageNet weights ({e}); use --no-pretrained")
+    model = model.to(device, memory_format=memory_format(args, device))
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, nesterov=args.nesterov,
+                                weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=args.lr_milestones, gamma=args.lr_decay)
+    epoch, batch, step = resume(args, run_, model, optimizer, scheduler)
+    net = torch.compile(model) if args.compile else model
+    with finish_step_on_ctrl_c():
+        meter = train(args, model, net, teacher, optimizer, scheduler, train_data(args, split, device), run_, device,
+                      epoch, batch, step)
+    save_checkpoint(args, run_, "model.pt", model, metrics=final_metrics(run_), references=dict(references))
+    print_summary(run_, meter, references)
+
+
+def train(args, model, net, teacher, optimizer, scheduler, data, run, device, epoch, batch, step):
+    steps_per_epoch = math.ceil(len(data["split"]) / args.batch_size)  # no drop_last (RepDistiller)
+    total = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
+    meter = Meter(args, run, device, step, total)
+    while epoch < args.epochs and step < total:
+        model.train()
+        for x, y in train_batches(args, data, epoch, batch, device):
+            with autocast(args, device):
+                losses = step_losses(net, teacher, x.contiguous(memory_format=memory_format(args, device)), y, args)  # METHOD
+            optimizer.zero_grad(set_to_none=True)
+            sum(losses.values()).backward()
+            optimizer.step()
+            step, batch = step + 1, batch + 1
+            meter.add(losses, len(y), epoch, step, optimizer.param_groups[0]["lr"])
+            if step >= total or STOP[0]:
+                break
+        meter.check()
+        if batch == steps_per_epoch:  # the epoch is complete
+            epoch, batch = epoch + 1, 0
+            scheduler.step()
+            if (args.eval_every and epoch % args.eval_every == 0) or epoch == args.epochs or step >= total:
+                with meter.paused():
+                    log_eval(run, meter, epoch, step, evaluate(model, args, device))
+        with meter.paused():
+            save_checkpoint(args, run, "last.pt", model, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                            epoch=epoch, batch=batch, step=step)
+        if STOP[0]:
+            last = os.path.join(run["dir"], "last.pt")
+            raise KeyboardInterrupt(f"wrote {last} after step {step}; continue with --resume {last}")
+    if not run["history"] or run["history"][-1]["step"] != step:  # stopped inside an epoch, or resumed a finished run
+        log_eval(run, meter, epoch + 1 if batch else epoch, step, evaluate(model, args, device))
+    return meter
 
 
 if __name__ == "__main__":
