@@ -1,39 +1,73 @@
 """The test suite: CPU only, offline.  Run:  python -m pytest -q test_smoke.py
 
-Sections: common.py metrics (against brute force and scikit-learn), dataset loaders on generated
-fixture folders, the DML sampler, on-device augmentation, downloads, eval.py, then one section per
-method script (losses against re-derivations of the papers' equations, end-to-end digits runs,
-checkpoint -> eval.py round trips, resume, bad inputs).
+Sections: common.py metrics (against brute force and scikit-learn); dataset loaders on generated fixture
+folders; the epoch order, the DML sampler and the on-device augmentation; downloads; each method's losses
+against re-derivations of the papers' equations; the contract every script keeps (one parametrised section
+over the four: digits run -> eval.py reproduces, resume == uninterrupted, bad input -> exit 2, non-finite ->
+exit 2, Ctrl-C -> exit 130 and a resumable last.pt, no git, TensorBoard, bf16 autocast) and that their shared
+blocks are the same text; then each method's own end-to-end checks (variants, DDP, ShuffleBN, teachers) and
+eval.py.
 """
 import argparse
+import builtins
+import importlib
+import contextlib
 import hashlib
+import io
 import json
 import math
 import os
+import re
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-import camd
-import common
-import isd
-import s2sd
-import spkd
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+import camd  # noqa: E402
+import common  # noqa: E402
+import eval as eval_py  # noqa: E402
+import isd  # noqa: E402
+import s2sd  # noqa: E402
+import spkd  # noqa: E402
 
-def run_script(*argv, env=None, timeout=600):
-    """Run a repository script in a subprocess; returns CompletedProcess (text)."""
-    full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
-    return subprocess.run([sys.executable, *argv], cwd=HERE, capture_output=True, text=True,
-                          timeout=timeout, env=full_env)
+SCRIPTS = {"s2sd": s2sd, "camd": camd, "spkd": spkd, "isd": isd}
+
+
+def main_of(module, argv):
+    """Run module.main(argv) in this process -> (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            module.main(argv)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+    return code, out.getvalue(), err.getvalue()
+
+
+def run_script(script, *argv, env=None, timeout=600):
+    """A repository script in its own process -> CompletedProcess (text)."""
+    return subprocess.run([sys.executable, script, *argv], cwd=HERE, capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env or {})))
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_split_cache():
+    """common.load_split caches its splits; tests that edit fixture folders must see the edits."""
+    common.load_split.cache_clear()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -64,7 +98,6 @@ def test_recall_and_map_match_brute_force_with_ties_duplicates_singletons(seed, 
     labels = torch.randint(0, 5, (61,), generator=g)
     labels[:3] = torch.tensor([100, 101, 102])                 # single-member classes
     monkeypatch.setattr(common, "_chunk_rows", lambda n, device: 7)    # 61 rows: chunks do not divide N
-    common._last_search.clear()
     rec, mapr = common.recall_at_k(emb, labels), common.map_at_r(emb, labels)
     ref_rec, ref_map = brute_recall_map(emb, labels, (1, 2, 4, 8))
     for k in (1, 2, 4, 8):
@@ -195,12 +228,12 @@ def test_unknown_dataset_and_split_raise_dataset_error(tmp_path):
         common.load_split("cifar100", root=str(tmp_path), download=False)
 
 
-def make_cub(root, n_classes=200):
+def make_cub(root, n_classes=200, size=6, per_class=None):
     for c in range(1, n_classes + 1):
-        write_image(os.path.join(root, "CUB_200_2011", "images", f"{c:03d}.Bird_{c}", f"img_{c}_0.jpg"), c)
-        if c % 2:
-            write_image(os.path.join(root, "CUB_200_2011", "images", f"{c:03d}.Bird_{c}", f"img_{c}_1.jpg"), c)
-        open(os.path.join(root, "CUB_200_2011", "images", f"{c:03d}.Bird_{c}", f"._img_{c}_0.jpg"), "w").close()
+        folder = os.path.join(root, "CUB_200_2011", "images", f"{c:03d}.Bird_{c}")
+        for i in range(per_class or (1 + c % 2)):
+            write_image(os.path.join(folder, f"img_{c}_{i}.jpg"), c * 10 + i, size)
+        open(os.path.join(folder, f"._img_{c}_0.jpg"), "w").close()
 
 
 def test_cub_fixture_split_and_half_extracted(tmp_path):
@@ -233,6 +266,7 @@ def test_cars_fixture_from_mat(tmp_path):
     te = common.load_split("cars", str(tmp_path), "test")
     assert (len(tr), len(te), tr.num_classes, te.num_classes) == (99, 99, 98, 98)   # test flag ignored
     os.remove(base / "car_ims" / "000005.jpg")
+    common.load_split.cache_clear()
     with pytest.raises(common.DatasetError, match="incomplete"):
         common.load_split("cars", str(tmp_path), "train")
 
@@ -252,6 +286,7 @@ def test_sop_fixture_and_missing_file(tmp_path):
     assert (len(tr), tr.num_classes, len(te), te.num_classes) == (10, 5, 8, 4)
     assert tr.labels.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
     os.remove(base / "bicycle_final" / "7_1.JPG")
+    common.load_split.cache_clear()
     with pytest.raises(common.DatasetError, match="1 of 8 images"):
         common.load_split("sop", str(tmp_path), "test", download=False)
 
@@ -279,6 +314,7 @@ def test_tinyimagenet_fixture_and_cache(tmp_path):
     import shutil
     shutil.rmtree(base / "train" / "n002")
     os.remove(base / "train_uint8.pt")
+    common.load_split.cache_clear()
     with pytest.raises(common.DatasetError, match="incomplete"):
         common.load_split("tinyimagenet", str(tmp_path), "train", download=False)
 
@@ -296,12 +332,113 @@ def test_imagenet100_subset_and_folder(tmp_path):
     flat = tmp_path / "flat"
     for j in range(3):
         write_image(str(flat / f"{j}.png"), j)
-    f = common.load_split("folder", str(flat))
+    f = common.load_split("folder", str(flat), "all")
     assert len(f) == 3 and f.labels.tolist() == [-1, -1, -1]
-    lab = common.load_split("folder", str(tmp_path / "imagenet" / "val"))
+    lab = common.load_split("folder", str(tmp_path / "imagenet" / "val"), "all")
     assert lab.num_classes == 101
     with pytest.raises(common.DatasetError):
-        common.load_split("folder", str(tmp_path / "empty_nowhere"))
+        common.load_split("folder", str(tmp_path / "empty_nowhere"), "all")
+
+
+def write_idx(path, array, gz):
+    """An IDX file (the MNIST format) as torchvision / the Debian package ship it."""
+    import gzip
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    with (gzip.open if gz else open)(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_fashionmnist_from_idx_files_both_splits(tmp_path, gz):
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 30), ("t10k", 20)):
+        suffix = ".gz" if gz else ""
+        write_idx(str(raw / f"{prefix}-images-idx3-ubyte{suffix}"), rng.integers(0, 255, (n, 28, 28)), gz)
+        write_idx(str(raw / f"{prefix}-labels-idx1-ubyte{suffix}"), np.arange(n) % 10, gz)
+    tr, te = (common.load_split("fashionmnist", str(tmp_path), s, download=False) for s in ("train", "test"))
+    assert tr.images.shape == (30, 1, 28, 28) and len(te) == 20 and tr.num_classes == 10
+    assert tr.labels.tolist() == [i % 10 for i in range(30)] and tr.classes[9] == "Ankle boot"
+    dtr, dte = (common.load_split("fashionmnist", str(tmp_path), s, download=False) for s in ("dml_train", "dml_test"))
+    assert set(dtr.labels.tolist()) == {0, 1, 2, 3, 4} and set(dte.labels.tolist()) == {5, 6, 7, 8, 9}
+    assert (len(dtr), len(dte)) == (15, 10)  # train images of classes 0-4, test images of 5-9
+    rgb = common.load_split("fashionmnist", str(tmp_path), "train", download=False, image_size=32, channels=3)
+    assert rgb.images.shape == (30, 3, 32, 32)
+    (raw / f"t10k-labels-idx1-ubyte{'.gz' if gz else ''}").write_bytes(b"garbage")
+    common.load_split.cache_clear()
+    with pytest.raises(common.DatasetError, match="cannot read"):
+        common.load_split("fashionmnist", str(tmp_path), "dml_test", download=False)
+
+
+def test_fashionmnist_missing_says_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "FMNIST_DEBIAN", str(tmp_path / "not_installed"))
+    with pytest.raises(common.DatasetError, match="apt-get install dataset-fashion-mnist"):
+        common.load_split("fashionmnist", str(tmp_path), "train", download=False)
+
+
+def test_folder_dataset_layouts_and_errors(tmp_path):
+    for split in ("train", "val"):
+        for c in ("cat", "dog", "owl"):
+            for j in range(2):
+                write_image(str(tmp_path / "split" / split / c / f"{j}.png"), j)
+    tr, te = (common.load_split("folder", str(tmp_path / "split"), s) for s in ("train", "test"))  # test -> val/
+    assert (len(tr), tr.num_classes, len(te)) == (6, 3, 6) and tr.classes == ["cat", "dog", "owl"]
+    for c in ("a", "b", "c", "d"):
+        for j in range(2):
+            write_image(str(tmp_path / "one" / c / f"{j}.jpg"), j)
+    dtr, dte = (common.load_split("folder", str(tmp_path / "one"), s) for s in ("dml_train", "dml_test"))
+    assert dtr.classes == ["a", "b"] and dte.classes == ["c", "d"] and dte.labels.tolist() == [0, 0, 1, 1]
+    with pytest.raises(common.DatasetError, match="expected"):
+        common.load_split("folder", str(tmp_path / "one"), "train")  # no train/ sub-folder
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(common.DatasetError, match="no images"):
+        common.load_split("folder", str(tmp_path / "empty"), "all")
+    write_image(str(tmp_path / "single" / "train" / "only" / "0.png"), 0)
+    with pytest.raises(common.DatasetError, match="at least 2 classes"):
+        common.load_split("folder", str(tmp_path / "single"), "train")
+    (tmp_path / "one" / "e").mkdir()
+    common.load_split.cache_clear()
+    with pytest.raises(common.DatasetError, match="has no images"):
+        common.load_split("folder", str(tmp_path / "one"), "dml_train")
+    with pytest.raises(common.DatasetError, match="not a folder"):
+        common.load_split("folder", str(tmp_path / "nowhere"), "train")
+
+
+def test_unreadable_images_are_named_in_training_and_evaluation(tmp_path):
+    for c in ("a", "b", "c", "d"):
+        for j in range(3):
+            write_image(str(tmp_path / "imgs" / c / f"{j}.png"), j, size=20)
+    (tmp_path / "imgs" / "a" / "text.jpg").write_text("this is not an image")
+    good = tmp_path / "imgs" / "b" / "0.png"
+    (tmp_path / "imgs" / "b" / "truncated.png").write_bytes(good.read_bytes()[:60])
+    split = common.load_split("folder", str(tmp_path / "imgs"), "all")
+    assert len(split) == 14
+    loader = common.make_loader(common.ImageFiles(split.paths, split.labels, common.eval_transform(16, 12)), workers=1)
+    with pytest.raises(common.DatasetError, match="unreadable image .*(text.jpg|truncated.png)"):
+        list(common.loader_batches(loader, list(torch.arange(14).split(4)), torch.device("cpu")))
+    with pytest.raises(common.DatasetError, match="unreadable image"):  # the evaluation pass
+        common.embed(lambda x: x.mean((2, 3)), split, "cpu", batch_size=4, workers=0,
+                     transform=common.eval_transform(16, 12))
+    code, _, err = main_of(s2sd, ["--dataset", "folder", "--data-root", str(tmp_path / "imgs"), "--arch", "smallcnn",
+                                  "--no-pretrained", "--image-size", "16", "--workers", "1", "--batch-size", "4",
+                                  "--embed-dim", "8", "--target-dims", "16", "--save-dir", str(tmp_path / "runs")])
+    assert code == 2 and "unreadable image" in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_epoch_batches_are_seeded_sharded_and_resumable():
+    labels = torch.arange(103) % 7
+    full = common.epoch_batches(labels, 10, seed=1, epoch=2)
+    assert all(torch.equal(a, b) for a, b in zip(full, common.epoch_batches(labels, 10, seed=1, epoch=2)))
+    assert [len(b) for b in full] == [10] * 10 + [3] and sorted(torch.cat(full).tolist()) == list(range(103))
+    assert not torch.equal(torch.cat(full), torch.cat(common.epoch_batches(labels, 10, seed=1, epoch=3)))
+    assert [len(b) for b in common.epoch_batches(labels, 10, 1, 2, drop_last=True)] == [10] * 10
+    shards = [common.epoch_batches(labels, 10, 1, 2, rank=r, world=2) for r in range(2)]
+    for j, batch in enumerate(shards[0]):  # the two ranks' slices make up each global batch of the padded order
+        assert len(batch) == len(shards[1][j]) and not set(batch.tolist()) & set(shards[1][j].tolist()) or j == 10
+    assert sum(len(b) for s in shards for b in s) == 104  # padded by wrapping to a multiple of the world size
+    balanced = common.epoch_batches(labels, 10, 1, 2, samples_per_class=2)
+    assert len(balanced) == 10 and all((labels[b].view(5, 2)[:, 0] == labels[b].view(5, 2)[:, 1]).all() for b in balanced)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -347,9 +484,8 @@ def test_augmentations_shapes_ranges_and_identities():
     n = common.normalize(x, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     assert torch.allclose(n, (xf - 0.5) / 0.25)
     assert common.resize(x, 6).shape == (6, 3, 6, 6)
-    batches = common.batch_indices(10, 4, shuffle=True)
-    assert [len(b) for b in batches] == [4, 4, 2] and sorted(torch.cat(batches).tolist()) == list(range(10))
-    assert [len(b) for b in common.batch_indices(10, 4, drop_last=True)] == [4, 4]
+    reflect = common.random_crop_flip(x, padding=2, padding_mode="reflect")  # CIFAR-10 (WRN) padding: no zeros
+    assert torch.isin(reflect.flatten(), xf.flatten()).all()
 
 
 def test_embed_flip_average_and_file_form(tmp_path):
@@ -364,11 +500,11 @@ def test_embed_flip_average_and_file_form(tmp_path):
     assert torch.allclose(second, x.flatten(1)[:, :2]) and torch.equal(labels, split.labels)
     for j in range(3):
         write_image(str(tmp_path / "c" / f"{j}.png"), j, size=20)
-    files = common.load_split("folder", str(tmp_path))
+    files = common.load_split("folder", str(tmp_path), "all")
     out, lab = common.embed(lambda x: x.mean((2, 3)), files, "cpu", batch_size=2, workers=0,
                             transform=common.eval_transform(16, 12))
     assert out.shape == (3, 3) and lab.tolist() == [0, 0, 0]
-    ds = common.ImageFiles(files.paths, files.labels, common.two_views(common.moco_v2_transform(12),
+    ds = common.ImageFiles(files.paths, files.labels, common.TwoViews(common.moco_v2_transform(12),
                                                                       common.moco_v2_transform(12, strong=False)))
     (v1, v2), _ = ds[0]
     assert v1.shape == v2.shape == (3, 12, 12)
@@ -399,100 +535,7 @@ def test_download_checksum_and_extract(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# eval.py with a tiny method module that follows the contract
-
-TINY_METHOD = '''
-import torch, common
-def model_from_args(args):
-    torch.manual_seed(123)  # weights are overwritten by the checkpoint
-    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, args.dim))
-def evaluate(model, args, device):
-    model.eval()
-    split = common.load_split(args.dataset, args.data_root, "dml_test")
-    emb, labels = common.embed(lambda x: torch.nn.functional.normalize(model(x), dim=1), split, device)
-    return common.retrieval_metrics(emb, labels)
-def features(model, args, device, split):
-    model.eval()
-    s = common.load_split(args.dataset, args.data_root, "dml_train" if split == "train" else "dml_test")
-    return common.embed(model, s, device)
-'''
-
-
-def make_tiny_checkpoint(tmp_path):
-    (tmp_path / "tinymethod.py").write_text(TINY_METHOD)
-    sys.path.insert(0, str(tmp_path))
-    import importlib
-    mod = importlib.import_module("tinymethod")
-    args = {"dataset": "digits", "data_root": str(tmp_path), "dim": 8}
-    import argparse
-    model = mod.model_from_args(argparse.Namespace(**args))
-    torch.manual_seed(0)
-    for p in model.parameters():
-        p.data.normal_()
-    metrics = mod.evaluate(model, argparse.Namespace(**args), "cpu")
-    run = tmp_path / "run"
-    run.mkdir()
-    torch.save({"method": "tinymethod", "args": args, "model": model.state_dict(), "metrics": metrics},
-               run / "model.pt")
-    return run, metrics
-
-
-def test_eval_py_reproduces_checkpoint_metrics(tmp_path):
-    run, metrics = make_tiny_checkpoint(tmp_path)
-    r = run_script("eval.py", str(run / "model.pt"), "--linear-probe", env={"PYTHONPATH": str(tmp_path)})
-    assert r.returncode == 0, r.stderr
-    out = json.loads((run / "eval.json").read_text())
-    for k, v in metrics.items():
-        assert out[k] == pytest.approx(v, abs=1e-6)
-    assert set(out) >= {"R@1", "R@2", "R@4", "R@8", "MAP@R", "NMI", "linear"}
-    assert 0 <= out["linear"] <= 100 and "R@1" in r.stdout
-
-
-def test_eval_py_embeddings_file(tmp_path):
-    g = torch.Generator().manual_seed(0)
-    emb = F.normalize(torch.randn(120, 6, generator=g), dim=1)
-    labels = torch.arange(120) % 10
-    train = F.normalize(torch.randn(200, 6, generator=g), dim=1)
-    np.savez(tmp_path / "e.npz", emb=emb.numpy(), labels=labels.numpy(), train_emb=train.numpy(),
-             train_labels=(torch.arange(200) % 10).numpy())
-    r = run_script("eval.py", "--embeddings", str(tmp_path / "e.npz"))
-    assert r.returncode == 0, r.stderr
-    out = json.loads((tmp_path / "e_eval.json").read_text())
-    assert out["R@1"] == pytest.approx(100 * common.recall_at_k(emb, labels)[1])
-    assert out["MAP@R"] == pytest.approx(100 * common.map_at_r(emb, labels))
-    assert {"NMI", "knn1", "knn20", "knn200w"} <= set(out)
-
-
-def test_eval_py_bad_inputs_exit_2(tmp_path):
-    run, _ = make_tiny_checkpoint(tmp_path)
-    env = {"PYTHONPATH": str(tmp_path)}
-    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    torch.save({"method": "no_such_method", "args": {}, "model": {}}, tmp_path / "unknown.pt")
-    torch.save({"weights": 1}, tmp_path / "foreign.pt")
-    ck = torch.load(run / "model.pt", weights_only=True)
-    ck["args"]["dim"] = 9
-    torch.save(ck, tmp_path / "mismatch.pt")
-    np.savez(tmp_path / "bad.npz", emb=np.zeros((3, 2)))
-    cases = [([str(tmp_path / "missing.pt")], "does not exist"),
-             ([str(tmp_path / "junk.pt")], "cannot read checkpoint"),
-             ([str(tmp_path / "unknown.pt")], "cannot be imported"),
-             ([str(tmp_path / "foreign.pt")], "not a checkpoint"),
-             ([str(tmp_path / "mismatch.pt")], "do not fit"),
-             ([str(run / "model.pt"), "--dataset", "cifar10", "--data-root", str(tmp_path / "none")], "cifar10"),
-             (["--embeddings", str(tmp_path / "bad.npz")], "lacks array"),
-             (["--embeddings", str(tmp_path / "nope.npz")], "does not exist")]
-    for argv, message in cases:
-        r = run_script("eval.py", *argv, env=env)
-        assert r.returncode == 2, (argv, r.stderr)
-        assert message in r.stderr and "Traceback" not in r.stderr, (argv, r.stderr)
-        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
-
-
-# ------------------------------------------------------------------------------------------------
 # s2sd.py: losses against per-anchor re-derivations, end-to-end runs, eval round trip, resume
-
-_S2SD_HERE = os.path.dirname(os.path.abspath(__file__))
-
 
 def _s2sd_naive_ms(emb, labels, alpha=2.0, beta=40.0, lam=0.5, eps=0.1):
     """Per-anchor loop of the Multisimilarity loss with Revisiting-DML mining (reference semantics)."""
@@ -642,121 +685,8 @@ def _s2sd_args(tmp_path, *extra):
     return s2sd.get_args(["--device", "cpu", "--save-dir", str(tmp_path), "--log-every", "1000", *extra])
 
 
-@pytest.mark.parametrize("variant,loss", [("baseline", "multisimilarity"), ("dsd", "multisimilarity"),
-                                          ("msd", "margin"), ("msdf", "rmargin"), ("msdfa", "multisimilarity")])
-def test_s2sd_variants_and_losses_run_on_digits(tmp_path, variant, loss, capsys):
-    args = _s2sd_args(tmp_path, "--variant", variant, "--loss", loss, "--max-steps", "4", "--feat-delay", "2",
-                      "--run-name", "r")
-    s2sd.run(args)
-    ck = torch.load(tmp_path / "r" / "model.pt", weights_only=True)
-    assert len(ck["args"]["target_dims"]) == {"baseline": 0, "dsd": 1}.get(variant, 4)
-    assert 0 <= ck["metrics"]["R@1"] <= 100 and "NMI" in ck["metrics"] and "MAP@R" in ck["metrics"]
-    out = capsys.readouterr().out
-    assert "final (last epoch)" in out and "best epoch (chosen on the test set" in out
-
-
-def test_s2sd_save_eval_identical(tmp_path):
-    cmd = [sys.executable, "s2sd.py", "--epochs", "1", "--max-steps", "6", "--save-dir", str(tmp_path),
-           "--run-name", "e"]
-    r = subprocess.run(cmd, cwd=_S2SD_HERE, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    path = tmp_path / "e" / "model.pt"
-    ck = torch.load(path, map_location="cpu", weights_only=True)
-    args = s2sd.argparse.Namespace(**ck["args"])
-    model = s2sd.model_from_args(args)
-    model.load_state_dict(ck["model"])
-    again = s2sd.evaluate(model, args, "cpu")
-    assert all(abs(again[k] - ck["metrics"][k]) <= 1e-6 for k in ck["metrics"])
-    assert (tmp_path / "e" / "config.json").exists() and (tmp_path / "e" / "metrics.jsonl").exists()
-    if os.path.exists(os.path.join(_S2SD_HERE, "eval.py")):
-        r = subprocess.run([sys.executable, "eval.py", str(path)], cwd=_S2SD_HERE, capture_output=True,
-                           text=True, timeout=120)
-        assert r.returncode == 0, r.stderr
-        ev = json.loads((tmp_path / "e" / "eval.json").read_text())
-        ev = ev.get("metrics", ev)
-        assert all(abs(ev[k] - ck["metrics"][k]) <= 1e-6 for k in ck["metrics"])
-
-
-def test_s2sd_resume_equivalence(tmp_path):
-    # 22 steps per digits epoch: stop mid-epoch at 7, resume across the epoch boundary (and its eval) to 26.
-    flags = ["--eval-every", "1", "--feat-delay", "5", "--loss", "rmargin"]
-    s2sd.run(_s2sd_args(tmp_path, *flags, "--max-steps", "26", "--run-name", "full"))
-    s2sd.run(_s2sd_args(tmp_path, *flags, "--max-steps", "7", "--run-name", "part"))
-    s2sd.run(_s2sd_args(tmp_path, *flags, "--max-steps", "26", "--resume", str(tmp_path / "part" / "last.pt")))
-    a = torch.load(tmp_path / "full" / "model.pt", weights_only=True)
-    b = torch.load(tmp_path / "part" / "model.pt", weights_only=True)
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    assert a["metrics"] == b["metrics"]
-    la = torch.load(tmp_path / "full" / "last.pt", weights_only=False)
-    lb = torch.load(tmp_path / "part" / "last.pt", weights_only=False)
-    assert (la["epoch"], la["next_batch"], la["step"]) == (lb["epoch"], lb["next_batch"], lb["step"]) == (1, 4, 26)
-    assert torch.equal(la["betas"]["0"], lb["betas"]["0"])
-
-
-@pytest.mark.parametrize("flags,needle", [(["--dataset", "imagenet5"], "unknown dataset"),
-                                          (["--arch", "vgg"], "unknown arch"),
-                                          (["--dataset", "cub", "--no-pretrained"], "cub"),
-                                          (["--variant", "dsd", "--target-dims", "8", "16"], "dsd"),
-                                          (["--resume", "nonexistent.pt"], "cannot resume")])
-def test_s2sd_bad_inputs_exit_2(tmp_path, flags, needle, monkeypatch, capsys):
-    # an empty CUB_200_2011/images folder = half-extracted dataset: error without any download attempt
-    os.makedirs(tmp_path / "data" / "CUB_200_2011" / "images")
-    argv = ["s2sd.py", "--data-root", str(tmp_path / "data"), "--save-dir", str(tmp_path), *flags]
-    monkeypatch.setattr(sys, "argv", argv)
-    with pytest.raises(SystemExit) as ex:
-        s2sd.main()
-    err = capsys.readouterr().err
-    assert ex.value.code == 2 and err.startswith("error:") and needle in err.lower()
-    assert len(err.strip().splitlines()) == 1
-    if "cub" in flags:  # the same through a real process: one line, exit 2, no traceback
-        r = subprocess.run([sys.executable, *argv], cwd=_S2SD_HERE, capture_output=True, text=True, timeout=120)
-        assert r.returncode == 2 and r.stderr == err and "Traceback" not in r.stderr
-
-
-def test_s2sd_nonfinite_loss_exits_2_and_keeps_last(tmp_path, monkeypatch, capsys):
-    s2sd.run(_s2sd_args(tmp_path, "--max-steps", "2", "--run-name", "n"))
-    last = tmp_path / "n" / "last.pt"
-    before = last.read_bytes()
-    monkeypatch.setattr(s2sd, "similarity_kl", lambda s, t, T=1.0: (s.sum() * float("nan")))
-    with pytest.raises(SystemExit) as ex:
-        s2sd.run(_s2sd_args(tmp_path, "--max-steps", "4", "--resume", str(last)))
-    assert ex.value.code == 2 and "non-finite distill loss at step 3" in capsys.readouterr().err
-    assert last.read_bytes() == before
-
-
-def test_s2sd_image_files_path_on_cub_fixture(tmp_path):
-    # 200 class folders x 2 tiny JPEGs in the CUB layout: exercises the DataLoader + eval_transform path
-    from PIL import Image
-    base = tmp_path / "data" / "CUB_200_2011" / "images"
-    g = torch.Generator().manual_seed(0)
-    for c in range(1, 201):
-        os.makedirs(base / f"{c:03d}.Bird_{c}")
-        for i in range(2):
-            arr = torch.randint(0, 256, (40, 48, 3), generator=g, dtype=torch.uint8).numpy()
-            Image.fromarray(arr).save(base / f"{c:03d}.Bird_{c}" / f"img_{i}.jpg")
-    args = _s2sd_args(tmp_path, "--dataset", "cub", "--data-root", str(tmp_path / "data"), "--arch", "smallcnn",
-                      "--no-pretrained", "--image-size", "16", "--workers", "0", "--batch-size", "8",
-                      "--max-steps", "2", "--embed-dim", "8", "--target-dims", "16", "32", "--run-name", "c")
-    s2sd.run(args)
-    ck = torch.load(tmp_path / "c" / "model.pt", weights_only=True)
-    assert ck["args"]["in_channels"] == 3 and 0 <= ck["metrics"]["R@1"] <= 100
-
-
 # ------------------------------------------------------------------------------------------------
 # spkd.py: sp_loss against Eq. 2-4 loops, model zoo, teacher formats, end-to-end, resume
-
-_SPKD_DIR = os.path.dirname(os.path.abspath(__file__))
-_SPKD_TINY = ["--dataset", "digits", "--teacher-arch", "resnet8", "--student-arch", "resnet8", "--teacher-epochs", "1",
-              "--batch-size", "256", "--log-every", "1000"]
-
-
-def _spkd_run(args, save_dir, check=True):
-    r = subprocess.run([sys.executable, "spkd.py", *args, "--save-dir", str(save_dir)], cwd=_SPKD_DIR,
-                       capture_output=True, text=True, timeout=300)
-    if check:
-        assert r.returncode == 0, r.stderr[-2000:]
-    return r
-
 
 def _spkd_naive_sp(f_s, f_t):
     """Eq. 2-4 entry by entry: G_ij = <q_i, q_j> / ||(<q_i, q_k>)_k||_2, then sum_ij (G_t - G_s)_ij^2 / b^2."""
@@ -871,111 +801,8 @@ def test_spkd_zoo_repdistiller_state_dict_names():
     assert sd["layer2.0.downsample.0.weight"].shape == (32, 16, 1, 1) and "layer1.0.downsample.0.weight" not in sd
 
 
-def test_spkd_teacher_checkpoint_formats(tmp_path):
-    torch.manual_seed(0)
-    src = spkd.build_model("wrn_16_1", 10).eval()
-    x = torch.randn(3, 3, 32, 32)
-    shared = {"epoch": 240, "model": src.state_dict(), "accuracy": 71.5, "optimizer": {"state": {}},
-              "opt": argparse.Namespace(model="wrn_16_1")}  # a non-tensor object: needs the trusted-pickle path
-    paths = {"shared": shared, "bare": src.state_dict(),
-             "repo": {"method": "spkd", "args": {"student_arch": "wrn_16_1"}, "model": src.state_dict(), "metrics": {}}}
-    for name, obj in paths.items():
-        torch.save(obj, tmp_path / f"{name}.pt")
-        t = spkd.load_teacher(str(tmp_path / f"{name}.pt"), "wrn_16_1", 10).eval()
-        with torch.no_grad():
-            assert torch.equal(t(x), src(x)), name
-    with pytest.raises(ValueError, match="does not match"):
-        spkd.load_teacher(str(tmp_path / "shared.pt"), "wrn_16_2", 10)
-    with pytest.raises(ValueError, match="does not match"):
-        spkd.load_teacher(str(tmp_path / "bare.pt"), "wrn_16_1", 100)
-    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="unreadable"):
-        spkd.load_teacher(str(tmp_path / "junk.pt"), "wrn_16_1", 10)
-
-
-@pytest.fixture(scope="module")
-def _spkd_runs(tmp_path_factory):
-    """One full tiny run (teacher trained + cached, 2 student epochs) and a 1 + 1 epoch resumed run."""
-    d = tmp_path_factory.mktemp("spkd")
-    full = _spkd_run([*_SPKD_TINY, "--epochs", "2", "--run-name", "full"], d)
-    _spkd_run([*_SPKD_TINY, "--epochs", "1", "--run-name", "half"], d)
-    resumed = _spkd_run([*_SPKD_TINY, "--epochs", "2", "--run-name", "half", "--resume", str(d / "half" / "last.pt")], d)
-    return d, full, resumed
-
-
-def test_spkd_digits_teacher_then_student(_spkd_runs):
-    d, full, resumed = _spkd_runs
-    assert "teacher: training resnet8" in full.stdout and "teacher: reusing" in resumed.stdout
-    assert "teacher resnet8: top1" in full.stdout and "best epoch, chosen on the test set" in full.stdout
-    ckpt = torch.load(d / "full" / "model.pt", map_location="cpu", weights_only=True)
-    assert ckpt["method"] == "spkd" and set(ckpt["metrics"]) == {"top1", "error", "Rank-1", "Rank-2"}
-    assert ckpt["metrics"]["top1"] > 10.0  # better than chance after 2 epochs
-    lines = [json.loads(s) for s in open(d / "full" / "metrics.jsonl")]
-    assert [r["epoch"] for r in lines] == [1, 2] and "Rank-1" in lines[-1] and "images_per_s" in lines[-1]
-    assert json.load(open(d / "full" / "config.json"))["sp_weight"] == 3000.0
-
-
-def test_spkd_eval_reproduces_metrics(_spkd_runs):
-    d, _, _ = _spkd_runs
-    path = d / "full" / "model.pt"
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    args = argparse.Namespace(**ckpt["args"])
-    model = spkd.model_from_args(args)
-    model.load_state_dict(ckpt["model"])
-    got = spkd.evaluate(model, args, torch.device("cpu"))
-    for k, v in ckpt["metrics"].items():
-        assert abs(got[k] - v) <= 1e-6, k
-    if os.path.exists(os.path.join(_SPKD_DIR, "eval.py")):
-        r = subprocess.run([sys.executable, "eval.py", str(path)], cwd=_SPKD_DIR, capture_output=True, text=True, timeout=120)
-        assert r.returncode == 0, r.stderr[-2000:]
-        ev = json.load(open(d / "full" / "eval.json"))
-        ev = ev.get("metrics", ev)
-        for k, v in ckpt["metrics"].items():
-            assert abs(ev[k] - v) <= 1e-6, k
-
-
-def test_spkd_resume_matches_uninterrupted(_spkd_runs):
-    d, _, _ = _spkd_runs
-    a = torch.load(d / "full" / "model.pt", map_location="cpu", weights_only=True)
-    b = torch.load(d / "half" / "model.pt", map_location="cpu", weights_only=True)
-    for k, v in a["metrics"].items():
-        assert abs(b["metrics"][k] - v) <= 1e-6, k
-    for k in a["model"]:
-        assert torch.allclose(a["model"][k].float(), b["model"][k].float(), atol=1e-6), k
-
-
-def test_spkd_bad_inputs(tmp_path, capsys):
-    torch.save({"model": spkd.build_model("resnet14", 10).state_dict(), "epoch": 1}, tmp_path / "wrong.pt")
-    r = _spkd_run([*_SPKD_TINY, "--teacher-path", str(tmp_path / "wrong.pt"), "--epochs", "1"], tmp_path, check=False)
-    assert r.returncode == 2 and "does not match --teacher-arch resnet8" in r.stderr and "Traceback" not in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
-    capsys.readouterr()
-    for bad, msg in ((["--student-arch", "resnet9"], "unknown architecture"), (["--dataset", "mnist"], "unknown dataset"),
-                     (["--teacher-path", str(tmp_path / "none.pt")], "no such file"),
-                     (["--epochs", "0"], "must be >= 1"), (["--resume", str(tmp_path / "wrong.pt")], "cannot resume")):
-        with pytest.raises(SystemExit) as e:  # in-process: same code path as the CLI, without interpreter start-up
-            spkd.main([*bad, "--save-dir", str(tmp_path)])
-        err = capsys.readouterr().err
-        assert e.value.code == 2 and err.startswith("error:") and msg in err and len(err.strip().splitlines()) == 1, (bad, err)
-
-
-def test_spkd_non_finite_loss_exits(tmp_path, capsys):
-    with pytest.raises(SystemExit) as e:
-        spkd.main(["--kd-weight", "0", "--sp-weight", "0", "--lr", "1e30", "--max-steps", "4", "--log-every", "2",
-                   "--run-name", "nan", "--save-dir", str(tmp_path)])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and "non-finite" in err and "loss at step" in err
-    assert not (tmp_path / "nan" / "last.pt").exists() and not (tmp_path / "nan" / "model.pt").exists()
-
-
 # ------------------------------------------------------------------------------------------------
 # camd.py: amd_loss / collaborative_kl against per-anchor loops, cut-off, variants, DDP, resume
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-TINY = ["--dataset", "digits", "--image-size", "16", "--teacher-arch", "resnet8", "--student-arch", "resnet8",
-        "--batch-size", "32",
-        "--epochs", "1", "--log-every", "1"]
-
 
 def _camd_naive_amd(t, s, y, gamma, weights="adaptive", mining="hard"):
     """Per-anchor loop of Eq. 2-4 (float64): teacher anchors, Euclidean distances of L2-normalised vectors."""
@@ -1090,152 +917,8 @@ def test_camd_collaborative_kl_matches_naive_and_stops_gradient():
     assert camd.collaborative_kl(zb, zb, 4.0).abs().item() < 1e-12
 
 
-@pytest.fixture(scope="module")
-def _camd_teacher(tmp_path_factory):
-    """A resnet8 'teacher' state_dict on disk (random weights, digits classes): loading is what is tested."""
-    path = tmp_path_factory.mktemp("teacher") / "teacher_sd.pt"
-    torch.manual_seed(0)
-    torch.save(camd.build_model("resnet8", 10).state_dict(), path)
-    return str(path)
-
-
-def _camd_run(args, timeout=300):
-    return subprocess.run([sys.executable, os.path.join(HERE, "camd.py"), *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=HERE)
-
-
-def _camd_metrics(run_dir):
-    return torch.load(os.path.join(run_dir, "model.pt"), map_location="cpu", weights_only=True)["metrics"]
-
-
-@pytest.mark.parametrize("extra", [["--variant", "amd_b"], ["--variant", "amd_e"], ["--variant", "kd"],
-                                   ["--variant", "ce"],
-                                   ["--variant", "camd_kd", "--weights", "fixed", "--mining", "all", "--no-stopgrad",
-                                    "--no-detach-weights"]])
-def test_camd_variants_and_ablations_run(tmp_path, _camd_teacher, extra):
-    camd.main(TINY + ["--teacher-path", _camd_teacher, "--max-steps", "2", "--save-dir", str(tmp_path),
-                      "--run-name", "r"] + extra)
-    rows = [json.loads(line) for line in open(tmp_path / "r" / "metrics.jsonl")]
-    assert rows[-1]["step"] == 2 and all(math.isfinite(rows[-1][k]) for k in ("top1", "Rank-1", "Rank-2"))
-    assert set(_camd_metrics(tmp_path / "r")) == {"top1", "Rank-1", "Rank-2"}
-
-
-def test_camd_end_to_end_save_eval_identical(tmp_path, _camd_teacher):
-    r = _camd_run(TINY + ["--teacher-path", _camd_teacher, "--max-steps", "3", "--save-dir", str(tmp_path),
-                          "--run-name", "e2e"])
-    assert r.returncode == 0, r.stderr
-    assert "teacher resnet8 test:" in r.stdout and "best epoch (chosen on the test set)" in r.stdout
-    ckpt = torch.load(tmp_path / "e2e" / "model.pt", map_location="cpu", weights_only=True)
-    assert ckpt["method"] == "camd" and json.load(open(tmp_path / "e2e" / "config.json"))["variant"] == "camd"
-    args = argparse.Namespace(**ckpt["args"])
-    model = camd.model_from_args(args)
-    model.load_state_dict(ckpt["model"])  # the deployable student only (no embedding block)
-    again = camd.evaluate(model, args, "cpu")
-    assert all(abs(again[k] - ckpt["metrics"][k]) <= 1e-6 for k in ckpt["metrics"])
-    if os.path.exists(os.path.join(HERE, "eval.py")):
-        e = subprocess.run([sys.executable, os.path.join(HERE, "eval.py"), str(tmp_path / "e2e" / "model.pt")],
-                           capture_output=True, text=True, timeout=300, cwd=HERE)
-        assert e.returncode == 0, e.stderr
-        ev = json.load(open(tmp_path / "e2e" / "eval.json"))
-        ev = ev.get("metrics", ev)
-        assert all(abs(ev[k] - ckpt["metrics"][k]) <= 1e-6 for k in ckpt["metrics"])
-
-
-def test_camd_resume_continues_exactly(tmp_path, _camd_teacher):
-    base = TINY + ["--teacher-path", _camd_teacher, "--save-dir", str(tmp_path)]
-    camd.main(base + ["--max-steps", "4", "--run-name", "full"])
-    camd.main(base + ["--max-steps", "2", "--run-name", "half"])  # stops mid-epoch, last.pt holds the position
-    camd.main(base + ["--max-steps", "4", "--resume", str(tmp_path / "half" / "last.pt")])
-    a, b = _camd_metrics(tmp_path / "full"), _camd_metrics(tmp_path / "half")
-    assert all(abs(a[k] - b[k]) <= 1e-6 for k in a)
-    sa = torch.load(tmp_path / "full" / "model.pt", weights_only=True)["model"]
-    sb = torch.load(tmp_path / "half" / "model.pt", weights_only=True)["model"]
-    assert all(torch.allclose(sa[k].float(), sb[k].float(), atol=1e-6) for k in sa)
-
-
-def test_camd_teacher_formats_and_cache(tmp_path, _camd_teacher, capsys):
-    sd = torch.load(_camd_teacher, weights_only=True)
-    # RepDistiller ckpt {"epoch", "model", "accuracy", "optimizer"} with a pickled object (needs the trusted load),
-    # this repo's model.pt layout, and a bare state_dict (with a DataParallel "module." prefix) all load strictly
-    torch.save({"epoch": 240, "model": sd, "accuracy": 0.5, "optimizer": _camd_pickled_obj()}, tmp_path / "rep.pth")
-    torch.save({"method": "camd", "args": {}, "model": sd, "metrics": {}}, tmp_path / "own.pt")
-    torch.save({"module." + k: v for k, v in sd.items()}, tmp_path / "dp.pt")
-    for name in ("rep.pth", "own.pt", "dp.pt"):
-        model = camd.build_model("resnet8", 10)
-        camd.load_teacher(model, str(tmp_path / name), "resnet8")
-        assert all(torch.equal(model.state_dict()[k], v) for k, v in sd.items())
-    # no --teacher-path: a CE-trained teacher is cached under <save-dir>/teachers and reused by the next run
-    cached = TINY + ["--teacher-epochs", "1", "--max-steps", "1", "--save-dir", str(tmp_path), "--no-vanilla"]
-    camd.main(cached + ["--run-name", "c"])
-    assert len(os.listdir(tmp_path / "teachers")) == 1 and "training teacher" in capsys.readouterr().out
-    camd.main(cached + ["--run-name", "d", "--variant", "amd_b"])
-    assert "loaded from " + str(tmp_path / "teachers") in capsys.readouterr().out
-
-
-def _camd_pickled_obj():
-    return argparse.Namespace(lr=0.05)
-
-
-def test_camd_digits_reports_vanilla_student(tmp_path, _camd_teacher, capsys):
-    base = TINY + ["--teacher-path", _camd_teacher, "--max-steps", "2", "--save-dir", str(tmp_path)]
-    camd.main(base + ["--run-name", "v"])  # digits preset: --vanilla on; CE-trained and cached, then reused
-    out = capsys.readouterr().out
-    assert "training vanilla student resnet8" in out and out.count("vanilla student resnet8:") == 1
-    ckpt = torch.load(tmp_path / "v" / "model.pt", map_location="cpu", weights_only=True)
-    camd.main(base + ["--run-name", "ce", "--variant", "ce"])  # the vanilla student is exactly the --variant ce run
-    assert ckpt["vanilla_metrics"] == _camd_metrics(tmp_path / "ce") != ckpt["metrics"]
-    assert ckpt["metrics"] == {k: json.loads(open(tmp_path / "v" / "metrics.jsonl").readlines()[-1])[k]
-                               for k in ("top1", "Rank-1", "Rank-2")}  # the distilled student's, as before
-    camd.main(base + ["--run-name", "w"])
-    assert "vanilla student resnet8 loaded from " + str(tmp_path / "teachers") in capsys.readouterr().out
-    camd.main(base + ["--run-name", "x", "--no-vanilla"])
-    assert "vanilla student" not in capsys.readouterr().out
-
-
-def test_camd_bad_inputs_exit_2(tmp_path, _camd_teacher, capsys):
-    garbage = tmp_path / "garbage.pt"
-    garbage.write_bytes(b"not a checkpoint")
-    torch.save(camd.build_model("resnet14", 10).state_dict(), tmp_path / "r14.pt")
-    cases = [(["--student-arch", "resnet9"], "unknown architecture"),
-             (["--variant", "amd_b", "--teacher-arch", "resnet8x4", "--student-arch", "resnet8"], "amd_b needs equal"),
-             (["--teacher-path", str(garbage)], "cannot read teacher checkpoint"),
-             (["--teacher-path", str(tmp_path / "r14.pt"), "--teacher-arch", "resnet8"], "does not match"),
-             (["--teacher-path", _camd_teacher, "--teacher-arch", "resnet8", "--student-arch", "resnet8",
-               "--lr", "1e30", "--max-steps", "3", "--log-every", "1", "--run-name", "nan"], "non-finite")]
-    for extra, msg in cases:  # in-process (fast); one real process below checks exit code and stderr
-        with pytest.raises(SystemExit) as exc:
-            camd.main(["--save-dir", str(tmp_path), "--epochs", "1"] + extra)
-        err = capsys.readouterr().err
-        assert exc.value.code == 2 and msg in err and len(err.strip().splitlines()) == 1, (extra, err)
-    assert not (tmp_path / "nan" / "last.pt").exists()
-    r = _camd_run(["--dataset", "nope"])
-    assert r.returncode == 2 and r.stderr.startswith("error: unknown dataset") and "Traceback" not in r.stderr
-
-
-def test_camd_two_process_cpu_ddp(tmp_path, _camd_teacher):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(HERE, "camd.py")] + TINY + ["--teacher-path", _camd_teacher, "--max-steps", "2",
-                                                    "--save-dir", str(tmp_path), "--run-name", "ddp"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=HERE)
-    assert r.returncode == 0, r.stderr[-2000:]
-    cfg = json.load(open(tmp_path / "ddp" / "config.json"))
-    assert cfg["world_size"] == 2 and r.stdout.count("final (last epoch") == 1  # rank-0 logging only
-    assert set(_camd_metrics(tmp_path / "ddp")) == {"top1", "Rank-1", "Rank-2"}
-
-
 # ------------------------------------------------------------------------------------------------
 # isd.py: isd_loss against a naive loop, queue/EMA arithmetic, moco variant, k-NN rise, resume, DDP
-
-_isd_here = os.path.dirname(os.path.abspath(__file__))
-_isd_tiny_run = ["--dataset", "digits", "--epochs", "10", "--eval-every", "10", "--seed", "0"]
-_isd_tiny = ["--dataset", "digits", "--batch-size", "64", "--queue-size", "256", "--seed", "1"]
-
-
-def _isd_run(args, tmp, name, timeout=300):
-    cmd = [sys.executable, os.path.join(_isd_here, "isd.py"), *args, "--save-dir", str(tmp), "--run-name", name]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=_isd_here,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
-
 
 def _isd_unit(*shape):
     return F.normalize(torch.randn(*shape, dtype=torch.float64), dim=-1)
@@ -1308,194 +991,1188 @@ def test_isd_moco_variant_is_infonce_with_target_zero():
     assert torch.allclose(fast, F.cross_entropy(logits, torch.zeros(3, dtype=torch.long)), rtol=1e-12)
 
 
+# ------------------------------------------------------------------------------------------------
+# The contract every script keeps (shared/SKELETON.md), one parametrised section over the four
+
+# A few steps on digits each; camd and spkd share one 1-epoch resnet8 teacher (the same recipe -> the same cache).
+TINY = {"s2sd": ["--epochs", "2", "--eval-every", "1"],
+        "camd": ["--epochs", "2", "--teacher-arch", "resnet8", "--teacher-epochs", "1", "--image-size", "16",
+                 "--batch-size", "128"],
+        "spkd": ["--epochs", "2", "--teacher-arch", "resnet8", "--teacher-epochs", "1", "--image-size", "16",
+                 "--batch-size", "128"],
+        "isd": ["--epochs", "2", "--eval-every", "1", "--batch-size", "128"]}
+STEPS_PER_EPOCH = {"s2sd": 901 // 40, "camd": 12, "spkd": 12, "isd": 1437 // 128}  # digits: 901 DML / 1437 train
+POISON = {"s2sd": "distill", "camd": "col", "spkd": "sp", "isd": "isd"}  # a loss component of each default variant
+
+
+@pytest.fixture(scope="session")
+def save_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("runs")
+
+
+def tiny(name, save_dir, *extra):
+    return [*TINY[name], "--save-dir", str(save_dir), "--log-every", "1000", *extra]
+
+
+@pytest.fixture(scope="session")
+def digits_runs(save_dir):
+    """One tiny digits run per script -> {name: (run folder, stdout)}."""
+    runs = {}
+    for name, module in SCRIPTS.items():
+        code, out, err = main_of(module, tiny(name, save_dir, "--run-name", f"{name}_run"))
+        assert code == 0, err[-3000:]
+        runs[name] = (save_dir / f"{name}_run", out)
+    return runs
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_contract_run_leaves_files_and_eval_reproduces(name, digits_runs):
+    folder, out = digits_runs[name]
+    rows = [json.loads(line) for line in open(folder / "metrics.jsonl")]
+    assert [r["epoch"] for r in rows] == ([0, 1, 2] if name == "isd" else [1, 2])  # 1-based (isd: 0 = untrained)
+    assert rows[-1]["step"] == 2 * STEPS_PER_EPOCH[name] and rows[-1]["images_per_s"] > 0
+    config = json.load(open(folder / "config.json"))
+    assert config["method"] == name and config["torch"] == torch.__version__ and "git_commit" in config
+    ckpt = load(folder / "model.pt")
+    assert ckpt["method"] == name and set(ckpt) >= {"args", "model", "metrics", "history"}
+    assert ckpt["metrics"] == {k: v for k, v in rows[-1].items() if k not in ("epoch", "step", "elapsed_s", "images_per_s")}
+    last = load(folder / "last.pt")
+    assert (last["epoch"], last["batch"], last["step"]) == (2, 0, 2 * STEPS_PER_EPOCH[name])
+    assert "final (last epoch 2" in out and "best epoch of each metric (chosen on the test set)" in out
+    assert re.search(r"epoch 1 step \d+/\d+ \|", out) is None or True  # log lines are 1-based (checked below)
+    code, _, err = main_of(eval_py, [str(folder / "model.pt")])
+    assert code == 0, err
+    again = json.load(open(folder / "eval.json"))
+    again = again.get("metrics", again)
+    assert all(abs(again[k] - v) <= 1e-9 for k, v in ckpt["metrics"].items()), (again, ckpt["metrics"])
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_contract_log_lines_are_one_based(name, save_dir, digits_runs):
+    code, out, err = main_of(SCRIPTS[name], tiny(name, save_dir, "--run-name", f"{name}_log", "--max-steps", "3",
+                                                 "--log-every", "1"))
+    assert code == 0, err
+    first = next(line for line in out.splitlines() if line.startswith("epoch "))
+    assert first.startswith("epoch 1 step 1/3 | ")
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_contract_resume_inside_an_epoch_equals_uninterrupted(name, save_dir, digits_runs):
+    total = STEPS_PER_EPOCH[name] + 3  # across an epoch end (and its evaluation)
+    assert main_of(SCRIPTS[name], tiny(name, save_dir, "--run-name", f"{name}_full", "--max-steps", str(total)))[0] == 0
+    assert main_of(SCRIPTS[name], tiny(name, save_dir, "--run-name", f"{name}_part", "--max-steps", "5"))[0] == 0
+    assert load(save_dir / f"{name}_part" / "last.pt")["batch"] == 5
+    code, out, err = main_of(SCRIPTS[name], ["--resume", str(save_dir / f"{name}_part" / "last.pt"),
+                                             "--max-steps", str(total)])
+    assert code == 0, err
+    a, b = load(save_dir / f"{name}_full" / "model.pt"), load(save_dir / f"{name}_part" / "model.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), name
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("elapsed_s", "images_per_s")} for r in rows]  # noqa
+    assert strip(a["history"]) == strip(b["history"])
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_contract_non_finite_loss_stops_with_component_and_step(name, save_dir, digits_runs, monkeypatch):
+    step_losses, calls = SCRIPTS[name].step_losses, [0]
+    bad_step = STEPS_PER_EPOCH[name] + 3
+
+    def poisoned(*args, **kwargs):
+        out = step_losses(*args, **kwargs)
+        calls[0] += 1
+        losses = out[0] if isinstance(out, tuple) else out
+        if calls[0] == bad_step:
+            losses[POISON[name]] = losses[POISON[name]] * float("nan")
+        return out
+    monkeypatch.setattr(SCRIPTS[name], "step_losses", poisoned)
+    code, _, err = main_of(SCRIPTS[name], tiny(name, save_dir, "--run-name", f"{name}_nan"))
+    assert code == 2 and err.startswith("error:") and len(err.strip().splitlines()) == 1
+    assert f"non-finite {POISON[name]} loss at step {bad_step}" in err
+    assert load(save_dir / f"{name}_nan" / "last.pt")["step"] == STEPS_PER_EPOCH[name]  # the last good epoch
+    assert not (save_dir / f"{name}_nan" / "model.pt").exists()
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_contract_ctrl_c_writes_a_resumable_last_pt_and_exits_130(name, save_dir, digits_runs):
+    argv = [f"{name}.py", *tiny(name, save_dir, "--run-name", f"{name}_int", "--epochs", "100", "--log-every", "1")]
+    proc = subprocess.Popen([sys.executable, *argv], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"))
+    for line in proc.stdout:  # the first training log line of this run
+        if re.match(r"epoch \d+ step \d+/", line):
+            break
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-2000:]
+    last = save_dir / f"{name}_int" / "last.pt"
+    assert f"--resume {last}" in err and "Traceback" not in err
+    step = load(last)["step"]
+    code, _, err = main_of(SCRIPTS[name], ["--resume", str(last), "--max-steps", str(step + 2)])
+    assert code == 0, err
+    assert load(last)["step"] == step + 2
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_contract_ctrl_c_before_training_exits_130_without_traceback(name, save_dir, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(SCRIPTS[name], "load_data", interrupted)
+    code, _, err = main_of(SCRIPTS[name], tiny(name, save_dir, "--run-name", f"{name}_early"))
+    assert code == 130 and "before training started" in err
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_contract_runs_without_git_on_path(name, save_dir, digits_runs, monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no git (and nothing else) on PATH
+    code, _, err = main_of(SCRIPTS[name], tiny(name, save_dir, "--run-name", f"{name}_nogit", "--max-steps", "2"))
+    assert code == 0, err
+    assert json.load(open(save_dir / f"{name}_nogit" / "config.json"))["git_commit"] is None
+
+
+class FakeWriter:
+    """Stands in for torch.utils.tensorboard.SummaryWriter: records every scalar."""
+    scalars = []
+
+    def __init__(self, log_dir):
+        self.log_dir = log_dir
+
+    def add_scalar(self, tag, value, step):
+        FakeWriter.scalars.append((tag, float(value), step))
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_contract_tensorboard_present_and_absent(name, save_dir, digits_runs, monkeypatch):
+    fake = type(sys)("torch.utils.tensorboard")
+    fake.SummaryWriter = FakeWriter
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    FakeWriter.scalars = []
+    code, _, err = main_of(SCRIPTS[name], tiny(name, save_dir, "--run-name", f"{name}_tb", "--max-steps", "3",
+                                               "--log-every", "1"))
+    assert code == 0, err
+    tags = {tag for tag, _, _ in FakeWriter.scalars}
+    assert {"train/lr", "train/images_per_s", f"train/{POISON[name]}"} <= tags and any(t.startswith("eval/") for t in tags)
+    FakeWriter.scalars = []
+    assert main_of(SCRIPTS[name], tiny(name, save_dir, "--run-name", f"{name}_notb", "--max-steps", "2",
+                                       "--no-tensorboard"))[0] == 0 and not FakeWriter.scalars
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # not installed: import fails
+    assert main_of(SCRIPTS[name], tiny(name, save_dir, "--run-name", f"{name}_notb2", "--max-steps", "2"))[0] == 0
+    code, _, err = main_of(SCRIPTS[name], tiny(name, save_dir, "--run-name", f"{name}_notb3", "--tensorboard"))
+    assert code == 2 and "pip install tensorboard" in err
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_contract_bf16_autocast_path_runs_on_cpu(name, save_dir, digits_runs):
+    code, out, err = main_of(SCRIPTS[name], tiny(name, save_dir, "--run-name", f"{name}_bf16", "--amp", "--max-steps", "3",
+                                                 "--log-every", "1"))
+    assert code == 0, err
+    assert json.load(open(save_dir / f"{name}_bf16" / "config.json"))["amp"] is True
+    assert all(math.isfinite(float(v)) for v in load(save_dir / f"{name}_bf16" / "model.pt")["metrics"].values())
+
+
+def test_contract_a_taken_run_name_gets_a_fresh_folder(save_dir, digits_runs):
+    code, out, _ = main_of(s2sd, tiny("s2sd", save_dir, "--run-name", "s2sd_run", "--max-steps", "2"))
+    assert code == 0 and f"note: {save_dir / 's2sd_run'} holds another run" in out
+    assert (save_dir / "s2sd_run-2" / "model.pt").exists() and load(save_dir / "s2sd_run" / "last.pt")["step"] == 44
+
+
+def _bad_input_cases(tmp):
+    afile = tmp / "a_file"
+    afile.write_text("x")
+    (tmp / "empty.pt").write_bytes(b"")
+    (tmp / "junk.pt").write_bytes(os.urandom(300))
+    torch.save({"method": "s2sd", "args": {}, "model": {}, "metrics": {}}, tmp / "model_like.pt")
+    torch.save({"method": "someone_else", "args": {}, "model": {}}, tmp / "foreign.pt")
+    cases = [(["--batch-size", "0"], "--batch-size"), (["--batch-size", "1"], "--batch-size"),
+             (["--epochs", "0"], "--epochs"), (["--epochs", "-3"], "--epochs"), (["--log-every", "0"], "--log-every"),
+             (["--max-steps", "0"], "--max-steps"), (["--workers", "-1"], "--workers"),
+             (["--eval-every", "-1"], "--eval-every"), (["--lr", "0"], "--lr"), (["--lr", "nan"], "--lr"),
+             (["--lr", "fast"], "--lr"), (["--weight-decay", "-1"], "--weight-decay"), (["--seed", "-1"], "--seed"),
+             (["--image-size", "0"], "--image-size"), (["--device", "tpu"], "--device"), (["--device", "mps"], "mps"),
+             (["--dataset", "imagenet5"], "--dataset"), (["--data-root", str(afile)], "--data-root"),
+             (["--save-dir", str(afile)], "--save-dir"), (["--run-name", "../escape"], "--run-name"),
+             (["--run-name", str(tmp / "abs")], "--run-name"), (["--resume", str(tmp / "missing.pt")], "no such file"),
+             (["--resume", str(tmp)], "no such file"), (["--resume", str(tmp / "empty.pt")], "not a readable"),
+             (["--resume", str(tmp / "junk.pt")], "not a readable"), (["--resume", str(tmp / "foreign.pt")], "not a checkpoint of"),
+             (["--epochs"], "--epochs"), (["--no-such-flag"], "unrecognized")]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "--device cuda"))
+    return cases
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_contract_bad_input_is_one_line_and_exit_2(name, tmp_path):
+    for flags, needle in _bad_input_cases(tmp_path):
+        code, out, err = main_of(SCRIPTS[name], ["--save-dir", str(tmp_path / "runs"), *flags])
+        assert code == 2, (flags, err)
+        assert err.startswith("error:") and len(err.strip().splitlines()) == 1 and "Traceback" not in err, (flags, err)
+        assert needle in err, (flags, needle, err)
+    if name == "s2sd":  # a model.pt given to --resume: says to use last.pt
+        code, _, err = main_of(s2sd, ["--resume", str(tmp_path / "model_like.pt")])
+        assert code == 2 and "last.pt" in err
+
+
+def test_contract_bad_input_in_a_real_process():
+    r = run_script("camd.py", "--batch-size", "0")
+    assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def _blocks(start, end, files):
+    texts = {}
+    for f in files:
+        src = open(os.path.join(HERE, f)).read()
+        assert src.count(start) == 1 and src.count(end) == 1, f
+        texts[f] = src[src.index(start):src.index(end)]
+    return texts
+
+
+@pytest.mark.parametrize("block,end,files", [
+    ("run bookkeeping", "bookkeeping", ["s2sd.py", "camd.py", "spkd.py", "isd.py"]),
+    ("zoo, data, teacher", "zoo, data, teacher", ["camd.py", "spkd.py"]),
+    ("data parallel", "data parallel", ["camd.py", "isd.py"])])
+def test_shared_blocks_are_the_same_text(block, end, files):
+    bar = "# " + "=" * 96
+    texts = _blocks(f"{bar} {block}\n", f"{bar} end of {end}", files)
+    first = texts[files[0]]
+    assert len(first.splitlines()) > 30
+    for f, text in texts.items():
+        assert text == first, f"the {block} block of {f} differs from {files[0]}'s"
+
+
+def test_method_files_import_without_side_effects():
+    for name in SCRIPTS:
+        r = subprocess.run([sys.executable, "-c", f"import sys; sys.argv = ['x', '--bogus']; import {name}"], cwd=HERE,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and r.stdout == "", (name, r.stderr)
+
+
+# ------------------------------------------------------------------------------------------------
+# s2sd.py end to end: variants, presets, image files
+
+@pytest.mark.parametrize("variant,loss", [("baseline", "multisimilarity"), ("dsd", "multisimilarity"),
+                                          ("msd", "margin"), ("msdf", "rmargin"), ("msdfa", "multisimilarity")])
+def test_s2sd_variants_and_losses_run_on_digits(tmp_path, variant, loss):
+    code, out, err = main_of(s2sd, ["--variant", variant, "--loss", loss, "--max-steps", "4", "--feat-delay", "2",
+                                    "--save-dir", str(tmp_path), "--run-name", "r", "--log-every", "4"])
+    assert code == 0, err
+    ck = load(tmp_path / "r" / "model.pt")
+    assert len(ck["args"]["target_dims"]) == {"baseline": 0, "dsd": 1}.get(variant, 4)
+    assert 0 <= ck["metrics"]["R@1"] <= 100 and {"NMI", "MAP@R", "R@8"} <= set(ck["metrics"])
+    columns = {"baseline": ["dml"], "dsd": ["dml", "aux_dml", "distill"], "msd": ["dml", "aux_dml", "distill"]}
+    assert re.search(" ".join(f"{c} [0-9.]+" for c in columns.get(variant, ["dml", "aux_dml", "distill", "feat_distill"])), out)
+
+
+def test_s2sd_presets_follow_the_paper():
+    cub, sop = s2sd.get_args(["--dataset", "cub"]), s2sd.get_args(["--dataset", "sop"])
+    assert (cub.distill_weight, cub.feat_weight, cub.variant, cub.loss) == (50.0, 50.0, "msdfa", "multisimilarity")
+    assert (sop.distill_weight, sop.feat_weight, sop.variant, sop.loss) == (5.0, 5.0, "msdf", "margin")  # gamma = 5
+    assert [s2sd.get_args(["--dataset", d]).rho_p for d in ("cub", "cars", "sop")] == [0.4, 0.35, 0.15]
+    assert (cub.lr, cub.batch_size, cub.samples_per_class, cub.embed_dim, cub.feat_delay) == (1e-5, 112, 2, 128, 1000)
+    assert s2sd.get_args(["--dataset", "cars", "--variant", "dsd"]).target_dims == [2048]
+    assert s2sd.get_args(["--dataset", "cub", "--variant", "baseline"]).beta_lr == 5e-4
+    code, _, err = main_of(s2sd, ["--variant", "dsd", "--target-dims", "8", "16"])
+    assert code == 2 and "dsd" in err
+    for flags in (["--embed-dim", "0"], ["--target-dims", "0"], ["--samples-per-class", "0"], ["--batch-size", "41"],
+                  ["--batch-size", "2000"], ["--rho-p", "1.5"], ["--crop-scale", "0"]):
+        code, _, err = main_of(s2sd, flags)
+        assert code == 2 and err.startswith("error:") and len(err.strip().splitlines()) == 1, (flags, err)
+
+
+def test_s2sd_help_names_each_presets_value():
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        s2sd.get_args(["--help"])
+    text = " ".join(out.getvalue().split())
+    assert "digits 6" in text and "cub 150" in text and "(default: None)" not in text
+    assert "sop 5.0" in text  # --distill-weight on SOP
+
+
+def test_s2sd_best_epoch_is_taken_per_metric():
+    run = {"history": [dict(epoch=1, step=1, **{"R@1": 50.0, "NMI": 60.0}), dict(epoch=2, step=2, **{"R@1": 55.0, "NMI": 58.0})],
+           "tb": None, "dir": "x", "t0": time.time()}
+    meter = s2sd.Meter(argparse.Namespace(log_every=1, batch_size=1), run, torch.device("cpu"), 0, 2)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        s2sd.print_summary(run, meter)
+    assert "R@1 55.00 (epoch 2)  NMI 60.00 (epoch 1)" in out.getvalue()
+
+
+def test_s2sd_image_files_path_on_cub_fixture(tmp_path):
+    make_cub(str(tmp_path / "data"), size=40, per_class=2)  # exercises the DataLoader + eval_transform path
+    code, out, err = main_of(s2sd, ["--dataset", "cub", "--data-root", str(tmp_path / "data"), "--arch", "smallcnn",
+                                    "--no-pretrained", "--image-size", "16", "--workers", "0", "--batch-size", "8",
+                                    "--max-steps", "2", "--embed-dim", "8", "--target-dims", "16", "32",
+                                    "--save-dir", str(tmp_path), "--run-name", "c"])
+    assert code == 0, err
+    ck = load(tmp_path / "c" / "model.pt")
+    assert ck["args"]["in_channels"] == 3 and 0 <= ck["metrics"]["R@1"] <= 100
+
+
+def test_s2sd_cub_without_data_or_weights_is_one_line(tmp_path):
+    os.makedirs(tmp_path / "data" / "CUB_200_2011" / "images")  # half-extracted: no download attempt
+    code, _, err = main_of(s2sd, ["--dataset", "cub", "--data-root", str(tmp_path / "data"), "--save-dir", str(tmp_path)])
+    assert code == 2 and "cub" in err and len(err.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# spkd.py / camd.py: the shared teacher, the CIFAR-10 padding, variants, DDP
+
+def test_spkd_and_camd_share_one_teacher_and_cache_only_finished_ones(tmp_path, monkeypatch):
+    base = ["--teacher-arch", "resnet8", "--teacher-epochs", "1", "--image-size", "16", "--batch-size", "128",
+            "--epochs", "1", "--max-steps", "2", "--save-dir", str(tmp_path), "--log-every", "1000"]
+    add, stop = spkd.Meter.add, spkd.STOP
+
+    def interrupt_teacher(self, losses, images, epoch, step, lr):  # a Ctrl-C during the teacher's third step
+        add(self, losses, images, epoch, step, lr)
+        if step == 3 and "teachers" in str(self.run["dir"]):
+            stop[0] = True
+    monkeypatch.setattr(spkd.Meter, "add", interrupt_teacher)
+    code, _, err = main_of(spkd, base + ["--run-name", "s"])
+    assert code == 130 and "teachers" in err
+    folder = next((tmp_path / "teachers").iterdir())
+    assert (folder / "last.pt").exists() and not (folder / "model.pt").exists()  # nothing cached half-trained
+    monkeypatch.setattr(spkd.Meter, "add", add)
+    code, out, err = main_of(spkd, base + ["--run-name", "s"])
+    assert code == 0 and f"resumed {folder / 'last.pt'}" in out, err
+    assert (folder / "model.pt").exists() and load(folder / "model.pt")["history"][-1]["epoch"] == 1
+    code, out, err = main_of(camd, base + ["--run-name", "c"])  # camd.py finds spkd.py's teacher of the same recipe
+    assert code == 0, err
+    assert f"teacher: {folder / 'model.pt'}" in out and "teacher: training" not in out
+    assert len(os.listdir(tmp_path / "teachers")) == 1
+    (folder / "model.pt").write_bytes(b"corrupt")
+    code, _, err = main_of(camd, base + ["--run-name", "c2"])
+    assert code == 2 and "delete it" in err and str(folder / "model.pt") in err
+
+
+def test_spkd_cifar10_pads_by_reflection_cifar100_by_zeros(monkeypatch):
+    assert spkd.get_args(["--dataset", "cifar10"]).pad_mode == "reflect"
+    assert spkd.get_args(["--dataset", "cifar100"]).pad_mode == "constant" == camd.get_args(["--dataset", "cifar100"]).pad_mode
+    seen = []
+    monkeypatch.setattr(common, "random_crop_flip", lambda x, p, mode: seen.append((p, mode)) or x.float())
+    split = common.Split("x", torch.zeros(8, dtype=torch.long), 2, (0.5,) * 3, (0.5,) * 3,
+                         images=torch.zeros(8, 3, 32, 32, dtype=torch.uint8))
+    args = spkd.get_args(["--dataset", "cifar10", "--batch-size", "4"])
+    data = spkd.train_data(args, split, torch.device("cpu"))
+    assert len(list(spkd.train_batches(args, data, 0, 0, torch.device("cpu")))) == 2 and seen == [(4, "reflect")] * 2
+
+
+def test_spkd_recipe_and_baselines():
+    a = spkd.get_args(["--dataset", "cifar10"])
+    assert (a.teacher_arch, a.student_arch, a.epochs, a.batch_size, a.lr, a.nesterov, a.lr_milestones, a.lr_decay,
+            a.sp_weight, a.weight_decay) == ("wrn_40_2", "wrn_16_2", 200, 128, 0.1, True, [60, 120, 160], 0.2, 3000.0, 5e-4)
+    b = spkd.get_args(["--dataset", "cifar100"])
+    assert (b.epochs, b.batch_size, b.lr, b.lr_milestones, b.teacher_epochs) == (240, 64, 0.05, [150, 180, 210], 240)
+    for flags in (["--teacher-path", "/nonexistent.pth"], ["--sp-weight", "-1"], ["--lr-decay", "2"]):
+        code, _, err = main_of(spkd, flags)
+        assert code == 2 and len(err.strip().splitlines()) == 1, (flags, err)
+
+
+def test_teacher_checkpoint_formats(tmp_path):
+    torch.manual_seed(0)
+    src = spkd.build_model("wrn_16_1", 10).eval()
+    x = torch.randn(3, 3, 32, 32)
+    shared = {"epoch": 240, "model": src.state_dict(), "accuracy": 71.5, "optimizer": {"state": {}},
+              "opt": argparse.Namespace(model="wrn_16_1")}  # a non-tensor object: needs the trusted-pickle path
+    formats = {"shared": shared, "bare": {"module." + k: v for k, v in src.state_dict().items()},
+               "repo": {"method": "spkd", "args": {"student_arch": "wrn_16_1"}, "model": src.state_dict(), "metrics": {}}}
+    for module in (spkd, camd):
+        for name, obj in formats.items():
+            torch.save(obj, tmp_path / f"{name}.pt")
+            t = module.load_teacher(str(tmp_path / f"{name}.pt"), "wrn_16_1", 10).eval()
+            with torch.no_grad():
+                assert torch.equal(t(x), src(x)), name
+        for path, arch, classes in (("shared.pt", "wrn_16_2", 10), ("bare.pt", "wrn_16_1", 100)):
+            with pytest.raises(module.RunError, match="does not fit"):
+                module.load_teacher(str(tmp_path / path), arch, classes)
+        (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+        with pytest.raises(module.RunError, match="unreadable"):
+            module.load_teacher(str(tmp_path / "junk.pt"), "wrn_16_1", 10)
+
+
+@pytest.fixture(scope="module")
+def camd_teacher(tmp_path_factory):
+    """A resnet8 'teacher' state_dict on disk (random weights, digits classes): loading is what is tested."""
+    path = tmp_path_factory.mktemp("teacher") / "teacher_sd.pt"
+    torch.manual_seed(0)
+    torch.save(camd.build_model("resnet8", 10).state_dict(), path)
+    return str(path)
+
+
+CAMD_TINY = ["--image-size", "16", "--teacher-arch", "resnet8", "--student-arch", "resnet8", "--batch-size", "32",
+             "--epochs", "1", "--log-every", "1"]
+
+
+@pytest.mark.parametrize("extra", [["--variant", "amd_b"], ["--variant", "amd_e"], ["--variant", "kd"],
+                                   ["--variant", "ce"],
+                                   ["--variant", "camd_kd", "--weights", "fixed", "--mining", "all", "--no-stopgrad",
+                                    "--no-detach-weights"]])
+def test_camd_variants_and_ablations_run(tmp_path, camd_teacher, extra):
+    code, out, err = main_of(camd, CAMD_TINY + ["--teacher-path", camd_teacher, "--max-steps", "2", "--save-dir",
+                                                str(tmp_path), "--run-name", "r"] + extra)
+    assert code == 0, err
+    rows = [json.loads(line) for line in open(tmp_path / "r" / "metrics.jsonl")]
+    assert rows[-1]["step"] == 2 and all(math.isfinite(rows[-1][k]) for k in ("top1", "Rank-1", "Rank-2"))
+    ck = load(tmp_path / "r" / "model.pt")
+    assert set(ck["metrics"]) == {"top1", "Rank-1", "Rank-2"}
+    assert set(ck["model"]) == set(camd.build_model("resnet8", 10).state_dict())  # the deployable student only
+
+
+def test_camd_bad_inputs(tmp_path, camd_teacher):
+    torch.save(camd.build_model("resnet14", 10).state_dict(), tmp_path / "r14.pt")
+    for extra, msg in ((["--variant", "amd_b", "--teacher-arch", "resnet8x4", "--student-arch", "resnet8",
+                         "--teacher-path", camd_teacher], "amd_b needs equal"),
+                       (["--teacher-path", str(tmp_path / "r14.pt")], "does not fit"),
+                       (["--gamma", "0"], "--gamma"), (["--variant", "vanilla"], "--variant"),
+                       (["--vanilla"], "unrecognized")):
+        code, _, err = main_of(camd, CAMD_TINY + ["--save-dir", str(tmp_path)] + extra)
+        assert code == 2 and msg in err and len(err.strip().splitlines()) == 1, (extra, err)
+
+
+def _camd_ddp_worker(rank, world, init, seed, queue):
+    """One rank of the global-batch mining check: each rank holds its half of a fixed global batch."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    g = torch.Generator().manual_seed(seed)
+    t, s, y = torch.randn(12, 6, generator=g), torch.randn(12, 6, generator=g), torch.randint(0, 3, (12,), generator=g)
+    mine = slice(rank * 6, rank * 6 + 6)
+    s_mine = s[mine].clone().requires_grad_()
+    loss = camd.amd_loss(camd.gather(t[mine], world), camd.gather(s_mine, world, grad=True), camd.gather(y[mine], world),
+                         80.0)
+    loss.backward()
+    queue.put((rank, loss.item(), s_mine.grad.numpy()))  # numpy: pickled by value (the worker exits first)
+    dist.destroy_process_group()
+
+
+def test_camd_mines_the_global_batch_under_ddp(tmp_path):
+    import torch.multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    init = f"file://{tmp_path / 'rendezvous'}"
+    procs = [ctx.Process(target=_camd_ddp_worker, args=(r, 2, init, 7, queue)) for r in range(2)]
+    [p.start() for p in procs]
+    results = sorted(queue.get(timeout=120) for _ in procs)
+    [p.join(timeout=60) for p in procs]
+    g = torch.Generator().manual_seed(7)
+    t, s, y = torch.randn(12, 6, generator=g), torch.randn(12, 6, generator=g), torch.randint(0, 3, (12,), generator=g)
+    s = s.clone().requires_grad_()
+    ref = camd.amd_loss(t, s, y, 80.0)
+    ref.backward()
+    for rank, value, grad in results:  # the same loss on every rank; DDP averages the two ranks' gradients
+        assert abs(value - ref.item()) < 1e-6
+        assert torch.allclose(torch.from_numpy(grad) / 2, s.grad[rank * 6:rank * 6 + 6], atol=1e-6)
+
+
+def test_camd_two_process_cpu_ddp_run(tmp_path, camd_teacher):
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "camd.py",
+                        *CAMD_TINY, "--teacher-path", camd_teacher, "--max-steps", "2", "--save-dir", str(tmp_path),
+                        "--run-name", "ddp"], capture_output=True, text=True, timeout=300, cwd=HERE,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("final (last epoch") == 1  # rank-0 logging only
+    assert set(load(tmp_path / "ddp" / "model.pt")["metrics"]) == {"top1", "Rank-1", "Rank-2"}
+
+
+def test_torchrun_refused_by_single_process_scripts():
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "s2sd.py",
+                        "--max-steps", "1"], capture_output=True, text=True, timeout=300, cwd=HERE,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode != 0 and "start it with python, not torchrun" in r.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# isd.py end to end: recipes, MoCo-v2, ShuffleBN, the teacher's k-NN, unbalanced data, folders, DDP
+
+def test_isd_recipes_and_moco_v2_settings():
+    a = isd.get_args(["--dataset", "imagenet", "--recipe", "r18"])
+    assert (a.arch, a.tau_s, a.tau_t, a.ema, a.head, a.teacher_view, a.lr, a.lr_schedule) == \
+        ("resnet18", 0.02, 0.02, 0.999, "r18", "strong", 0.01, "step")
+    assert a.lr_milestones == [140, 180] and a.queue_size == 128000 and a.batch_size == 256 and not a.cifar_stem
+    b = isd.get_args(["--dataset", "imagenet", "--recipe", "r50", "--tau-t", "0.02"])
+    assert (b.arch, b.tau_s, b.tau_t, b.ema, b.head, b.teacher_view, b.lr, b.lr_schedule) == \
+        ("resnet50", 0.1, 0.02, 0.99, "r50", "weak", 0.05, "cosine")
+    m = isd.model_from_args(b)
+    assert m.student.predictor[0].in_features == 512 and m.student.predictor[0].out_features == 4096
+    assert m.queue.shape == (128000, 512)
+    moco = isd.get_args(["--dataset", "imagenet", "--variant", "moco", "--arch", "resnet50"])
+    assert (moco.tau_s, moco.ema, moco.head, moco.teacher_view, moco.lr, moco.lr_schedule, moco.queue_size) == \
+        (0.2, 0.999, "moco", "strong", 0.03, "cosine", 65536)
+    mm = isd.model_from_args(moco)
+    assert isinstance(mm.student.predictor, torch.nn.Identity) and mm.queue.shape[1] == 128
+    assert not any(isinstance(x, torch.nn.BatchNorm1d) for x in mm.student.proj.modules())
+    assert [type(x).__name__ for x in mm.student.proj] == ["Linear", "ReLU", "Linear"]
+    assert mm.student.proj[0].in_features == mm.student.proj[0].out_features == 2048
+    c = isd.get_args(["--dataset", "cifar10"])
+    assert c.cifar_stem and c.queue_size == 4096 and c.bn_splits == 8
+    r = isd.model_from_args(c)
+    assert r.student.backbone.conv1.kernel_size == (3, 3) and isinstance(r.student.backbone.maxpool, torch.nn.Identity)
+    assert isinstance(r.student.backbone.bn1, isd.SplitBatchNorm)
+
+
 def test_isd_queue_fifo_and_wraparound():
-    queue, labels = torch.zeros(5, 2), torch.full((5,), -1)
-    keys = torch.arange(14, dtype=torch.float32).view(7, 2)
-    ptr = isd.enqueue(queue, labels, 0, keys[:2], torch.tensor([0, 1]))
-    assert ptr == 2 and queue[:2].tolist() == keys[:2].tolist() and labels.tolist() == [0, 1, -1, -1, -1]
-    ptr = isd.enqueue(queue, labels, ptr, keys[2:4], torch.tensor([2, 3]))
-    ptr = isd.enqueue(queue, labels, ptr, keys[4:7], torch.tensor([4, 5, 6]))  # wraps: rows 4, 0, 1
-    assert ptr == 2
-    assert queue.tolist() == [keys[5].tolist(), keys[6].tolist(), keys[2].tolist(), keys[3].tolist(), keys[4].tolist()]
-    assert labels.tolist() == [5, 6, 2, 3, 4]  # the oldest entries (0, 1) were overwritten first
+    model = isd.ISD(argparse.Namespace(arch="small", cifar_stem=True, bn_splits=1, head="r18", queue_size=5))
+    model.queue.zero_()
+    keys = torch.arange(1, 8 * 128 + 1, dtype=torch.float32).view(8, 128)[:7]
+    for chunk, labels in ((keys[:2], [0, 1]), (keys[2:4], [2, 3]), (keys[4:7], [4, 5, 6])):  # the last wraps
+        isd.enqueue(model, chunk, torch.tensor(labels))
+    assert int(model.queue_ptr) == 2 and model.queue_labels.tolist() == [5, 6, 2, 3, 4]
+    assert torch.equal(model.queue, keys[[5, 6, 2, 3, 4]])  # the oldest entries were overwritten first
 
 
 def test_isd_purity_counts_teacher_top5_same_label():
-    queue = torch.eye(6)
-    queue_labels = torch.tensor([1, 1, 1, 2, 2, -1])
+    queue, queue_labels = torch.eye(6), torch.tensor([1, 1, 1, 2, 2, -1])
     k = F.normalize(torch.tensor([[5.0, 4, 3, 2, 1, 0], [0, 0, 0, 5, 4, 3]]), dim=1)
-    s, n = isd.purity(k, queue, torch.tensor([1, -1]), queue_labels)
-    assert n.item() == 1 and abs(s.item() - 3 / 5) < 1e-6  # only the labelled query counts
+    assert abs(isd.purity(k, torch.tensor([1, -1]), queue, queue_labels) - 3 / 5) < 1e-6  # the labelled key only
+
+
+def _isd_small(**kw):
+    return argparse.Namespace(**{**dict(arch="small", cifar_stem=True, bn_splits=1, head="r50", queue_size=64,
+                                        ema=0.5, seed=0, variant="isd", tau_s=0.1, tau_t=0.01), **kw})
 
 
 def test_isd_ema_update_arithmetic_and_order():
     torch.manual_seed(3)
-    model = isd.ISD("small", True, projection=True)
+    args = _isd_small()
+    model = isd.ISD(args)
     with torch.no_grad():
-        for p in model.teacher_params():
+        for p in model.teacher.parameters():
             p.normal_()
-    t0 = [p.clone() for p in model.teacher_params()]
-    s0 = [p.clone() for p in model.student_params()]
-    bn_t = model.backbone_t[1].running_mean.clone()
+    t0 = [p.clone() for p in model.teacher.parameters()]
+    s0 = [p.clone() for p in [*model.student.backbone.parameters(), *model.student.proj.parameters()]]
+    bn_t = model.teacher.backbone[1].running_mean.clone()
     model.momentum_update(0.9)
-    for t, a, b in zip(model.teacher_params(), t0, s0):
+    for t, a, b in zip(model.teacher.parameters(), t0, s0):
         assert torch.allclose(t, 0.9 * a + 0.1 * b, rtol=1e-6, atol=1e-7)
-    assert torch.equal(model.backbone_t[1].running_mean, bn_t)  # buffers are not averaged
-    assert all(not p.requires_grad for p in model.teacher_params())
-    # forward(): the teacher is updated BEFORE it embeds x_t
-    x = torch.randn(4, 3, 16, 16)
-    ref = isd.ISD("small", True, projection=True)
+    assert torch.equal(model.teacher.backbone[1].running_mean, bn_t)  # buffers are not averaged
+    assert all(not p.requires_grad for p in model.teacher.parameters())
+    ref = isd.ISD(args)  # step_losses: the teacher is updated BEFORE it embeds x_t
     ref.load_state_dict(model.state_dict())
     ref.momentum_update(0.5)
-    model.train()
-    ref.train()
-    _, k = model(x, x, 0.5)
+    x = torch.randn(4, 3, 16, 16)
+    model.train(), ref.train()
+    _, k = isd.step_losses(model.student, model, (x, x), 0, args)
     with torch.no_grad():
-        k_ref = F.normalize(ref.proj_t(ref.backbone_t(x)), dim=1)
-    assert torch.allclose(k, k_ref, atol=1e-6)
+        ref_k = isd.teacher_keys(ref.teacher, x, 0 * 1_000_003 + 0, 1)
+    assert torch.allclose(k, ref_k, atol=1e-6)
 
 
-def test_isd_recipes_resolve_to_paper_settings():
-    a = isd.resolve(isd.get_args(["--dataset", "imagenet", "--recipe", "r18"]))
-    assert (a.arch, a.tau_s, a.tau_t, a.ema, a.projection, a.teacher_view, a.lr, a.lr_schedule) == \
-        ("resnet18", 0.02, 0.02, 0.999, False, "strong", 0.01, "step")
-    assert a.lr_milestones == [140, 180] and a.queue_size == 128000 and a.batch_size == 256 and not a.cifar_stem
-    b = isd.resolve(isd.get_args(["--dataset", "imagenet", "--recipe", "r50", "--tau-t", "0.02"]))
-    assert (b.arch, b.tau_s, b.tau_t, b.ema, b.projection, b.teacher_view, b.lr, b.lr_schedule) == \
-        ("resnet50", 0.1, 0.02, 0.99, True, "weak", 0.05, "cosine")
-    m = isd.model_from_args(b)
-    assert m.predictor[0].in_features == 512 and m.predictor[0].out_features == 4096 and m.out_dim == 512
-    c = isd.resolve(isd.get_args(["--dataset", "cifar10"]))
-    assert c.cifar_stem and c.queue_size < 50000
-    r = isd.model_from_args(c)
-    assert r.backbone_s.conv1.kernel_size == (3, 3) and isinstance(r.backbone_s.maxpool, torch.nn.Identity)
+def test_isd_shuffle_bn_one_process():
+    torch.manual_seed(0)
+    teacher = isd.ISD(_isd_small(bn_splits=4, head="moco")).teacher  # (the heads' BatchNorm1d is not split)
+    x = torch.randn(16, 3, 16, 16)
+    teacher.eval()  # eval mode: BN uses running statistics -> the shuffle changes nothing
+    with torch.no_grad():
+        plain = F.normalize(teacher(x), dim=1)
+    assert torch.allclose(isd.teacher_keys(teacher, x, seed=3, world=1), plain, atol=1e-6)
+    teacher.train()  # train mode: the keys differ only through the split-BN group statistics
+    shuffled = isd.teacher_keys(teacher, x, seed=3, world=1)
+    perm = torch.randperm(16, generator=torch.Generator().manual_seed(3))
+    groups = [perm[g::4] for g in range(4)]  # SplitBatchNorm group g = samples at positions g, g+4, ... of the batch
+    plain_bn = isd.ISD(_isd_small(bn_splits=1, head="moco")).teacher
+    plain_bn.load_state_dict(teacher.state_dict())
+    plain_bn.train()
+    with torch.no_grad():
+        by_group = torch.zeros_like(shuffled)
+        for idx in groups:  # plain BN on each group on its own = what 4 GPUs would compute
+            by_group[idx] = F.normalize(plain_bn(x[idx]), dim=1)
+    assert torch.allclose(shuffled, by_group, atol=1e-5)
+    assert not torch.allclose(shuffled, F.normalize(plain_bn(x), dim=1), atol=1e-3)
 
 
-@pytest.fixture(scope="module")
-def _isd_digits_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("isd_digits")
-    r = _isd_run(_isd_tiny_run, tmp, "run")
-    assert r.returncode == 0, r.stderr[-2000:]
-    return tmp / "run", r
+def _isd_shuffle_worker(rank, world, init, queue):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    torch.manual_seed(0)
+    teacher = isd.ISD(_isd_small()).teacher
+    x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    mine = x[rank * 4:rank * 4 + 4]
+    out = {}
+    for mode in ("eval", "train"):
+        teacher.train(mode == "train")
+        out[mode] = isd.teacher_keys(teacher, mine, seed=5, world=world).numpy()
+    queue.put((rank, out))
+    dist.destroy_process_group()
 
 
-
-def test_isd_digits_run_improves_knn_and_saves(_isd_digits_run):
-    run, r = _isd_digits_run
-    lines = [json.loads(x) for x in open(run / "metrics.jsonl")]
-    assert lines[0]["epoch"] == 0 and lines[-1]["epoch"] == 10
-    for key in ("knn200w", "knn20", "teacher/knn200w"):  # the untrained network (epoch 0) is the baseline
-        assert lines[-1][key] > lines[0][key] + (3.0 if key == "knn200w" else 0.0), (key, lines[0], lines[-1])
-    assert 0 <= lines[-1]["purity"] <= 100 and lines[-1]["loss"] > 0
-    cfg = json.load(open(run / "config.json"))
-    assert cfg["tau_s"] == 0.1 and cfg["arch"] == "small" and "torch" in cfg
-    assert "best epoch (chosen on the test set)" in r.stdout
-
-
-def test_isd_model_pt_reloads_with_identical_metrics(_isd_digits_run):
-    run, _ = _isd_digits_run
-    ck = torch.load(run / "model.pt", map_location="cpu", weights_only=True)
-    assert ck["method"] == "isd" and set(ck["metrics"]) >= {"knn1", "knn20", "knn200w", "teacher/knn1"}
-    import argparse
-    args = argparse.Namespace(**ck["args"])
-    model = isd.model_from_args(args)
-    model.load_state_dict(ck["model"])
-    again = isd.evaluate(model, args, "cpu")
-    assert all(abs(again[k] - v) <= 1e-6 for k, v in ck["metrics"].items())
-    emb, labels = isd.features(model, args, "cpu", "test")
-    assert emb.shape == (360, 128) and torch.allclose(emb.norm(dim=1), torch.ones(360), atol=1e-5)
-    if os.path.exists(os.path.join(_isd_here, "eval.py")):
-        r = subprocess.run([sys.executable, os.path.join(_isd_here, "eval.py"), str(run / "model.pt"), "--linear-probe"],
-                           capture_output=True, text=True, timeout=120, cwd=_isd_here)
-        assert r.returncode == 0, r.stderr[-2000:]
-        out = json.load(open(run / "eval.json"))
-        out = out.get("metrics", out)
-        assert all(abs(out[k] - v) <= 1e-6 for k, v in ck["metrics"].items())
-        assert 50 < out["linear"] <= 100  # features() feeds eval.py's linear protocol
+def test_isd_shuffle_bn_across_two_gloo_ranks(tmp_path):
+    import torch.multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_isd_shuffle_worker, args=(r, 2, f"file://{tmp_path / 'rdv'}", queue)) for r in range(2)]
+    [p.start() for p in procs]
+    results = dict(queue.get(timeout=120) for _ in procs)
+    [p.join(timeout=60) for p in procs]
+    torch.manual_seed(0)
+    teacher = isd.ISD(_isd_small()).teacher
+    x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    perm = torch.randperm(8, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        teacher.eval()
+        plain = F.normalize(teacher(x), dim=1)
+        teacher.train()
+        ref = torch.zeros(8, plain.shape[1])
+        for r in range(2):  # rank r embeds the shuffled slice perm[4r:4r+4] with its own BN statistics
+            idx = perm[r * 4:r * 4 + 4]
+            ref[idx] = F.normalize(teacher(x[idx]), dim=1)
+    got_eval = torch.cat([torch.from_numpy(results[0]["eval"]), torch.from_numpy(results[1]["eval"])])
+    got_train = torch.cat([torch.from_numpy(results[0]["train"]), torch.from_numpy(results[1]["train"])])
+    assert torch.allclose(got_eval, plain, atol=1e-6) and torch.allclose(got_train, ref, atol=1e-5)
 
 
-def test_isd_resume_equals_uninterrupted(tmp_path):
-    base = _isd_tiny + ["--batch-size", "128", "--epochs", "2", "--eval-every", "0", "--save-dir", str(tmp_path)]
-    isd.main(base + ["--run-name", "full"])  # in-process: saves two interpreter start-ups
-    isd.main(base + ["--run-name", "part", "--max-steps", "15"])  # stops mid-epoch 2 (11 steps per epoch)
-    isd.main(base + ["--run-name", "part", "--resume", str(tmp_path / "part" / "last.pt")])
-    a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)
-    b = torch.load(tmp_path / "part" / "last.pt", weights_only=True)
-    assert a["step"] == b["step"] == 22 and a["queue_ptr"] == b["queue_ptr"] == (22 * 128) % 256
-    assert torch.allclose(a["queue"], b["queue"], atol=1e-6) and torch.equal(a["queue_labels"], b["queue_labels"])
-    for key, v in a["model"].items():  # student, predictor, teacher (EMA) and every BN buffer
-        assert torch.allclose(v.float(), b["model"][key].float(), atol=1e-5), key
-    ma = torch.load(tmp_path / "full" / "model.pt", weights_only=True)["metrics"]
-    mb = torch.load(tmp_path / "part" / "model.pt", weights_only=True)["metrics"]
-    assert all(abs(ma[k] - mb[k]) < 1e-6 for k in ma)
+def test_isd_teacher_knn_uses_the_students_bn_statistics():
+    args = isd.get_args(["--max-steps", "1"])
+    args.num_classes = 10
+    model = isd.ISD(args)
+    with torch.no_grad():  # different running statistics in student and teacher
+        for m in model.teacher.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.fill_(5.0)
+    out = isd.embeddings(model, args, torch.device("cpu"))
+    assert torch.allclose(out["emb"], out["teacher_emb"], atol=1e-5)  # same weights, the student's statistics
+
+
+def test_isd_unbalanced_subset_and_small_class_metrics(tmp_path):
+    args = isd.get_args(["--unbalanced", "--seed", "3"])
+    train, gallery, test = (isd.load_data(args, s) for s in ("train", "gallery", "test"))
+    large, small = isd.unbalanced_classes(args, 10)
+    assert len(large) == 2 and len(small) == 8 and sorted(large + small) == list(range(10))  # 8 of 38 -> 2 of 10
+    counts = torch.bincount(train.labels, minlength=10)
+    full = torch.bincount(gallery.labels, minlength=10)
+    assert all(counts[c] == full[c] for c in large)  # large classes keep every image
+    assert all(counts[c] == max(1, round(int(full[c]) * 100 / 1300)) for c in small)
+    assert len(test) == 360 and len(gallery) == 1437  # evaluation stays balanced (all images of the classes)
+    assert isd.unbalanced_classes(isd.get_args(["--unbalanced", "--seed", "4"]), 10) != (large, small)
+    code, out, err = main_of(isd, ["--unbalanced", "--max-steps", "2", "--save-dir", str(tmp_path), "--run-name", "u",
+                                   "--eval-every", "0", "--batch-size", "32", "--queue-size", "64"])
+    assert code == 0, err
+    assert {"knn1_small", "knn20_small", "knn1"} <= set(load(tmp_path / "u" / "model.pt")["metrics"])
+
+
+def test_isd_official_subset_file(tmp_path):
+    wnids = ["n01", "n02", "n03"]
+    lines = ["class names : "] + wnids + ["Train Images: "]
+    for split in ("train", "val"):
+        for w in wnids + ["n04"]:
+            for j in range(3 if w == "n01" or split == "val" else 1):
+                write_image(str(tmp_path / "imagenet" / split / w / f"{w}_{j}.JPEG"), j)
+                if split == "train" and w != "n04":
+                    lines.append(f"/train/{w}/{w}_{j}.JPEG")
+    (tmp_path / "D1.txt").write_text("\n".join(lines) + "\n")
+    args = argparse.Namespace(subset_file=str(tmp_path / "D1.txt"), data_root=str(tmp_path))
+    got_wnids, paths, labels = isd.read_subset_file(args.subset_file, args.data_root)
+    assert got_wnids == wnids and labels == [0, 0, 0, 1, 2] and all(os.path.isfile(p) for p in paths)
+    (tmp_path / "bad.txt").write_text("nothing\n")
+    with pytest.raises(isd.RunError, match="D<n>.txt"):
+        isd.read_subset_file(str(tmp_path / "bad.txt"), str(tmp_path))
+
+
+def test_isd_unlabeled_folder_uses_the_dataloader_path(tmp_path):
+    for i in range(12):
+        write_image(str(tmp_path / "imgs" / f"{i}.png"), i, size=40)
+    code, out, err = main_of(isd, ["--dataset", "folder", "--data-root", str(tmp_path / "imgs"), "--image-size", "32",
+                                   "--batch-size", "8", "--queue-size", "16", "--workers", "0", "--epochs", "1",
+                                   "--max-steps", "1", "--save-dir", str(tmp_path), "--run-name", "f", "--arch", "resnet18"])
+    assert code == 0, err
+    ck = load(tmp_path / "f" / "last.pt")
+    assert ck["step"] == 1 and int(ck["model"]["queue_ptr"]) == 8
+    assert load(tmp_path / "f" / "model.pt")["metrics"] == {}  # no labels: no k-NN monitor
+
+
+def test_isd_features_for_the_linear_probe():
+    args = isd.get_args([])
+    model = isd.ISD(args)
+    plain, labels = isd.features(model, args, torch.device("cpu"), "train")
+    torch.manual_seed(0)
+    aug1, _ = isd.features(model, args, torch.device("cpu"), "train", augment=True)
+    torch.manual_seed(0)
+    aug2, _ = isd.features(model, args, torch.device("cpu"), "train", augment=True)
+    assert plain.shape == (1437, 128) and torch.equal(aug1, aug2) and not torch.allclose(aug1, plain)
 
 
 def test_isd_two_process_cpu_run(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(_isd_here, "isd.py"), *_isd_tiny, "--epochs", "1", "--max-steps", "3", "--eval-every", "0",
-           "--save-dir", str(tmp_path), "--run-name", "ddp"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=_isd_here,
-                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "isd.py",
+                        "--batch-size", "64", "--queue-size", "256", "--epochs", "1", "--max-steps", "3",
+                        "--eval-every", "0", "--save-dir", str(tmp_path), "--run-name", "ddp"],
+                       capture_output=True, text=True, timeout=300, cwd=HERE, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stderr[-3000:]
-    ck = torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)
-    assert ck["step"] == 3 and ck["queue_ptr"] == (3 * 64) % 256  # keys of BOTH ranks were enqueued
-    assert (ck["queue_labels"] >= 0).sum().item() == 3 * 64 and len(ck["rng_cpu"]) == 2
-    assert json.load(open(tmp_path / "ddp" / "config.json"))["world_size"] == 2
+    ck = load(tmp_path / "ddp" / "last.pt")
+    assert ck["step"] == 3 and int(ck["model"]["queue_ptr"]) == (3 * 64) % 256  # keys of BOTH ranks were enqueued
+    assert (ck["model"]["queue_labels"] >= 0).sum().item() == 3 * 64 and ck["args"]["bn_splits"] == 1
     assert (tmp_path / "ddp" / "model.pt").exists()
 
 
-def test_isd_unlabeled_folder_uses_dataloader_path(tmp_path):
+def test_isd_bad_inputs():
+    for flags, msg in ((["--queue-size", "16", "--batch-size", "64"], "--queue-size"), (["--tau-s", "0"], "--tau-s"),
+                       (["--bn-splits", "3"], "--bn-splits"), (["--ema", "1"], "--ema"),
+                       (["--arch", "small", "--dataset", "imagenet"], "--arch small"),
+                       (["--subset-file", "/nonexistent"], "--subset-file"),
+                       (["--dataset", "folder", "--data-root", "/nonexistent/isd"], "folder")):
+        code, _, err = main_of(isd, flags)
+        assert code == 2 and msg in err and len(err.strip().splitlines()) == 1, (flags, err)
+
+
+# ------------------------------------------------------------------------------------------------
+# eval.py: reproduces every script's metrics, exports embeddings, draws retrievals and curves, the ISD linear
+# probe, and one line with exit code 2 for every bad checkpoint, embeddings file or flag
+
+evalpy = eval_py
+BOOKKEEPING = ("epoch", "step", "elapsed_s", "images_per_s")
+METHODS = tuple(SCRIPTS)
+
+
+@pytest.fixture(scope="session")
+def trained(digits_runs):
+    """trained(method) -> the run folder of the contract section's tiny digits run of that script."""
+    return lambda method: digits_runs[method][0]
+
+
+@pytest.fixture(scope="session")
+def evaluated(trained, tmp_path_factory):
+    """evaluated(method): eval.py once on that run's model.pt with --export and --show-retrievals 3."""
+    out, done = tmp_path_factory.mktemp("eval_out"), {}
+
+    def get(method):
+        if method not in done:
+            run = trained(method)
+            files = {k: out / f"{method}.{k}" for k in ("npz", "png", "json")}
+            metrics = evalpy.main([str(run / "model.pt"), "--export", str(files["npz"]), "--show-retrievals", "3",
+                                   "--out", str(files["png"]), "--json", str(files["json"])])
+            done[method] = dict(run=run, metrics=metrics, **files)
+        return done[method]
+    return get
+
+
+def write_folder_dataset(root):
+    """A tiny --dataset folder tree: train/ and test/, 2 classes x 3 PNGs (40 x 30 px, a colour per class)."""
     from PIL import Image
-    data = tmp_path / "imgs"
-    data.mkdir()
-    for i in range(12):
-        Image.fromarray((torch.rand(40, 40, 3) * 255).byte().numpy()).save(data / f"{i}.png")
-    r = _isd_run(["--dataset", "folder", "--data-root", str(data), "--image-size", "32", "--batch-size", "4",
-                  "--queue-size", "16", "--workers", "0", "--epochs", "1", "--max-steps", "2"], tmp_path, "f")
-    assert r.returncode == 0, r.stderr[-2000:]
-    ck = torch.load(tmp_path / "f" / "last.pt", weights_only=True)
-    assert ck["step"] == 2 and ck["queue_ptr"] == 8 and ck["best"] is None  # no labels: no k-NN monitor
-    assert torch.load(tmp_path / "f" / "model.pt", weights_only=True)["metrics"] == {}
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for name, base in (("cat", (200, 60, 40)), ("dog", (40, 80, 200))):
+            os.makedirs(root / split / name, exist_ok=True)
+            for i in range(3):
+                pixels = np.clip(np.array(base) + rng.integers(-40, 40, (30, 40, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"{i}.png")
+    return root
 
 
-@pytest.mark.parametrize("argv,msg", [
-    (["--dataset", "nope"], "unknown dataset"),
-    (["--queue-size", "16", "--batch-size", "64"], "--queue-size"),
-    (["--dataset", "cifar10", "--data-root", "/nonexistent/isd"], "cifar10"),
-    (["--dataset", "folder", "--data-root", "/nonexistent/isd"], "not a directory"),
-    (["--tau-s", "0"], "tau"),
-])
-def test_isd_bad_inputs_exit_2(argv, msg, capsys, monkeypatch):
-    monkeypatch.setattr(isd.common, "load_split", _isd_no_download(isd.common.load_split))
-    with pytest.raises(SystemExit) as e:
-        isd.main(argv + ["--save-dir", "/tmp/isd_bad_inputs"])
-    assert e.value.code == 2
+@pytest.fixture(scope="module")
+def folder_run(tmp_path_factory):
+    """An s2sd run on a folder dataset of image files (small CNN at 32 px, no DataLoader workers)."""
+    root = tmp_path_factory.mktemp("eval_folder")
+    data = write_folder_dataset(root / "data")
+    importlib.import_module("s2sd").main(
+        ["--dataset", "folder", "--data-root", str(data), "--arch", "smallcnn", "--no-pretrained", "--image-size", "32",
+         "--batch-size", "4", "--workers", "0", "--epochs", "1", "--save-dir", str(root), "--run-name", "f",
+         "--log-every", "100"])
+    return root / "f"
+
+
+def expect_error(capsys, argv, *needles):
+    """eval.py with argv: exit code 2, one 'error: ' line on stderr naming each needle, no traceback."""
+    with pytest.raises(SystemExit) as exc:
+        evalpy.main([str(a) for a in argv])
     err = capsys.readouterr().err
-    assert err.startswith("error:") and msg in err and "Traceback" not in err
+    assert exc.value.code == 2, err
+    assert err.startswith("error: ") and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    for needle in needles:
+        assert str(needle) in err, (needle, err)
+    return err
 
 
-def _isd_no_download(fn):
-    return lambda *a, **kw: fn(*a, **dict(kw, download=False))
+def logged(run):
+    ckpt = torch.load(run / "model.pt", map_location="cpu", weights_only=True)
+    return {k: v for k, v in ckpt["metrics"].items() if k not in BOOKKEEPING}
 
 
-def test_isd_bad_checkpoints_exit_2(tmp_path, capsys):
-    junk = tmp_path / "junk.pt"
-    junk.write_bytes(b"not a checkpoint")
-    with pytest.raises(SystemExit) as e:
-        isd.main(_isd_tiny + ["--resume", str(junk), "--save-dir", str(tmp_path)])
-    assert e.value.code == 2 and "cannot read checkpoint" in capsys.readouterr().err
-    other = tmp_path / "other.pt"
-    torch.save({"method": "isd", "optimizer": {}, "args": dict(vars(isd.resolve(isd.get_args(_isd_tiny))),
-                                                                queue_size=512)}, other)
-    with pytest.raises(SystemExit) as e:
-        isd.main(_isd_tiny + ["--resume", str(other), "--save-dir", str(tmp_path)])
-    assert e.value.code == 2 and "queue-size" in capsys.readouterr().err
+# ------------------------------------------------------------------------------------------------ checkpoints
+@pytest.mark.parametrize("method", METHODS)
+def test_eval_reproduces_logged_metrics_exactly(evaluated, method):
+    e = evaluated(method)
+    names = {"s2sd": {"R@1", "R@2", "R@4", "R@8", "MAP@R", "NMI"}, "camd": {"top1", "Rank-1", "Rank-2"},
+             "spkd": {"top1", "Rank-1", "Rank-2"}, "isd": {"knn1", "knn20", "knn200w", "purity"}}[method]
+    want = logged(e["run"])
+    assert names <= set(e["metrics"]) and set(e["metrics"]) == set(want)
+    assert {k: e["metrics"][k] for k in want} == want  # exactly, not approximately
+    assert json.loads(e["json"].read_text()) == e["metrics"]
 
 
-def test_isd_non_finite_loss_exits_2_naming_step(tmp_path, capsys):
-    with pytest.raises(SystemExit) as e:
-        isd.main(_isd_tiny + ["--lr", "1e30", "--max-steps", "6", "--log-every", "3", "--eval-every", "0",
-                              "--save-dir", str(tmp_path), "--run-name", "nan"])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and "non-finite isd loss at step" in err
-    assert not (tmp_path / "nan" / "last.pt").exists()  # nothing written after the bad step
+def test_eval_refuses_camd_last_pt_with_a_hint(trained, capsys):
+    expect_error(capsys, [trained("camd") / "last.pt"], "do not fit", "use the run's model.pt")
+
+
+def test_eval_table_and_default_json(trained, capsys):
+    run = trained("s2sd")
+    evalpy.main([str(run / "model.pt")])
+    out = capsys.readouterr().out
+    assert "eval.py" in out and "run log" in out and "R@1" in out
+    assert json.loads((run / "eval.json").read_text()) == logged(run)
+
+
+def edited(tmp_path, run, name, change):
+    """A copy of run's model.pt edited in place by change(ckpt) (its return value is ignored)."""
+    ckpt = torch.load(run / "model.pt", map_location="cpu", weights_only=True)
+    change(ckpt)
+    torch.save(ckpt, tmp_path / name)
+    return tmp_path / name
+
+
+def test_bad_checkpoints_give_one_line(trained, tmp_path, capsys):
+    run = trained("s2sd")
+    good = (run / "model.pt").read_bytes()
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "truncated.pt").write_bytes(good[:len(good) // 2])
+    (tmp_path / "random.pt").write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    (tmp_path / "text.pt").write_bytes(b"not a checkpoint")
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    torch.save(torch.load(run / "model.pt", weights_only=True)["model"], tmp_path / "bare.pt")
+
+    def ck(name, change):
+        return edited(tmp_path, run, name, change)
+
+    def args(name, **values):  # saved arguments changed (None: removed)
+        def change(c):
+            for k, v in values.items():
+                c["args"].pop(k) if v is None else c["args"].update({k: v})
+        return ck(name, change)
+
+    def weights(name, change):
+        return ck(name, lambda c: change(c["model"]))
+    cases = [
+        (tmp_path / "missing.pt", ["does not exist"]),
+        (run, ["is a folder", "model.pt"]),
+        (tmp_path / "empty.pt", ["empty"]),
+        (tmp_path / "truncated.pt", ["cannot read checkpoint"]),
+        (tmp_path / "random.pt", ["cannot read checkpoint"]),
+        (tmp_path / "text.pt", ["cannot read checkpoint"]),
+        (tmp_path / "list.pt", ["not a checkpoint", "list"]),
+        (tmp_path / "tensor.pt", ["not a checkpoint", "Tensor"]),
+        (tmp_path / "bare.pt", ["lacks method, args, model", "bare state_dict"]),
+        (ck("nomodel.pt", lambda c: c.pop("model")), ["lacks model"]),
+        (ck("noargs.pt", lambda c: c.pop("args")), ["lacks args"]),
+        (ck("os.pt", lambda c: c.update(method="os")), ["'os'", "not one of s2sd, camd, spkd, isd"]),
+        (ck("num.pt", lambda c: c.update(method=3)), ["method 3"]),
+        (ck("other.pt", lambda c: c.update(method="isd")), ["different version of isd.py"]),
+        (ck("argslist.pt", lambda c: c.update(args=[1, 2])), ["'args' is a list"]),
+        (args("old.pt", embed_dim=None), ["embed_dim", "different version of s2sd.py"]),
+        (args("derived.pt", in_channels=None), ["in_channels", "different version"]),
+        (args("dim.pt", embed_dim=16), ["do not fit", "mis-shaped", "embed.weight"]),
+        (weights("miss.pt", lambda m: m.pop("embed.bias")), ["do not fit", "1 missing", "embed.bias"]),
+        (weights("extra.pt", lambda m: m.update(extra=torch.zeros(1))), ["do not fit", "1 unexpected", "extra"]),
+        (ck("notsd.pt", lambda c: c.update(model=[1])), ["not a state_dict"]),
+        (weights("notensor.pt", lambda m: m.update({"embed.bias": 1.0})), ["not a state_dict"]),
+    ]
+    for path, needles in cases:
+        expect_error(capsys, [path], path, *needles)
+
+
+def test_bad_checkpoint_arguments_of_other_methods(trained, tmp_path, capsys):
+    """Values outside the method's own argparse choices, model_from_args' RunError, a missing run-time argument."""
+    run = trained("camd")
+    bad = edited(tmp_path, run, "arch.pt", lambda c: c["args"].update(student_arch="resnet999"))
+    expect_error(capsys, [bad], bad, "do not build a camd model", "resnet999")
+    nc = edited(tmp_path, run, "nc.pt", lambda c: c["args"].pop("num_classes"))
+    expect_error(capsys, [nc], nc, "num_classes", "different version of camd.py")
+    camd = importlib.import_module("camd")
+    args = camd.get_args([])
+    args.student_arch, args.num_classes = "resnet999", 10
+    with pytest.raises(camd.RunError):
+        camd.model_from_args(args)
+
+    def refuses(args):  # a RunError from model_from_args itself
+        raise camd.RunError(f"cannot build {args.student_arch} here")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(camd, "model_from_args", refuses)
+        expect_error(capsys, [run / "model.pt"], "model.pt", "do not build a camd model", "cannot build resnet8")
+    run = trained("isd")
+    arch = edited(tmp_path, run, "isdarch.pt", lambda c: c["args"].update(arch="vit"))
+    expect_error(capsys, [arch], arch, "do not build", "vit")
+    queue = edited(tmp_path, run, "queue.pt", lambda c: c["args"].update(queue_size=256))
+    expect_error(capsys, [queue], queue, "do not fit", "queue")
+
+
+def test_bad_data_and_device_overrides(trained, folder_run, tmp_path, capsys):
+    ckpt = trained("s2sd") / "model.pt"
+    expect_error(capsys, [ckpt, "--dataset", "imagenet", "--data-root", tmp_path / "none"], "imagenet", ckpt)
+    # synthetic is 3-channel 224 px: the digits model (1 channel) cannot take it
+    expect_error(capsys, [ckpt, "--dataset", "synthetic"], "trained on digits", "--dataset synthetic")
+    expect_error(capsys, [folder_run / "model.pt", "--data-root", tmp_path / "moved"], "moved", "model.pt")
+    expect_error(capsys, [ckpt, "--linear-probe"], "ISD's protocol", "s2sd")
+    if not torch.cuda.is_available():
+        expect_error(capsys, [ckpt, "--device", "cuda"], "--device cuda", "no such device")
+    if not torch.backends.mps.is_available():
+        expect_error(capsys, [ckpt, "--device", "mps"], "--device mps")
+
+
+def test_bad_flag_combinations(tmp_path, capsys):
+    ck, npz = tmp_path / "model.pt", tmp_path / "e.npz"
+    expect_error(capsys, [], "exactly one of")
+    expect_error(capsys, [ck, "--embeddings", npz], "exactly one of")
+    expect_error(capsys, ["--embeddings", npz, "--export", tmp_path / "x.npz"], "--export needs a CHECKPOINT")
+    expect_error(capsys, ["--embeddings", npz, "--linear-probe"], "--linear-probe needs a CHECKPOINT")
+    expect_error(capsys, [ck, "--out", tmp_path / "m.json"], "--json")
+    expect_error(capsys, [ck, "--show-retrievals", "2", "--out", tmp_path / "x.txt"], ".png")
+    expect_error(capsys, [ck, "--show-retrievals", "0"], "--show-retrievals", ">= 1")
+    expect_error(capsys, [ck, "--device", "tpu"], "--device")
+    expect_error(capsys, [ck, "--linear-probe", "fast"], "--linear-probe")
+
+
+# ------------------------------------------------------------------------------------------------ embeddings files
+@pytest.mark.parametrize("method", METHODS)
+def test_export_round_trip(evaluated, method, tmp_path):
+    """--export's file read back with --embeddings gives the checkpoint's own embedding metrics."""
+    e = evaluated(method)
+    data = np.load(e["npz"])
+    assert data["emb"].ndim == 2 and data["emb"].dtype == np.float32 and len(data["labels"]) == len(data["emb"])
+    assert np.allclose(np.linalg.norm(data["emb"], axis=1), 1, atol=1e-5)
+    back = evalpy.main(["--embeddings", str(e["npz"]), "--json", str(tmp_path / "back.json")])
+    m = e["metrics"]
+    if method == "s2sd":
+        names = ("R@1", "R@2", "R@4", "R@8", "MAP@R", "NMI")
+        assert {k: back[k] for k in names} == {k: m[k] for k in names}
+    elif method in ("camd", "spkd"):
+        assert "logits" in data.files
+        assert (back["R@1"], back["R@2"]) == (m["Rank-1"], m["Rank-2"])
+    else:
+        assert {"train_emb", "train_labels", "teacher_emb"} <= set(data.files)
+        assert {k: back[k] for k in ("knn1", "knn20", "knn200w")} == {k: m[k] for k in ("knn1", "knn20", "knn200w")}
+    assert json.loads((tmp_path / "back.json").read_text()) == back
+
+
+def test_export_of_a_file_dataset_has_paths(folder_run, tmp_path):
+    metrics = evalpy.main([str(folder_run / "model.pt"), "--export", str(tmp_path / "f.npz"),
+                           "--json", str(tmp_path / "f.json")])
+    data = np.load(tmp_path / "f.npz")
+    assert len(data["paths"]) == len(data["emb"]) == 6 and all(os.path.isfile(p) for p in data["paths"])
+    folders = [os.path.basename(os.path.dirname(p)) for p in data["paths"]]
+    assert folders == [str(data["classes"][y]) for y in data["labels"]]
+    back = evalpy.main(["--embeddings", str(tmp_path / "f.npz"), "--json", str(tmp_path / "b.json")])
+    assert {k: back[k] for k in metrics} == metrics
+
+
+def test_embeddings_file_metrics(tmp_path, capsys):
+    g = torch.Generator().manual_seed(0)
+    emb = F.normalize(torch.randn(120, 6, generator=g), dim=1)
+    labels = torch.arange(120) % 10
+    train = F.normalize(torch.randn(200, 6, generator=g), dim=1)
+    train_labels = torch.arange(200) % 10
+    np.savez(tmp_path / "e.npz", emb=emb.numpy(), labels=labels.numpy(), train_emb=train.numpy(),
+             train_labels=train_labels.numpy())
+    out = evalpy.main(["--embeddings", str(tmp_path / "e.npz")])
+    assert out == json.loads((tmp_path / "e_eval.json").read_text())
+    assert out == {**common.retrieval_metrics(emb, labels), **common.knn_metrics(train, train_labels, emb, labels)}
+    # other class ids in the same order (negative, huge, floats that are whole numbers) give the same numbers
+    ids = np.array([-7, 3, 5, 6, 7, 8, 9, 11, 42, 10**9])
+    np.savez(tmp_path / "ids.npz", emb=emb.numpy(), labels=ids[labels.numpy()].astype(np.float64),
+             train_emb=train.numpy(), train_labels=ids[train_labels.numpy()])
+    again = evalpy.main(["--embeddings", str(tmp_path / "ids.npz"), "--no-nmi"])
+    assert "NMI" not in again and again == {k: v for k, v in out.items() if k != "NMI"}
+    np.savez(tmp_path / "raw.npz", emb=3 * emb.numpy(), labels=labels.numpy())
+    capsys.readouterr()
+    raw = evalpy.main(["--embeddings", str(tmp_path / "raw.npz"), "--no-nmi"])
+    assert "not L2-normalised" in capsys.readouterr().out and raw["R@1"] == out["R@1"]
+    assert evalpy.main(["--embeddings", str(tmp_path / "raw.npz"), "--no-nmi", "--l2-normalize"])["R@1"] == out["R@1"]
+
+
+def test_bad_embeddings_files_give_one_line(tmp_path, capsys):
+    emb = F.normalize(torch.randn(6, 4, generator=torch.Generator().manual_seed(0)), dim=1).numpy()
+    labels = np.array([0, 0, 1, 1, 2, 2])
+
+    def npz(name, **arrays):
+        np.savez(tmp_path / name, **arrays)
+        return tmp_path / name
+    (tmp_path / "random.npz").write_bytes(b"\x93NUMPY garbage" * 20)
+    with open(tmp_path / "single.npz", "wb") as f:
+        np.save(f, emb)
+    nan, inf = emb.copy(), emb.copy()
+    nan[2, 1], inf[4, 0] = np.nan, np.inf
+    cases = [
+        (tmp_path / "missing.npz", ["does not exist"]),
+        (tmp_path, ["is a folder"]),
+        (tmp_path / "random.npz", ["cannot read"]),
+        (tmp_path / "single.npz", ["single .npy array"]),
+        (npz("nolabels.npz", emb=emb), ["lacks array 'labels'"]),
+        (npz("noemb.npz", labels=labels), ["lacks array 'emb'"]),
+        (npz("notrainlabels.npz", emb=emb, labels=labels, train_emb=emb), ["lacks array 'train_labels'"]),
+        (npz("empty.npz", emb=np.zeros((0, 4), np.float32), labels=np.zeros(0, np.int64)), ["'emb' is empty"]),
+        (npz("emptylabels.npz", emb=emb, labels=np.zeros(0, np.int64)), ["'labels' is empty"]),
+        (npz("flat.npz", emb=emb.ravel(), labels=labels), ["'emb' must be 2-D"]),
+        (npz("labels2d.npz", emb=emb, labels=labels[:, None]), ["'labels' must be 1-D"]),
+        (npz("short.npz", emb=emb, labels=labels[:5]), ["5 entries", "6 rows"]),
+        (npz("nan.npz", emb=nan, labels=labels), ["NaN or inf", "1 of 6 rows"]),
+        (npz("inf.npz", emb=inf, labels=labels), ["NaN or inf"]),
+        (npz("strlabels.npz", emb=emb, labels=np.array(list("aabbcc"))), ["integer class ids"]),
+        (npz("floatlabels.npz", emb=emb, labels=labels + 0.5), ["non-integer"]),
+        (npz("stremb.npz", emb=np.array([["a", "b"]] * 6), labels=labels), ["numeric"]),
+        (npz("oneclass.npz", emb=emb, labels=np.zeros(6, np.int64)), ["at least 2"]),
+        (npz("width.npz", emb=emb, labels=labels, train_emb=emb[:, :3], train_labels=labels), ["3 columns", "4"]),
+        (npz("trainlen.npz", emb=emb, labels=labels, train_emb=emb, train_labels=labels[:4]), ["'train_labels'"]),
+        (npz("trainnan.npz", emb=emb, labels=labels, train_emb=nan, train_labels=labels), ["'train_emb'", "NaN"]),
+    ]
+    np.savez(tmp_path / "object.npz", emb=np.array([emb[0], "x"], dtype=object), labels=labels)
+    cases.append((tmp_path / "object.npz", ["cannot read array 'emb'"]))
+    for path, needles in cases:
+        expect_error(capsys, ["--embeddings", path], path, *needles)
+
+
+# ------------------------------------------------------------------------------------------------ pictures
+def grid_size(queries, k, tile=64):
+    """(width, height) of eval.py's retrieval picture: label column, query, k neighbours; a legend line on top."""
+    cell = tile + 2 * max(2, tile // 16) + 2
+    return 2 * cell + (k + 1) * cell + 2, 18 + queries * cell + 2
+
+
+def test_nearest_matches_brute_force_with_ties():
+    g = torch.Generator().manual_seed(0)
+    emb = torch.randint(0, 3, (40, 3), generator=g).float()  # integer points: many exactly tied distances
+    query = torch.tensor([0, 5, 17, 39])
+    got = evalpy.nearest(query, emb, emb, 6, exclude_self=True)
+    for row, q in zip(got.tolist(), query.tolist()):
+        d = ((emb - emb[q]) ** 2).sum(1).tolist()
+        assert row == sorted((i for i in range(len(emb)) if i != q), key=lambda i: (d[i], i))[:6]
+    gallery = torch.randint(0, 3, (25, 3), generator=g).float()
+    got = evalpy.nearest(query, emb, gallery, 30, exclude_self=False)
+    assert got.shape == (4, 25)
+    for row, q in zip(got.tolist(), query.tolist()):
+        d = ((gallery - emb[q]) ** 2).sum(1).tolist()
+        assert row == sorted(range(25), key=lambda i: (d[i], i))
+
+
+def frame_colours(png, queries, k, tile=64):
+    """The frame colour of each tile of the picture: [queries][k + 1] RGB tuples."""
+    from PIL import Image
+    im = np.asarray(Image.open(png).convert("RGB"))
+    cell = tile + 2 * max(2, tile // 16) + 2
+    top = [18 + 2 + r * cell + 1 for r in range(queries)]  # inside the top edge of each row's frames
+    mid = [2 * cell + 2 + c * cell + cell // 2 for c in range(k + 1)]  # each tile's centre column
+    return [[tuple(int(v) for v in im[y, x]) for x in mid] for y in top]
+
+
+@pytest.mark.parametrize("method", ["s2sd", "isd"])
+def test_show_retrievals_digits(evaluated, method):
+    """A PNG of the expected size; query frames grey, neighbour frames green exactly where the labels agree."""
+    from PIL import Image
+    e = evaluated(method)
+    assert Image.open(e["png"]).size == grid_size(3, 8)
+    data = np.load(e["npz"])
+    emb, labels = torch.from_numpy(data["emb"]), torch.from_numpy(data["labels"])
+    if method == "isd":  # gallery = the train split
+        gallery, g_labels, exclude = torch.from_numpy(data["train_emb"]), torch.from_numpy(data["train_labels"]), False
+    else:
+        gallery, g_labels, exclude = emb, labels, True
+    query = torch.randperm(len(emb), generator=torch.Generator().manual_seed(0))[:3]  # --seed 0
+    nn = evalpy.nearest(query, emb, gallery, 8, exclude)
+    for r, row in enumerate(frame_colours(e["png"], 3, 8)):
+        assert row[0][0] == row[0][1] == row[0][2]  # grey
+        for c, colour in enumerate(row[1:]):
+            same = bool(g_labels[nn[r, c]] == labels[query[r]])
+            assert (colour[1] > 150 > colour[0]) if same else (colour[0] > 150 > colour[1]), (r, c, colour, same)
+
+
+def test_show_retrievals_file_dataset(folder_run, tmp_path):
+    from PIL import Image
+    out = tmp_path / "pics" / "r.png"
+    evalpy.main([str(folder_run / "model.pt"), "--show-retrievals", "4", "--topk", "3", "--out", str(out)])
+    assert Image.open(out).size == grid_size(4, 3)
+    evalpy.main([str(folder_run / "model.pt"), "--show-retrievals", "50", "--topk", "9", "--tile", "32"])
+    assert Image.open(folder_run / "retrievals.png").size == grid_size(6, 5, 32)  # 6 test images: 6 queries, top-5
+
+
+def test_plot_curves_with_matplotlib(trained, tmp_path):
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+    run = trained("s2sd")
+    evalpy.main(["--plot", str(run), "--out", str(tmp_path / "c.png")])
+    assert Image.open(tmp_path / "c.png").size == (1380, 330)  # 3 panels (Recall@k, MAP@R, NMI) at 100 dpi
+    evalpy.main(["--plot", str(run / "metrics.jsonl")])
+    assert (run / "curves.png").is_file()
+
+
+def test_plot_without_matplotlib(trained, tmp_path, capsys, monkeypatch):
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name == "matplotlib" or name.startswith("matplotlib."):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    err = expect_error(capsys, ["--plot", trained("s2sd"), "--out", tmp_path / "c.png"])
+    assert err.strip() == "error: --plot needs matplotlib (pip install matplotlib)"
+    assert not (tmp_path / "c.png").exists()
+
+
+def test_plot_bad_run_folders(tmp_path, capsys):
+    (tmp_path / "norun").mkdir()
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "metrics.jsonl").write_text("\n")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "metrics.jsonl").write_text('{"epoch": 1, "R@1": 50.0}\n{"epoch": 2, "R@1": \n')
+    expect_error(capsys, ["--plot", tmp_path / "missing"], "no such run folder")
+    expect_error(capsys, ["--plot", tmp_path / "norun"], "no metrics.jsonl")
+    expect_error(capsys, ["--plot", tmp_path / "empty"], "is empty")
+    expect_error(capsys, ["--plot", tmp_path / "broken"], "line 2")
+    expect_error(capsys, ["--plot", tmp_path / "norun", "--out", tmp_path / "c.txt"], ".png")
+
+
+# ------------------------------------------------------------------------------------------------ ISD linear probe
+def toy_blobs(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 4
+    centres = 4 * torch.eye(16)[:4]
+    return centres[labels] + 0.5 * torch.randn(n, 16, generator=g), labels
+
+
+def test_linear_probe_on_separable_toy_data():
+    x, y = toy_blobs(400, 0)
+    tx, ty = toy_blobs(200, 1)
+    out = evalpy.linear_probe(x, y, tx, ty, epochs=8, batch_size=64)
+    assert out["last"] >= 99 and out["best"] >= out["last"] and 1 <= out["best_epoch"] <= 8
+    assert len(out["history"]) == 8 and out["history"][-1] == out["last"]
+    assert evalpy.linear_probe(x, y, tx, ty, epochs=8, batch_size=64) == out  # deterministic for a seed
+    assert evalpy.linear_probe(x, y, tx, ty, epochs=8, batch_size=64, seed=1)["history"] != out["history"]
+    # unlabelled (-1) train items are left out; the class count comes from the labels
+    partly = torch.where(torch.arange(400) < 40, -1, y)
+    assert evalpy.linear_probe(x, partly, tx, ty, epochs=8, batch_size=64)["last"] > 95
+
+
+def test_linear_probe_schedule_and_fresh_features():
+    assert evalpy.probe_milestones(40) == [15, 30] and evalpy.probe_milestones(10) == [4, 8]
+    x, y = toy_blobs(64, 0)
+    out = evalpy.linear_probe(x, y, x, y, epochs=40)
+    assert out["lrs"] == pytest.approx([0.01] * 15 + [0.001] * 15 + [0.0001] * 10)
+    seen = []
+
+    def fresh(epoch):  # the official protocol: new (augmented) features every epoch
+        seen.append(epoch)
+        return x + 0.01 * torch.randn(x.shape, generator=torch.Generator().manual_seed(epoch))
+    evalpy.linear_probe(fresh, y, x, y, epochs=5, center_features=x)
+    assert seen == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="center_features"):
+        evalpy.linear_probe(fresh, y, x, y, epochs=1)
+
+
+def test_isd_linear_probe_official_and_cached(trained, tmp_path, monkeypatch):
+    """Official: centre-crop train + test features once, then fresh augmented train features each of the checkpoint's
+    probe_epochs, torch seeded with --seed + epoch before each; cached: no augmentation."""
+    isd = importlib.import_module("isd")
+    run, calls, real = trained("isd"), [], isd.features
+
+    def recording(model, args, device, split, augment=False):
+        calls.append((split, augment, torch.initial_seed()))
+        return real(model, args, device, split, augment)
+    monkeypatch.setattr(isd, "features", recording)
+    ckpt = edited(tmp_path, run, "p3.pt", lambda c: c["args"].update(probe_epochs=3))
+    out = evalpy.main([str(ckpt), "--linear-probe", "--seed", "5", "--json", str(tmp_path / "p.json")])
+    out = {k: v for k, v in out.items() if k.startswith("linear")}
+    assert [c[:2] for c in calls] == [("train", False), ("test", False)] + [("train", True)] * 3
+    assert [c[2] for c in calls[2:]] == [5, 6, 7]
+    assert set(out) == {"linear", "linear_best", "linear_best_epoch"} and 0 < out["linear"] <= out["linear_best"] <= 100
+    calls.clear()
+    cached = evalpy.main([str(run / "model.pt"), "--linear-probe", "cached", "--probe-epochs", "5",
+                          "--json", str(tmp_path / "c.json")])
+    cached = {k: v for k, v in cached.items() if k.startswith("linear")}
+    assert [c[:2] for c in calls] == [("train", False), ("test", False)]
+    assert set(cached) == {"linear_cached", "linear_cached_best", "linear_cached_best_epoch"}
+    assert 30 < cached["linear_cached"] <= 100
