@@ -815,56 +815,160 @@ def embed(fn, split, device, batch_size=256, flip_average=False, workers=4, tran
 # ----------------------------------------------------------------------------------------------
 # Metrics
 
-def _chunk_rows(n_gallery, device):
-    """Query rows per chunk. On a CPU a chunk's distance matrix is kept near 16 MB so that it stays in
-    the last-level cache while top-k reads it (measured 25% faster than 256 MB chunks); on a GPU
-    chunks are large (256 MB) to keep kernel launches few."""
-    budget = 1 << 26 if torch.device(device).type == "cuda" else 1 << 22
-    return max(1, min(4096, budget // max(1, n_gallery)))
+# Every candidate is carried as one int64 key = (order-preserving bits of its float32 distance,
+# gallery index), so "smallest k keys" is exactly "first k by (distance, index)": no tie is left to
+# topk's internal order. Distances come in blocks from one matrix product (squared norms folded in);
+# a block is reduced with vectorised passes (min over strided groups of columns, compare with each
+# row's current k-th distance) and only the few entries that can still enter a row's top k are
+# gathered and merged, instead of running topk over every row of every block.
+
+_GROUP = 8  # columns per group (see _candidates)
+_EMPTY = (0x7F800000 << 32) | 0xFFFFFFFF       # key of (+inf, largest index): "no candidate yet"
+
+
+def _keys(val, idx):
+    """int64 keys ordered as (val, idx); val float32 (not NaN), idx < 2**32."""
+    bits = (val + 0.0).view(torch.int32)        # + 0.0 turns -0.0 into +0.0 (they compare equal)
+    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)   # negative floats: reverse their order
+    return (bits.long() << 32) | idx
+
+
+def _key_values(key):
+    bits = (key >> 32).int()
+    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).view(torch.float32)
+
+
+def _augment(x, n_pad, left):
+    """Rows [x, ||x||^2, 1] (left) or [-2x, 1, ||x||^2] (right), zero-padded to n_pad rows, so that
+    left_i . right_j = ||x_i||^2 + ||x_j||^2 - 2 x_i.x_j: the squared distance comes out of one
+    matrix product, and padding rows (||.||^2 = inf) are at distance +inf from everything."""
+    n, d = x.shape
+    out = torch.zeros(n_pad, d + 2, device=x.device)
+    sq = (x * x).sum(1)
+    out[:n, :d] = x if left else -2 * x
+    out[:n, d + (0 if left else 1)] = sq
+    out[:, d + (1 if left else 0)] = 1
+    out[n:, d + (0 if left else 1)] = float("inf")
+    return out
+
+
+def _candidates(d, tau, s, col0, grouped_rows=False):
+    """Entries of the distance block `d` [R, W] (or of d.T when grouped_rows) that are <= tau (one
+    threshold per query row) as (row, key), rows sorted. Columns are first reduced to W/s strided
+    groups (column c is in group c mod W/s) by their minimum: only groups whose minimum is <= tau
+    are gathered, so the block is read twice (min, compare) instead of being sorted."""
+    n_items = d.shape[0] if grouped_rows else d.shape[1]
+    m = n_items // s
+    if grouped_rows:   # queries are the columns of d: min over row groups, a vectorised pass
+        g = d.view(s, m, d.shape[1]).amin(0).T
+    else:
+        g = d.view(d.shape[0], s, m).amin(1)
+    rows, grp = (g <= tau[:, None]).nonzero(as_tuple=True)         # sorted by row
+    cols = grp[:, None] + m * torch.arange(s, device=d.device)     # [candidate groups, s]
+    flat = cols * d.shape[1] + rows[:, None] if grouped_rows else rows[:, None] * n_items + cols
+    val = d.view(-1)[flat]
+    c, t = (val <= tau[rows, None]).nonzero(as_tuple=True)
+    return rows[c], _keys(val[c, t], cols[c, t] + col0)
+
+
+def _kth_group_min(d, k, s):
+    """Per row an upper bound on the k-th smallest entry: the k-th smallest of the group minima
+    (the k groups with the smallest minima hold k distinct entries at most that large)."""
+    m = d.shape[1] // s
+    if m < k:
+        return torch.full((d.shape[0],), float("inf"), device=d.device)
+    return d.view(d.shape[0], s, m).amin(1).kthvalue(k, dim=1).values
+
+
+def _merge(run, rows, keys):
+    """Keep the k smallest keys per row of run [R, k] together with new (row, key) pairs; `rows`
+    must be sorted (as nonzero returns them)."""
+    if rows.numel() == 0:
+        return run
+    n, k = run.shape
+    counts = torch.bincount(rows, minlength=n)
+    start = torch.cumsum(counts, 0) - counts
+    buf = torch.full((n, k + int(counts.max())), _EMPTY, dtype=torch.long, device=run.device)
+    buf[:, :k] = run
+    buf[rows, k + torch.arange(rows.numel(), device=rows.device) - start[rows]] = keys
+    return buf.topk(k, dim=1, largest=False, sorted=False).values
+
+
+def _tau(run):
+    """Current k-th smallest distance per row (+inf while a row has fewer than k candidates)."""
+    return _key_values(run.amax(1))
+
+
+_SQUARE, _ROWS, _COLS = 2048, 1024, 4096   # CPU block shapes (floats): self search, other search
+
+
+def _block_size(n, device, what="square"):
+    """Block side for `n` items (a multiple of 64, blocks of about equal size). On a CPU a block
+    is 4M floats (16 MB): 2048 x 2048 when the query set is the gallery (both sides of a block are
+    used), 1024 query rows x 4096 gallery columns otherwise (wider rows: fewer blocks per query, so
+    its k-th distance, which filters the later blocks, is tight sooner). GPU: 4x longer sides."""
+    p = {"square": _SQUARE, "rows": _ROWS, "cols": _COLS}[what] * (4 if torch.device(device).type == "cuda" else 1)
+    return math.ceil(n / max(1, math.ceil(n / p)) / 64) * 64
 
 
 def _nearest(query, gallery, k, exclude_self):
-    """Indices [Nq, k] of the k nearest gallery items (Euclidean), ties to the lower index.
+    """Indices [Nq, k] of the k nearest gallery items (Euclidean), each row ordered by
+    (distance, index): ties go to the lower gallery index; query i is excluded BY INDEX when
+    `exclude_self` (query set = gallery). k is clipped to the number of candidates.
 
-    Chunked over queries; the query's own index is excluded when `exclude_self` (query set =
-    gallery). Exact: rows whose k-th distance is tied with an item outside the top k are
-    re-selected so that the lowest-indexed tied items win, then every row is ordered by
-    (distance, index).
+    Exact: squared distances ||q||^2 + ||g||^2 - 2 q.g in float32,
+    ordered with ties broken by index, on the tensors' device; memory O(block + N k). Rows keep
+    their k best as (distance, index) keys; a block's entries are only gathered where they are
+    <= the row's current k-th distance. When the query set is the gallery, each block X_I X_J^T
+    (I <= J) is computed once and used for rows I and for rows J (half the matrix product).
     """
     query, gallery = query.float(), gallery.float()
-    n_g = gallery.shape[0]
-    k = min(k, n_g - (1 if exclude_self else 0))
-    g_sq = (gallery * gallery).sum(1)
-    out = []
-    step = _chunk_rows(n_g, gallery.device)
-    for s in range(0, query.shape[0], step):
-        q = query[s:s + step]
-        # ||q - g||^2 up to the per-row constant ||q||^2, which does not change the order
-        d = torch.addmm(g_sq[None, :], q, gallery.T, alpha=-2)
-        if exclude_self:
-            rows = torch.arange(q.shape[0], device=q.device)
-            d[rows, rows + s] = float("inf")
-        # one extra neighbour tells whether ties straddle position k (then the choice among the
-        # tied items is topk's, not "lowest index first")
-        val, idx = torch.topk(d, min(k + 1, n_g), dim=1, largest=False, sorted=True)
-        straddle = val[:, k] == val[:, k - 1] if val.shape[1] > k else torch.zeros_like(val[:, 0], dtype=torch.bool)
-        val, idx = val[:, :k], idx[:, :k]
-        kth = val[:, -1:]
-        ambiguous = torch.nonzero(straddle).squeeze(1)
-        if ambiguous.numel():  # rare: ties straddle position k; take the lowest-indexed ties
-            da, ka = d[ambiguous], kth[ambiguous]
-            less = da < ka
-            need = k - less.sum(1, keepdim=True)
-            tie = (da == ka) & (torch.cumsum((da == ka).int(), 1) <= need)
-            chosen = torch.nonzero(less | tie)[:, 1].view(-1, k)
-            idx[ambiguous] = chosen
-            val[ambiguous] = da.gather(1, chosen)
-        if k > 1 and (ambiguous.numel() or (val[:, 1:] == val[:, :-1]).any()):  # order by (distance, index)
-            by_index = torch.argsort(idx, dim=1)
-            idx, val = idx.gather(1, by_index), val.gather(1, by_index)
-            idx = idx.gather(1, torch.argsort(val, dim=1, stable=True))
-        out.append(idx)
-    return torch.cat(out) if out else torch.empty(0, k, dtype=torch.long, device=query.device)
+    n_q, n_g = query.shape[0], gallery.shape[0]
+    dev = query.device
+    k = max(0, min(k, n_g - (1 if exclude_self else 0)))
+    if k == 0 or n_q == 0:
+        return torch.empty(n_q, k, dtype=torch.long, device=dev)
+    symmetric = exclude_self and (query is gallery or (query.shape == gallery.shape and torch.equal(query, gallery)))
+    if symmetric:
+        pq = pg = _block_size(n_q, dev)
+    else:
+        pq, pg = _block_size(n_q, dev, "rows"), _block_size(n_g, dev, "cols")
+    s = min(_GROUP, 2 ** int(math.log2(max(1, pg // (4 * k)))), pg & -pg)   # >= 4k groups; s divides pg
+    nbq, nbg = math.ceil(n_q / pq), math.ceil(n_g / pg)
+    left = _augment(query, nbq * pq, left=True)
+    right = _augment(gallery, nbg * pg, left=False)
+    run = torch.full((nbq * pq, k), _EMPTY, dtype=torch.long, device=dev)
+    pad_rows = torch.arange(nbq * pq, device=dev) >= n_q
+    buf = torch.empty(pq, pg, device=dev)      # reused: a fresh 16 MB block costs page faults
+
+    def tau(i):   # padding rows (all distances +inf) take no candidates
+        return _tau(run[i * pq:(i + 1) * pq]).masked_fill_(pad_rows[i * pq:(i + 1) * pq], -float("inf"))
+
+    def update(i, rows, keys):
+        run[i * pq:(i + 1) * pq] = _merge(run[i * pq:(i + 1) * pq], rows, keys)
+
+    def block(i, j):
+        d = torch.mm(left[i * pq:(i + 1) * pq], right[j * pg:(j + 1) * pg].T, out=buf)
+        if exclude_self:   # global row r meets column r here for r in [lo, hi)
+            lo, hi = max(i * pq, j * pg), min((i + 1) * pq, (j + 1) * pg)
+            if lo < hi:
+                r = torch.arange(lo, hi, device=dev)
+                d[r - i * pq, r - j * pg] = float("inf")
+        return d
+
+    # a row's first block is filtered by a bound from its group minima (for a self search: the
+    # diagonal blocks, all first), every later block by the row's current k-th distance
+    for i in range(nbq) if symmetric else []:
+        d = block(i, i)
+        update(i, *_candidates(d, _kth_group_min(d, k, s).masked_fill_(pad_rows[i * pq:(i + 1) * pq], -float("inf")), s, i * pg))
+    for i in range(nbq):
+        for j in range(i + 1, nbg) if symmetric else range(nbg):
+            d = block(i, j)
+            t = tau(i) if symmetric or j > 0 else torch.minimum(tau(i), _kth_group_min(d, k, s))
+            update(i, *_candidates(d, t, s, j * pg))
+            if symmetric:  # the same block seen from rows j: d.T
+                update(j, *_candidates(d, tau(j), s, i * pq, grouped_rows=True))
+    return run[:n_q].sort(dim=1).values & 0xFFFFFFFF
 
 
 def _same_class_counts(labels):
@@ -891,11 +995,18 @@ def _map_at_r_from_neighbours(nn_labels, labels):
     return ap[valid].double().mean().item()
 
 
+def _finite(*tensors):
+    """False when an embedding is NaN or inf (a diverged model): its metrics are then NaN, never a ranking of NaNs."""
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
 def recall_at_k(emb, labels, ks=(1, 2, 4, 8)):
     """Recall@k: fraction of queries with a same-label item among their k nearest (self excluded).
 
     Queries whose class has no other member count as misses.
     """
+    if not _finite(emb):
+        return dict.fromkeys(ks, math.nan)
     labels = labels.to(emb.device)
     return _recall_from_neighbours(labels[_nearest(emb, emb, max(ks), exclude_self=True)], labels, ks)
 
@@ -905,64 +1016,230 @@ def map_at_r(emb, labels):
     (1/R) sum_{i<=R} P(i) rel(i); mean over those queries."""
     labels = labels.to(emb.device)
     max_r = int(_same_class_counts(labels).max().item()) if len(labels) else 0
-    if max_r == 0:
-        return 0.0
+    if max_r == 0 or not _finite(emb):
+        return 0.0 if max_r == 0 else math.nan
     return _map_at_r_from_neighbours(labels[_nearest(emb, emb, max_r, exclude_self=True)], labels)
 
 
-def _kmeans(x, k, seed=0, max_iter=100):
-    """Batched Lloyd k-means in torch with greedy k-means++ initialisation; returns assignments.
+def _chunk(n_cols, device):
+    """Rows per chunk of an [rows, n_cols] score matrix: 4M floats (16 MB) on a CPU, 64M on a GPU."""
+    return max(1, (1 << (26 if torch.device(device).type == "cuda" else 22)) // max(1, n_cols))
 
-    Why not scikit-learn: on SOP's test set (60,502 x 128, 11,316 clusters) sklearn's KMeans runs
-    on the CPU only and takes many minutes; this version runs on the embeddings' device (seconds on
-    a GPU) with the same algorithm. Settings: greedy k-means++ init with 2 + ln(k) candidates per
-    centre (as scikit-learn), then Lloyd iterations until no assignment changes (at most
-    `max_iter`), one run (n_init = 1). Empty clusters keep their previous centre.
+
+def _row_argmin(d, s=16):
+    """Column of a minimum of each row of d [R, W] (W divisible by s). A plain min(1) with indices
+    is 4x slower on a CPU than amin, so: amin over s strided column groups (c -> c mod W/s), the
+    minimal group, then the minimum inside it. Ties: lowest group, then lowest position in it."""
+    m = d.shape[1] // s
+    grp = d.view(d.shape[0], s, m).amin(1).min(1).indices
+    cols = grp[:, None] + m * torch.arange(s, device=d.device)
+    return cols.gather(1, d.gather(1, cols).min(1).indices[:, None]).squeeze(1)
+
+
+def _argmin_scores(left, right, exclude=None):
+    """argmin_j left_i . right_j for every row i, chunked; `right` has a multiple of 16 rows.
+    `exclude` [n]: a column per row that may not be chosen."""
+    step = _chunk(right.shape[0], left.device)
+    buf = torch.empty(min(step, left.shape[0]), right.shape[0], device=left.device)
+    out = []
+    for s in range(0, left.shape[0], step):
+        d = torch.mm(left[s:s + step], right.T, out=buf[:len(left[s:s + step])])
+        if exclude is not None:
+            d[torch.arange(d.shape[0], device=d.device), exclude[s:s + step]] = float("inf")
+        out.append(_row_argmin(d))
+    return torch.cat(out)
+
+
+def _padded(rows, k_pad, inf_col):
+    """rows [k, c] zero-padded to k_pad rows whose column `inf_col` is +inf (scores +inf there)."""
+    out = torch.zeros(k_pad, rows.shape[1], device=rows.device)
+    out[:rows.shape[0]] = rows
+    out[rows.shape[0]:, inf_col] = float("inf")
+    return out
+
+
+def _cluster_sums(x, assign, k):
+    """Per-cluster float64 sums of x, and counts, deterministic on every device: on a CPU
+    index_add_ (adds in index order; 5 ms at SOP scale), elsewhere _prefix_sums (index_add_ on a
+    GPU adds with atomics in no fixed order)."""
+    counts = torch.bincount(assign, minlength=k)
+    if x.device.type == "cpu":
+        return torch.zeros(k, x.shape[1], dtype=torch.float64).index_add_(0, assign, x.double()), counts
+    return _prefix_sums(x, assign, counts), counts
+
+
+def _prefix_sums(x, assign, counts):
+    """Per-cluster float64 sums by sorting the points by cluster and differencing prefix sums."""
+    prefix = torch.cumsum(x[torch.argsort(assign, stable=True)].double(), 0)
+    prefix = torch.cat([torch.zeros_like(prefix[:1]), prefix])
+    ends = torch.cumsum(counts, 0)
+    return prefix[ends] - prefix[ends - counts]
+
+
+def _objective(sq_total, sums, counts):
+    """k-means objective sum_i ||x_i - mu(i)||^2 = sum_i ||x_i||^2 - sum_c ||S_c||^2 / n_c (float64)."""
+    return (sq_total - ((sums * sums).sum(1) / counts.clamp_min(1)).sum()).item()
+
+
+def _move_gain(x, assign, dest, centres, counts):
+    """Change of the k-means objective when point i alone moves from its cluster A to B = dest[i]
+    (Hartigan): |B|/(|B|+1) ||x - mu_B||^2 - |A|/(|A|-1) ||x - mu_A||^2, and a tolerance below
+    which it is surely negative despite float32 rounding; +inf where the move is not allowed
+    (A a singleton, or B = A)."""
+    n_a, n_b = counts[assign].float(), counts[dest].float()
+    leave = n_a / (n_a - 1).clamp_min(1) * ((x - centres[assign]) ** 2).sum(1)
+    gain = n_b / (n_b + 1) * ((x - centres[dest]) ** 2).sum(1) - leave
+    return gain.masked_fill_((n_a <= 1) | (dest == assign), float("inf")), 1e-5 * leave
+
+
+def _fill_empty(x, assign, k):
+    """Give each empty cluster one point: the point whose removal lowers the objective most
+    (|A|/(|A|-1) ||x - mu_A||^2, at most one per source cluster, never from a singleton)."""
+    sums, counts = _cluster_sums(x, assign, k)
+    empty = (counts == 0).nonzero().squeeze(1)
+    if empty.numel() == 0:
+        return assign
+    n_a = counts[assign].double()
+    leave = n_a / (n_a - 1).clamp_min(1) * ((x.double() - sums[assign] / n_a[:, None]) ** 2).sum(1)
+    leave = leave.float().masked_fill_(n_a <= 1, -float("inf"))
+    key = _keys(-leave, torch.arange(len(x), device=x.device))         # smallest key = best point
+    best = torch.full((k,), _EMPTY, dtype=torch.long, device=x.device).scatter_reduce_(0, assign, key, "amin")
+    pts = (best[(counts > 1) & (best != _EMPTY)].sort().values & 0xFFFFFFFF)[:empty.numel()]
+    assign = assign.clone()
+    assign[pts] = empty[:pts.numel()]
+    return assign
+
+
+def _refine(x, left, assign, k, sq_total, max_sweeps=30):
+    """One round of Hartigan-style refinement; returns (assignment, objective).
+
+    One matrix product finds every point's best destination B (smallest |B|/(|B|+1) ||x - mu_B||^2,
+    own cluster excluded). Two ways to use them, the one reaching the lower exact objective wins:
+    sweeps, in which the improving moves are re-evaluated and those touching pairwise-disjoint
+    clusters applied (a move is taken when it is the best move of both its clusters, so each
+    lowers the objective by exactly its gain; with few points per cluster, SOP: 5.3, this is what
+    escapes Lloyd's fixed points), or all improving moves at once (except one member of a
+    cluster they would empty), which with many points per cluster is a Lloyd step."""
+    dev = x.device
+    assign = _fill_empty(x, assign, k)
+    sums, counts = _cluster_sums(x, assign, k)
+    centres = (sums / counts.clamp_min(1)[:, None]).float()
+    w = counts.float() / (counts.float() + 1)
+    # w_B ||x - c_B||^2 = [x, ||x||^2, 1] . [-2 w_B c_B, w_B, w_B ||c_B||^2]; an empty B (possible
+    # only with duplicate points) is excluded: +inf
+    right = torch.cat([-2 * w[:, None] * centres, w[:, None], (w * (centres * centres).sum(1))[:, None]], 1)
+    right[counts == 0] = torch.tensor([0.0] * (right.shape[1] - 1) + [float("inf")], device=dev)
+    dest = _argmin_scores(left, _padded(right, math.ceil(k / 16) * 16, -1), exclude=assign)
+    dest = torch.where(dest < k, dest, assign)       # no allowed destination at all (k = 1): stay
+    gain, tol = _move_gain(x, assign, dest, centres, counts)
+    cand = (gain < -tol).nonzero().squeeze(1)
+    batch = None
+    if cand.numel():   # all improving moves at once, keeping one member of a cluster they would empty
+        key = _keys(-gain[cand], cand)
+        worst = torch.full((k,), _EMPTY, dtype=torch.long, device=dev).scatter_reduce_(0, assign[cand], key, "amin")
+        emptied = torch.bincount(assign[cand], minlength=k) == counts
+        moving = cand[~(emptied[assign[cand]] & (worst[assign[cand]] == key))]
+        batch = assign.clone()
+        batch[moving] = dest[moving]
+        batch_obj = _objective(sq_total, *_cluster_sums(x, batch, k))
+    for _ in range(max_sweeps):
+        gain, tol = _move_gain(x[cand], assign[cand], dest[cand], centres, counts)
+        cand = cand[gain < -tol]                    # later sweeps only re-check these
+        if cand.numel() == 0:
+            break
+        key = _keys(gain[gain < -tol], cand)        # unique keys: at most one move per cluster
+        best = torch.full((k,), _EMPTY, dtype=torch.long, device=dev)
+        best.scatter_reduce_(0, assign[cand], key, "amin").scatter_reduce_(0, dest[cand], key, "amin")
+        take = cand[(best[assign[cand]] == key) & (best[dest[cand]] == key)]
+        src, dst = assign[take], dest[take]
+        xt = x[take].double()
+        sums[src] -= xt                              # clusters are distinct: plain indexed updates
+        sums[dst] += xt
+        counts[src] -= 1
+        counts[dst] += 1
+        assign = assign.clone()
+        assign[take] = dst
+        touched = torch.cat([src, dst])
+        centres[touched] = (sums[touched] / counts[touched].clamp_min(1)[:, None]).float()
+    obj = _objective(sq_total, sums, counts)
+    if batch is not None and batch_obj < obj:    # the batch (a Lloyd step) did better than the sweeps
+        return batch, batch_obj
+    return assign, obj
+
+
+def _sq_dist(x, c):
+    """Squared distances [n, m] from the rows of x to a few centres c [m, d] (clamped at 0)."""
+    return torch.addmm((c * c).sum(1)[None], x, c.T, alpha=-2).add_((x * x).sum(1, keepdim=True)).clamp_min_(0)
+
+
+def _init_greedy_pp(x, k, gen, batches=64):
+    """Greedy k-means++ (as scikit-learn: 2 + ln k D^2-sampled candidates per centre, keep the one
+    that lowers the potential most), in at most `batches` rounds of ceil(k / batches) centres that
+    are chosen together (exactly sequential for k <= batches)."""
+    n, dev = x.shape[0], x.device
+    trials = 2 + int(math.log(k))
+    first = torch.randint(n, (1,), generator=gen).to(dev)
+    chosen = [first]
+    closest = _sq_dist(x, x[first]).squeeze(1)
+    rounds = min(batches, k - 1)
+    for r in range(rounds):
+        b = (k - 1) // rounds + (r < (k - 1) % rounds)
+        p = closest.double().cpu()
+        p = p if p.sum() > 0 else torch.ones(n, dtype=torch.float64)
+        cand = torch.multinomial(p, b * trials, replacement=True, generator=gen).to(dev).view(b, trials)
+        d = torch.minimum(closest[:, None], _sq_dist(x, x[cand.flatten()]))       # [n, b * trials]
+        best = d.sum(0).view(b, trials).argmin(1)
+        chosen.append(cand[torch.arange(b, device=dev), best])
+        closest = torch.minimum(closest, d.view(n, b, trials)[:, torch.arange(b, device=dev), best].amin(1))
+    return x[torch.cat(chosen)]
+
+
+_BUDGET = 4e10   # multiply-adds (~0.3 s of matrix products on a 2-core CPU) beyond the minimum
+
+
+def _kmeans(x, k, seed=0, tol=1e-4):
+    """k-means assignments [N] (long) of the rows of x, on x's device, deterministic for a seed.
+
+    Settings (one run): initial centres by greedy k-means++ (scikit-learn's, see _init_greedy_pp)
+    when that costs at most _BUDGET multiply-adds, else k distinct random points (faiss's init;
+    SOP scale); one nearest-centre assignment; then rounds of _refine (a Lloyd step when it helps,
+    then Hartigan single-point moves) until a round lowers the objective by less than `tol`
+    (relative), at most max(2, _BUDGET / (N k d)) rounds (100 at most): 2 at SOP scale (60,502 x
+    128, 11,316 clusters), where 2 rounds already reach a lower objective than faiss's 20 Lloyd
+    iterations in less time. Empty clusters get refilled (a point moved into one always lowers the
+    objective).
     """
     x = x.float()
-    n = x.shape[0]
+    n, dim = x.shape
+    k = max(1, min(k, n))
     dev = x.device
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    trials = 2 + int(math.log(k))
-    x_sq = (x * x).sum(1)
-    step = _chunk_rows(k, x.device)
-
-    def sq_dist_to(c):  # [n, m] squared distances to a few centres
-        return (x_sq[:, None] - 2 * x @ c.T + (c * c).sum(1)[None, :]).clamp_min_(0)
-
-    centers = torch.empty(k, x.shape[1], device=dev)
-    first = torch.randint(n, (1,), generator=gen).item()
-    centers[0] = x[first]
-    closest = sq_dist_to(x[first:first + 1]).squeeze(1)
-    for c in range(1, k):
-        probs = (closest / closest.sum().clamp_min(1e-12)).cpu()
-        if not torch.isfinite(probs).all() or probs.sum() <= 0:
-            probs = torch.ones(n)
-        cand = torch.multinomial(probs, trials, replacement=True, generator=gen).to(dev)
-        d = torch.minimum(closest[:, None], sq_dist_to(x[cand]))   # [n, trials]
-        best = torch.argmin(d.sum(0))
-        centers[c] = x[cand[best]]
-        closest = d[:, best]
-
-    assign = torch.full((n,), -1, dtype=torch.long, device=dev)
-    for _ in range(max_iter):
-        c_sq = (centers * centers).sum(1)
-        new = torch.cat([torch.addmm(c_sq[None, :], x[s:s + step], centers.T, alpha=-2).argmin(1)
-                         for s in range(0, n, step)])
-        if torch.equal(new, assign):
+    work = n * k * dim
+    if k > 1 and work * (2 + math.log(k)) <= _BUDGET:
+        centres = _init_greedy_pp(x, k, gen)
+    else:
+        centres = x[torch.randperm(n, generator=gen)[:k].to(dev)]
+    # nearest centre: ||x - c||^2 - ||x||^2 = [x, 1] . [-2c, ||c||^2]
+    right = torch.cat([-2 * centres, (centres * centres).sum(1, keepdim=True)], 1)
+    assign = _argmin_scores(torch.cat([x, torch.ones(n, 1, device=dev)], 1), _padded(right, math.ceil(k / 16) * 16, -1))
+    left = torch.cat([x, (x * x).sum(1, keepdim=True), torch.ones(n, 1, device=dev)], 1)
+    sq_total = (x.double() ** 2).sum()
+    prev = None
+    for _ in range(int(max(2, min(100, _BUDGET // work)))):
+        assign, obj = _refine(x, left, assign, k, sq_total)
+        if prev is not None and prev - obj <= tol * prev:
             break
-        assign = new
-        sums = torch.zeros_like(centers).index_add_(0, assign, x)
-        counts = torch.bincount(assign, minlength=k).float()
-        nonempty = counts > 0
-        centers[nonempty] = sums[nonempty] / counts[nonempty, None]
+        prev = obj
     return assign
 
 
 def nmi(emb, labels, seed=0):
     """Normalised mutual information between labels and k-means clusters (k = #distinct labels),
-    sklearn's normalized_mutual_info_score (arithmetic mean). k-means: see _kmeans."""
+    sklearn's normalized_mutual_info_score (arithmetic mean). k-means: see _kmeans (one seeded run;
+    at SOP scale lower objective than faiss's 20 Lloyd iterations, in less time)."""
     from sklearn.metrics import normalized_mutual_info_score
+    if not _finite(emb):
+        return math.nan
     k = int(torch.unique(labels).numel())
     assign = _kmeans(emb, k, seed=seed)
     return float(normalized_mutual_info_score(labels.cpu().numpy(), assign.cpu().numpy()))
@@ -975,6 +1252,8 @@ def knn_accuracy(train_emb, train_labels, test_emb, test_labels, k=20, weighted=
     scikit-learn). Weighted: each neighbour votes exp(cos / temperature) with cos the cosine
     similarity (the InstDisc / SSL-library monitor, k = 200, temperature 0.1).
     """
+    if not _finite(train_emb, test_emb):
+        return math.nan
     dev = test_emb.device
     train_emb, train_labels = train_emb.to(dev).float(), train_labels.to(dev)
     test_labels = test_labels.to(dev)
@@ -1001,7 +1280,9 @@ def topk_accuracy(logits, labels, ks=(1, 5)):
 
 
 def retrieval_metrics(emb, labels, ks=(1, 2, 4, 8), with_map=True, with_nmi=True, seed=0):
-    """{"R@k": .., "MAP@R": .., "NMI": ..} in percent, from one shared neighbour search."""
+    """{"R@k": .., "MAP@R": .., "NMI": ..} in percent, from one shared neighbour search (NaN: see _finite)."""
+    if not _finite(emb):
+        return dict.fromkeys([f"R@{k}" for k in ks] + ["MAP@R"] * with_map + ["NMI"] * with_nmi, math.nan)
     labels = labels.to(emb.device)
     need = max(ks)
     if with_map:

@@ -97,12 +97,71 @@ def test_recall_and_map_match_brute_force_with_ties_duplicates_singletons(seed, 
     emb = torch.randint(0, 3, (61, 4), generator=g).float()   # many exact ties and duplicates
     labels = torch.randint(0, 5, (61,), generator=g)
     labels[:3] = torch.tensor([100, 101, 102])                 # single-member classes
-    monkeypatch.setattr(common, "_chunk_rows", lambda n, device: 7)    # 61 rows: chunks do not divide N
+    monkeypatch.setattr(common, "_block_size", lambda n, device, what="square": 7)  # blocks do not divide N
     rec, mapr = common.recall_at_k(emb, labels), common.map_at_r(emb, labels)
     ref_rec, ref_map = brute_recall_map(emb, labels, (1, 2, 4, 8))
     for k in (1, 2, 4, 8):
         assert rec[k] == pytest.approx(ref_rec[k], abs=1e-12)
     assert mapr == pytest.approx(ref_map, abs=1e-7)
+
+
+def brute_nearest(query, gallery, k, exclude_self):
+    """First k gallery indices per query by (squared distance in float64, index)."""
+    d = ((query.double()[:, None, :] - gallery.double()[None]) ** 2).sum(-1).numpy()
+    out = [[j for j in np.lexsort((np.arange(len(gallery)), d[i])) if not (exclude_self and j == i)][:k]
+           for i in range(len(query))]
+    return torch.tensor(out, dtype=torch.long).view(len(query), -1)
+
+
+@pytest.mark.parametrize("block", [7, 16, 2048])    # blocks not dividing N; one block
+@pytest.mark.parametrize("k", [1, 8, 60, 200])     # 60 = all candidates, 200 > candidates
+def test_nearest_matches_brute_force_with_ties_and_duplicates(block, k, monkeypatch):
+    monkeypatch.setattr(common, "_block_size", lambda n, device, what="square": block if what != "cols" else 2 * block)
+    for seed in range(2):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randint(0, 3, (61, 4), generator=g).float()  # 81 distinct points: many duplicates, exact ties
+        x[5] = x[40]
+        assert torch.equal(common._nearest(x, x, k, exclude_self=True), brute_nearest(x, x, min(k, 60), True))
+        q, gal = torch.randint(-2, 3, (37, 3), generator=g).float(), torch.randint(-2, 3, (61, 3), generator=g).float()
+        assert torch.equal(common._nearest(q, gal, k, exclude_self=False), brute_nearest(q, gal, min(k, 61), False))
+
+
+def _inertia(x, assign, k):
+    x = x.double()
+    cnt = torch.bincount(assign, minlength=k).double()
+    mu = torch.zeros(k, x.shape[1], dtype=torch.float64).index_add_(0, assign, x) / cnt.clamp_min(1)[:, None]
+    return ((x - mu[assign]) ** 2).sum().item()
+
+
+def test_kmeans_seeded_exact_objective_and_edge_cases(monkeypatch):
+    from sklearn.cluster import KMeans
+    x = F.normalize(torch.randn(2000, 16, generator=torch.Generator().manual_seed(0)), dim=1)
+    a = common._kmeans(x, 40, seed=0)
+    assert torch.equal(a, common._kmeans(x.clone(), 40, seed=0)) and not torch.equal(a, common._kmeans(x, 40, seed=1))
+    ref = KMeans(40, n_init=1, random_state=0).fit(x.numpy().astype(np.float64)).labels_
+    assert _inertia(x, a, 40) <= 1.03 * _inertia(x, torch.from_numpy(ref).long(), 40)
+    objs, refine = [], common._refine  # every refinement round returns its exact objective, never higher
+    monkeypatch.setattr(common, "_refine", lambda *args, **kw: objs.append(refine(*args, **kw)) or objs[-1])
+    b = common._kmeans(x, 300, seed=0)
+    values = [o for _, o in objs]
+    assert all(v2 <= v1 * (1 + 1e-9) for v1, v2 in zip(values, values[1:]))
+    assert _inertia(x, b, 300) == pytest.approx(values[-1], rel=1e-9)
+    assert int(common._kmeans(torch.zeros(10, 3), 4).max()) < 4  # identical points: valid labels, no NaN
+    y = torch.randn(7, 3, generator=torch.Generator().manual_seed(0))
+    assert len(set(common._kmeans(y, 7).tolist())) == 7 and common._kmeans(y, 1).tolist() == [0] * 7
+
+
+def test_non_finite_embeddings_give_nan_metrics_not_a_perfect_score():
+    emb = F.normalize(torch.randn(40, 4, generator=torch.Generator().manual_seed(0)), dim=1)
+    labels = torch.arange(40) % 4
+    for bad in (float("nan"), float("inf")):
+        e = emb.clone()
+        e[3, 1] = bad
+        assert all(math.isnan(v) for v in common.retrieval_metrics(e, labels).values())
+        assert all(math.isnan(v) for v in common.knn_metrics(emb, labels, e, labels).values())
+        assert math.isnan(common.recall_at_k(e, labels)[1]) and math.isnan(common.map_at_r(e, labels))
+    full = torch.full((40, 4), float("nan"))
+    assert math.isnan(common.retrieval_metrics(full, labels, with_nmi=False)["R@1"])
 
 
 def test_self_excluded_by_index_not_by_first_neighbour():
@@ -1161,6 +1220,17 @@ def test_contract_tensorboard_present_and_absent(name, save_dir, digits_runs, mo
     assert code == 2 and "pip install tensorboard" in err
 
 
+def test_real_tensorboard_event_files_when_installed(save_dir, digits_runs):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    code, _, err = main_of(s2sd, tiny("s2sd", save_dir, "--run-name", "s2sd_realtb", "--max-steps", "3", "--log-every", "1"))
+    assert code == 0, err
+    events = [f for f in os.listdir(save_dir / "s2sd_realtb") if f.startswith("events.")]
+    acc = EventAccumulator(str(save_dir / "s2sd_realtb" / events[0]))
+    acc.Reload()
+    assert {"train/dml", "train/lr", "train/images_per_s", "eval/R@1", "eval/NMI"} <= set(acc.Tags()["scalars"])
+
+
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_contract_bf16_autocast_path_runs_on_cpu(name, save_dir, digits_runs):
     code, out, err = main_of(SCRIPTS[name], tiny(name, save_dir, "--run-name", f"{name}_bf16", "--amp", "--max-steps", "3",
@@ -1286,6 +1356,29 @@ def test_s2sd_help_names_each_presets_value():
     text = " ".join(out.getvalue().split())
     assert "digits 6" in text and "cub 150" in text and "(default: None)" not in text
     assert "sop 5.0" in text  # --distill-weight on SOP
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_every_flag_has_a_description_that_names_its_default(name):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        SCRIPTS[name].get_args(["--help"])
+    text = out.getvalue()
+    assert "(default: None)" not in text and "--dataset" in text
+    flags = re.findall(r"^  (--[a-z0-9-]+)(.*)$", text, flags=re.M)
+    assert len(flags) > 25 and all(rest.strip() for _, rest in flags if not rest.strip().startswith("{")), flags
+    assert all(a.help for a in _parser_actions(SCRIPTS[name]) if a.dest != "help"), name
+
+
+def _parser_actions(module):
+    seen = []
+    parse = module.Parser.parse_args
+    module.Parser.parse_args = lambda self, argv=None, namespace=None: seen.append(self) or parse(self, argv, namespace)
+    try:
+        module.get_args([])
+    finally:
+        module.Parser.parse_args = parse
+    return seen[0]._actions
 
 
 def test_s2sd_best_epoch_is_taken_per_metric():
