@@ -113,8 +113,11 @@ PRESETS = {  # Sec. 3.1: batch 256, 200 epochs, wd 1e-4; evaluated every 10 epoc
     # 0.99 makes the teacher ~9 epochs old), crops >= 80% of an 8x8 digit; the probe scaled to 10 epochs.
     "digits": dict(_SMALL, arch="small", image_size=16, epochs=15, batch_size=128, lr=0.05, ema=0.9, queue_size=512,
                    eval_every=5, min_scale=0.8, probe_epochs=10),
-    "fashionmnist": dict(_SMALL, arch="small", image_size=28, epochs=10, batch_size=256, lr=0.05, ema=0.99,
-                         queue_size=4096, eval_every=5, min_scale=0.5, train_subset=20000, probe_epochs=10),
+    # ours, ~3.5 minutes per run on 2 CPU cores: the small CNN at 28 px on a fixed random 20,000 of the 60,000 training
+    # images (k-NN gallery: all 60,000; queries: the 10,000 test images), 8 epochs, K 4096, m 0.99 (78 steps per
+    # epoch), crops >= 50%; evaluated at the end only; the probe scaled to 10 epochs.
+    "fashionmnist": dict(_SMALL, arch="small", image_size=28, epochs=8, batch_size=256, lr=0.05, ema=0.99,
+                         queue_size=4096, eval_every=0, min_scale=0.5, train_subset=20000, probe_epochs=10),
     # benchmark only: the paper's batch 256 at 32 px (or --image-size 224); k-NN only at the end.
     "synthetic": dict(_SMALL, recipe="r18", weight_decay=1e-4, queue_size=4096, epochs=1, eval_every=0, log_every=10,
                       synthetic_n=512),
@@ -778,7 +781,7 @@ class Meter:
     def __init__(self, args, run, device, step, total):
         self.args, self.run, self.device, self.total = args, run, device, total
         self.warm = step + max(1, min(10, (total - step) // 5))  # the first steps compile, allocate, warm caches
-        self.sums = self.bad = self.t_warm = None
+        self.sums = self.bad = self.t_warm = self.rate = None
         self.count, self.images, self.t_paused = 0, 0, 0.0
 
     def add(self, losses, images, epoch, step, lr):
@@ -795,7 +798,9 @@ class Meter:
             self.images += images
         if step % self.args.log_every == 0 or step == self.total:
             self.check()
-            ips, mean = self.images_per_s(), dict(zip(self.names, (self.sums / self.count).tolist()))
+            if self.images:  # the steady-state rate, taken here: time spent after this step never counts
+                self.rate = self.images / max(self.sync() - self.t_warm - self.t_paused, 1e-9)
+            ips, mean = self.rate, dict(zip(self.names, (self.sums / self.count).tolist()))
             eta = f" | eta {(self.total - step) * self.args.batch_size / ips / 60:.1f} min" if ips else ""
             if self.run["rank"] == 0:
                 print(f"epoch {epoch + 1} step {step}/{self.total} | " + " ".join(f"{n} {v:.4f}" for n, v in
@@ -816,7 +821,8 @@ class Meter:
             raise RunError(f"non-finite {name} loss at step {step:.0f}; stopped (last.pt holds the last finished epoch)")
 
     def images_per_s(self):
-        return self.images / max(self.sync() - self.t_warm - self.t_paused, 1e-9) if self.images else None
+        """Steady-state training images/s up to the last log step (None before the warm-up ended)."""
+        return self.rate
 
     @contextlib.contextmanager
     def paused(self):
