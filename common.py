@@ -493,6 +493,9 @@ def _folder(name, root, split, download):
         raise DatasetError(f"--dataset folder: class folder {os.path.join(folder or root, classes[int(np.argmin(counts))])} has no images")
     labels = torch.tensor(labels, dtype=torch.int64)
     if folder is None:  # class-disjoint halves of one labelled folder
+        if len(classes) < 4:
+            raise DatasetError(f"--dataset folder: {root} has {len(classes)} class folder(s); the class-disjoint split "
+                               f"(first half train, second half test) needs at least 4")
         half = len(classes) // 2
         keep = (labels < half) if split == "dml_train" else (labels >= half)
         paths, labels = [p for p, k in zip(paths, keep) if k], labels[keep] - (0 if split == "dml_train" else half)

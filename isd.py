@@ -731,7 +731,7 @@ def new_run_folder(args):
 def load_checkpoint(path, keys=("method", "args", "model", "optimizer", "scheduler", "epoch", "batch", "step")):
     """A checkpoint of this script, checked before use: RunError naming the file and what is wrong."""
     if not os.path.isfile(path):
-        raise RunError(f"--resume {path}: no such file")
+        raise RunError(f"--resume {path}: " + ("a folder; give the last.pt inside it" if os.path.isdir(path) else "no such file"))
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:

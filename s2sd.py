@@ -139,7 +139,8 @@ def get_args(argv=None):
                    + preset("pretrained"))
     m.add_argument("--embed-dim", type=number(int, 1), help="base embedding dim d (Table 1: 128)" + preset("embed_dim"))
     m.add_argument("--target-dims", type=number(int, 1), nargs="+", help="aux dims (dsd: one)" + preset("target_dims"))
-    m.add_argument("--samples-per-class", type=number(int, 1), help="images per drawn class" + preset("samples_per_class"))
+    m.add_argument("--samples-per-class", type=number(int, 2), help="images per drawn class (>= 2: every anchor needs a "
+                   "positive in its batch)" + preset("samples_per_class"))
     m.add_argument("--distill-weight", type=number(float, 0), help="w of Eq. 5" + preset("distill_weight"))
     m.add_argument("--feat-weight", type=number(float, 0), help="feat_w of Eq. 6" + preset("feat_weight"))
     m.add_argument("--temperature", type=number(float, 0, low_open=True), help="T of Eq. 3" + preset("temperature"))
@@ -571,7 +572,7 @@ def new_run_folder(args):
 def load_checkpoint(path, keys=("method", "args", "model", "optimizer", "scheduler", "epoch", "batch", "step")):
     """A checkpoint of this script, checked before use: RunError naming the file and what is wrong."""
     if not os.path.isfile(path):
-        raise RunError(f"--resume {path}: no such file")
+        raise RunError(f"--resume {path}: " + ("a folder; give the last.pt inside it" if os.path.isdir(path) else "no such file"))
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:

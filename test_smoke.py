@@ -456,6 +456,11 @@ def test_folder_dataset_layouts_and_errors(tmp_path):
     write_image(str(tmp_path / "single" / "train" / "only" / "0.png"), 0)
     with pytest.raises(common.DatasetError, match="at least 2 classes"):
         common.load_split("folder", str(tmp_path / "single"), "train")
+    for c in ("x", "y", "z"):
+        write_image(str(tmp_path / "three" / c / "0.png"), 0)
+        write_image(str(tmp_path / "three" / c / "1.png"), 1)
+    with pytest.raises(common.DatasetError, match="has 3 class folder"):  # halves of 3 classes: 1 train class
+        common.load_split("folder", str(tmp_path / "three"), "dml_train")
     (tmp_path / "one" / "e").mkdir()
     common.load_split.cache_clear()
     with pytest.raises(common.DatasetError, match="has no images"):
@@ -1262,7 +1267,7 @@ def _bad_input_cases(tmp):
              (["--dataset", "imagenet5"], "--dataset"), (["--data-root", str(afile)], "--data-root"),
              (["--save-dir", str(afile)], "--save-dir"), (["--run-name", "../escape"], "--run-name"),
              (["--run-name", str(tmp / "abs")], "--run-name"), (["--resume", str(tmp / "missing.pt")], "no such file"),
-             (["--resume", str(tmp)], "no such file"), (["--resume", str(tmp / "empty.pt")], "not a readable"),
+             (["--resume", str(tmp)], "a folder; give the last.pt"), (["--resume", str(tmp / "empty.pt")], "not a readable"),
              (["--resume", str(tmp / "junk.pt")], "not a readable"), (["--resume", str(tmp / "foreign.pt")], "not a checkpoint of"),
              (["--epochs"], "--epochs"), (["--no-such-flag"], "unrecognized")]
     if not torch.cuda.is_available():
@@ -1343,7 +1348,8 @@ def test_s2sd_presets_follow_the_paper():
     assert s2sd.get_args(["--dataset", "cub", "--variant", "baseline"]).beta_lr == 5e-4
     code, _, err = main_of(s2sd, ["--variant", "dsd", "--target-dims", "8", "16"])
     assert code == 2 and "dsd" in err
-    for flags in (["--embed-dim", "0"], ["--target-dims", "0"], ["--samples-per-class", "0"], ["--batch-size", "41"],
+    for flags in (["--embed-dim", "0"], ["--target-dims", "0"], ["--samples-per-class", "0"],
+                  ["--samples-per-class", "1"], ["--batch-size", "41"],
                   ["--batch-size", "2000"], ["--rho-p", "1.5"], ["--crop-scale", "0"]):
         code, _, err = main_of(s2sd, flags)
         assert code == 2 and err.startswith("error:") and len(err.strip().splitlines()) == 1, (flags, err)
