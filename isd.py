@@ -29,13 +29,15 @@ Implementation details:
  5. ShuffleBN (MoCo builder.py; ISD shuffles through DataParallel): the key batch is shuffled across the ranks before
     the teacher and put back after; on one process both backbones use split BatchNorm (--bn-splits groups, the MoCo
     CIFAR demo) and the key batch is shuffled across the groups. BN statistics so never pair a key with its query.
- 6. Recipe r18 (Sec. 3.1 "ResNet-18 experiments"; run_isd.sh runs train_isd.py --temp 0.02 --queue_size 128000
-    --lr_decay_epochs 140,180): tau_s = tau_t = 0.02, m 0.999, no projection, predictor Linear(512, 512, no bias)-
-    BN-ReLU-Linear(512, 512), the MoCo-v2 augmentation on both views, SGD lr 0.01 x0.2 at epochs 140, 180 of 200.
+ 6. Recipe r18 (Sec. 3.1 "ResNet-18 experiments"; m 0.999 is train_isd.py's default --momentum; the released
+    run_isd.sh keeps this run commented out): tau_s = tau_t = 0.02, m 0.999, no projection, predictor Linear(512,
+    512, no bias)-BN-ReLU-Linear(512, 512), the MoCo-v2 augmentation on both views, SGD lr 0.01 x0.2 at epochs 140,
+    180 of 200.
  7. Recipe r50 (Sec. 3.1 "ResNet-50 experiments", train_isd_plus.py): tau_s 0.1, tau_t 0.01, m 0.99, projection
     MLP(D, 2D, D/4) on BOTH encoders, predictor MLP(D/4, 2D, D/4), a weak teacher view and a strong student view
-    (the text; train_isd_plus.py --weak_strong: query strong, key weak. Table 5's column labels read the other way
-    round), cosine lr 0.05. Both: SGD momentum 0.9, wd 1e-4 on all parameters, batch 256, K 128,000, 200 epochs.
+    (the text; train_isd_plus.py's default --augmentation weak/strong: key weak, query strong; Table 5's column
+    labels read the other way round), cosine lr 0.05. Both: SGD momentum 0.9, wd 1e-4 on all parameters, batch
+    256, K 128,000, 200 epochs.
  8. MoCo-v2 (notes/isd.md): tau 0.2, projection Linear(D, D)-ReLU-Linear(D, 128) without BN, no predictor, logits
     [q.k, q Q^T] / tau with the positive in column 0, key-encoder momentum 0.999, the strong view on both sides, SGD
     lr 0.03 cosine, K 65,536, wd 1e-4, 200 epochs.
@@ -93,7 +95,7 @@ RECIPES = {  # the method's own settings; a dataset preset's lr / ema (small dat
     "r18": dict(tau_s=0.02, tau_t=0.02, ema=0.999, head="r18", teacher_view="strong",  # Sec. 3.1 ResNet-18
                 lr=0.01, lr_schedule="step", queue_size=128000),  # Sec. 3.1: lr 0.01, x0.2 at 140, 180; K 128K
     "r50": dict(tau_s=0.1, tau_t=0.01, ema=0.99, head="r50", teacher_view="weak",  # Sec. 3.1 ResNet-50 and
-                lr=0.05, lr_schedule="cosine", queue_size=128000),  # train_isd_plus.py --weak_strong --cos
+                lr=0.05, lr_schedule="cosine", queue_size=128000),  # train_isd_plus.py weak/strong --cos
     "moco": dict(tau_s=0.2, tau_t=0.2, ema=0.999, head="moco", teacher_view="strong",  # MoCo-v2 (notes/isd.md)
                  lr=0.03, lr_schedule="cosine", queue_size=65536),  # main_moco.py --mlp --aug-plus --cos
 }
