@@ -420,7 +420,7 @@ def evaluate(model, args, device):
 
 
 TEACHER_RECIPE = ("dataset", "teacher_arch", "teacher_epochs", "batch_size", "lr", "weight_decay", "momentum", "nesterov",
-                  "lr_milestones", "lr_decay", "image_size", "crop_padding", "pad_mode", "train_subset", "seed")
+                  "lr_milestones", "lr_decay", "image_size", "crop_padding", "pad_mode", "train_subset", "pretrained", "seed")
 
 
 def teacher_folder(args):

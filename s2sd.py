@@ -342,7 +342,9 @@ def load_data(args, split):
     out = common.load_split(args.dataset, args.data_root, name)
     if split == "train" and args.train_subset and args.train_subset < len(out):  # a fixed seeded subset
         keep = torch.randperm(len(out), generator=torch.Generator().manual_seed(0))[:args.train_subset].sort().values
-        out = common.Split(out.name, out.labels[keep], out.num_classes, out.mean, out.std, images=out.images[keep])
+        out = common.Split(out.name, out.labels[keep], out.num_classes, out.mean, out.std, classes=out.classes,
+                           images=None if out.images is None else out.images[keep],
+                           paths=None if out.paths is None else [out.paths[i] for i in keep])
     return out
 
 

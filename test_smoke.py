@@ -1467,6 +1467,35 @@ def test_spkd_recipe_and_baselines():
         assert code == 2 and len(err.strip().splitlines()) == 1, (flags, err)
 
 
+def test_camd_presets_follow_the_paper():
+    a = camd.get_args(["--dataset", "cifar100"])  # Sec. IV-A and RepDistiller train_student.py
+    assert (a.teacher_arch, a.student_arch, a.epochs, a.batch_size, a.lr, a.lr_milestones, a.lr_decay, a.weight_decay,
+            a.momentum, a.gamma, a.tau, a.kd_alpha, a.pad_mode, a.variant) == (
+        "resnet32x4", "resnet8x4", 240, 64, 0.05, [150, 180, 210], 0.1, 5e-4, 0.9, 80.0, 4.0, 0.9, "constant", "camd")
+    b = camd.get_args(["--dataset", "imagenet"])
+    assert (b.teacher_arch, b.student_arch, b.gamma, b.lr, b.weight_decay, b.batch_size) == (
+        "resnet34", "resnet18", 30.0, 0.1, 1e-4, 256)
+    c = camd.get_args(["--dataset", "tinyimagenet"])
+    assert c.crop_padding == 8
+
+
+def test_teacher_cache_key_is_the_whole_recipe():
+    base = camd.get_args(["--dataset", "folder", "--data-root", "/x"])
+    assert base.pretrained and camd.teacher_folder(base) == spkd.teacher_folder(
+        spkd.get_args(["--dataset", "folder", "--data-root", "/x"]))
+    for flags in (["--no-pretrained"], ["--teacher-epochs", "3"], ["--seed", "1"], ["--lr", "0.5"], ["--data-root", "/y"]):
+        other = camd.get_args(["--dataset", "folder", "--data-root", "/x", *flags])
+        assert camd.teacher_folder(other) != camd.teacher_folder(base), flags
+
+
+def test_s2sd_train_subset_of_a_file_dataset(tmp_path):
+    data = write_folder_dataset(tmp_path / "data")
+    args = s2sd.get_args(["--dataset", "folder", "--data-root", str(data), "--train-subset", "4", "--batch-size", "4"])
+    sub = s2sd.load_data(args, "train")
+    assert len(sub) == 4 and len(sub.paths) == 4 and sub.images is None and sub.classes == ["cat", "dog"]
+    assert set(sub.paths) <= set(common.load_split("folder", str(data), "train").paths)
+
+
 def test_teacher_checkpoint_formats(tmp_path):
     torch.manual_seed(0)
     src = spkd.build_model("wrn_16_1", 10).eval()
@@ -1572,8 +1601,9 @@ def test_camd_two_process_cpu_ddp_run(tmp_path, camd_teacher):
     assert set(load(tmp_path / "ddp" / "model.pt")["metrics"]) == {"top1", "Rank-1", "Rank-2"}
 
 
-def test_torchrun_refused_by_single_process_scripts():
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "s2sd.py",
+@pytest.mark.parametrize("script", ["s2sd.py", "spkd.py"])
+def test_torchrun_refused_by_single_process_scripts(script):
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script,
                         "--max-steps", "1"], capture_output=True, text=True, timeout=300, cwd=HERE,
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode != 0 and "start it with python, not torchrun" in r.stderr
