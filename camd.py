@@ -12,7 +12,7 @@ Usage:
   python camd.py --dataset cifar100 --teacher-path cifar_teachers/resnet32x4_vanilla/ckpt_epoch_240.pth [--variant kd]
   torchrun --nproc_per_node=8 camd.py --dataset imagenet --data-root /data   # ResNet-34 -> ResNet-18, DDP
   python camd.py --dataset folder --data-root DIR     # your images: DIR/train/<class>/, DIR/val/<class>/
-  python camd.py --dataset synthetic --max-steps 40 --variant {camd,kd,ce}   # images/s, ms/step, peak memory
+  python camd.py --dataset synthetic --variant {camd,kd,ce}   # 32 steps: images/s, ms/step, peak memory
 
 Implementation details:
  1. Teacher frozen (eval, no grad); feature = pooled penultimate vector. --teacher-path: this repo's model.pt, a
@@ -27,7 +27,8 @@ Implementation details:
     ce = the vanilla student. Table VII: --weights fixed (a = 1), --mining all (mean over all (i, j, k)),
     --no-stopgrad (Eq. 6).
  5. Sec. IV-A: the RepDistiller recipe (SGD 0.9, wd 5e-4, 240 epochs, batch 64, lr 0.05, x0.1 at 150/180/210,
-    pad-crop + flip), gamma 80, tau 4; ImageNet: the torchvision 100-epoch recipe, gamma 30. Metrics: top-1 of z^b
+    pad-crop + flip), gamma 80, tau 4; ImageNet: "the standard 100 epoch training of ImageNet on PyTorch" (lr 0.1,
+    wd 1e-4, batch 256, x0.1 at 30/60/90), gamma 30. Metrics: top-1 of z^b
     (the only test head); Rank-1/2 on the test set vs itself (query excluded), the backbone feature averaged over
     image + flip, L2-normalised; fp32.
  6. torchrun DDP: --batch-size is global, each rank takes its slice of the seeded epoch order; L_amd mines the
@@ -35,7 +36,7 @@ Implementation details:
     gathered), so several GPUs optimise the single-device objective.
 Deviations: batch means where Eq. 5/6 sum; the stop-gradient on a^p, a^n is our reading (--no-detach-weights);
 kd_beta = 1 is ours; TinyImageNet pads crops by 8 (size / 8); BatchNorm statistics stay per rank under DDP; bf16
-autocast on CUDA (--no-amp = fp32). Offline presets (digits, fashionmnist) and their gamma are ours.
+autocast on CUDA (--no-amp = fp32). The digits / fashionmnist / folder / synthetic presets (and their gamma) are ours.
 Paper Table I (CIFAR-100, resnet32x4 -> resnet8x4, mean of 3 runs; top-1 / Rank-1 / Rank-2): student 72.80 / 60.04 /
 70.75, CAMD 76.58 / 68.01 / 76.51. Measured here (README "Results"): MEASURED_PLACEHOLDER
 """

@@ -42,11 +42,13 @@ Implementation details:
     [q.k, q Q^T] / tau with the positive in column 0, key-encoder momentum 0.999, the strong view on both sides, SGD
     lr 0.03 cosine, K 65,536, wd 1e-4, 200 epochs.
  9. Views: strong = MoCo-v2 (RRC 0.2-1, jitter 0.4/0.4/0.4/0.1 p 0.8, gray p 0.2, blur p 0.5, flip); weak = RRC +
-    flip. 224 px: common.moco_v2_transform in DataLoader workers; <= 96 px: common's batched on-device ops (no blur).
+    flip. Image files (imagenet, folder): common.moco_v2_transform in DataLoader workers; in-memory datasets (digits,
+    fashionmnist, cifar, stl10, synthetic): common's batched on-device ops at any size (no blur).
 10. Evaluation (fp32, eval mode, unaugmented, L2-normalised backbone features, no heads; gallery = the train split):
     1-NN and 20-NN majority vote (the paper's tables) and the weighted 200-NN monitor; the teacher as the official
-    eval_knn.py does it: teacher weights with the STUDENT's BN running statistics; purity (train_isd_plus.py): the
-    share of a train batch's top-5 teacher anchors in the queue with the query's label. The linear protocol
+    eval_knn.py does it: teacher weights with the STUDENT's BN running statistics; purity (train_isd_plus.py's
+    diagnostic): for up to 1,024 unaugmented gallery images, the share of each teacher key's top-5 queue anchors
+    that carry its label. The linear protocol
     (eval_linear.py, notes/isd.md) is eval.py --linear-probe, through features() below.
 11. Unbalanced data (Sec. 3.2, Table 4): --unbalanced trains on a long-tailed subset (8 of 38 classes keep all their
     images, the rest 100 / 1300 of them; scaled to the dataset, class choice seeded by --seed) or --subset-file (the
@@ -60,7 +62,7 @@ Deviations:
  - One process: split BN in both backbones only (the heads' BatchNorm1d sees the whole batch).
  - ResNet-50 uses adaptive average pooling (official: a 7x7 pool, 224 px only). bf16 autocast on CUDA (--no-amp).
  - ImageNet-100 / folder / CIFAR / STL-10 / digits / fashionmnist settings are ours (the paper has none): PRESETS.
-   On small datasets ISD and MoCo share the preset's lr and momentum (tuned for few steps per epoch).
+   On digits / fashionmnist ISD and MoCo share the preset's lr and momentum (tuned for few steps per epoch).
 Paper (Table 1, ImageNet, 200 ep.; linear / 1-NN / 20-NN): ResNet-18 53.8 / 41.5 / 46.6; ResNet-50 69.8 / 59.2 /
 62.0 (MoCo-v2 ResNet-50 200 ep.: 67.5 linear). Measured here (README "Results"): MEASURED_PLACEHOLDER
 """

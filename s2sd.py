@@ -14,7 +14,7 @@ Usage:
     python s2sd.py --dataset cub --data-root ./data   # released CUB setting (MS + MSDFA, d = 128)
     python s2sd.py --dataset cars --variant baseline  # plain Multisimilarity baseline
     python s2sd.py --dataset folder --data-root DIR   # your images: DIR/train + DIR/test, or one class-split DIR
-    python s2sd.py --dataset synthetic --max-steps 20 # throughput at 224 px, batch 112
+    python s2sd.py --dataset synthetic                # throughput at 224 px, batch 112 (4 steps)
     python eval.py runs/<run>/model.pt                # re-evaluate a saved model
 
 Implementation details (notes = shared/notes/s2sd.md, code = the official code):

@@ -14,7 +14,7 @@ Usage:
     python spkd.py --dataset cifar100 --sp-weight 0 --ce-weight 0.1 --kd-weight 0.9          # the KD baseline
     python spkd.py --dataset cifar100 --sp-weight 0                                          # the vanilla student
     python spkd.py --dataset folder --data-root DIR # your images: DIR/train/<class>/, DIR/val/<class>/
-    python spkd.py --dataset synthetic --max-steps 50   # throughput (random teacher)
+    python spkd.py --dataset synthetic              # throughput, 32 steps (random teacher)
     python eval.py runs/<run>/model.pt
 
 Implementation details:
@@ -31,8 +31,8 @@ Implementation details:
     runs/teachers/ under a name that camd.py shares (a teacher trained by either is reused by the other).
  5. CIFAR zoo = RepDistiller models/{resnet,wrn,vgg}.py (names, shapes, init, forward): the benchmark's teachers
     load strictly and give the same logits. torchvision resnet18/34/50 for large images.
- 6. Data on the device; per batch a 4-px pad-crop + flip, normalise, no drop_last: CIFAR-100 pads with zeros
-    (RepDistiller), CIFAR-10 with reflection (the WRN protocol the paper follows: attention-transfer cifar.py
+ 6. Small images on the device (folder: RandomResizedCrop + flip in DataLoader workers); per batch a 4-px pad-crop
+    + flip, normalise, no drop_last: CIFAR-100 pads with zeros (RepDistiller), CIFAR-10 with reflection (the WRN protocol the paper follows: attention-transfer cifar.py
     Pad(4, padding_mode='reflect')). SGD; lr x decay at the start of each milestone epoch (1-indexed epochs
     milestone + 1, as RepDistiller).
  7. Metrics (CAMD's protocol, so SP and CAMD compare): top-1 (error = 100 - top-1); Rank-1 / Rank-2 on the test
@@ -44,7 +44,7 @@ Deviations:
  - Weight decay 5e-4 on CIFAR-10 is the WRN / attention-transfer code's value; the paper does not state it.
  - CIFAR-100 lr 0.01 for MobileNet/ShuffleNet students (RepDistiller) does not apply: not in this zoo.
  - Global pooling over the whole map (== the official AvgPool2d(8) at 32 px; also valid at other sizes).
- - bf16 autocast on CUDA (the papers: fp32; --no-amp). Offline presets (digits, fashionmnist) are ours.
+ - bf16 autocast on CUDA (the papers: fp32; --no-amp). The digits / fashionmnist / folder / synthetic presets are ours.
 
 Paper (Table 2, CIFAR-10, median top-1 error of 5 runs): WRN-16-2 <- WRN-40-2: 5.52 (KD 5.71, student 6.26).
 RepDistiller CIFAR-100 resnet32x4 -> resnet8x4 (as reported by CRD): SP 72.94, KD 73.33, student 72.50.
