@@ -378,11 +378,20 @@ def train_data(args, split, device):
     return dict(split=split, loader=common.make_loader(ds, args.workers))
 
 
+def epoch_length(n, batch_size, world=1):
+    """(batches per epoch, drop_last) for n images: no drop_last (RepDistiller), unless the last batch would hold one
+    image per process: it is dropped then (BatchNorm in train mode cannot normalise one image: CAMD's embedding)."""
+    padded = n + (-n) % world  # epoch_batches pads by wrapping around, as DistributedSampler
+    drop = padded % batch_size == world
+    return (padded // batch_size if drop else math.ceil(padded / batch_size)), drop
+
+
 def train_batches(args, data, epoch, skip, device, rank=0, world=1):
-    """This epoch's (images, labels) on the device from batch `skip` on: a seeded permutation, no drop_last
-    (RepDistiller), each rank its slice; pad-crop + flip (RepDistiller CIFAR), or RandomResizedCrop + flip. Batch j
-    draws its randomness from seed_step, so a resumed epoch repeats exactly."""
-    batches = common.epoch_batches(data["split"].labels, args.batch_size, args.seed, epoch, rank, world)
+    """This epoch's (images, labels) on the device from batch `skip` on: a seeded permutation (epoch_length), each
+    rank its slice; pad-crop + flip (RepDistiller CIFAR), or RandomResizedCrop + flip. Batch j draws its randomness
+    from seed_step, so a resumed epoch repeats exactly."""
+    drop = epoch_length(len(data["split"]), args.batch_size, world)[1]
+    batches = common.epoch_batches(data["split"].labels, args.batch_size, args.seed, epoch, rank, world, drop_last=drop)
     if "loader" in data:
         for j, (x, y) in enumerate(common.loader_batches(data["loader"], batches[skip:], device, (args.seed, epoch, rank),
                                                          skip), skip):
@@ -665,7 +674,7 @@ EXPERIMENT_FLAGS = [  # flag, argparse type (bool: --x/--no-x), help; none has a
     ("--resume", str, "a run's last.pt: continue that run in its folder; flags not given are taken from it"),
     ("--tensorboard", bool, "TensorBoard logs in the run folder (default: on when tensorboard is installed)")]
 RESUME_MAY_CHANGE = ("resume", "max_steps", "device", "workers", "log_every", "data_root", "save_dir", "run_name",
-                     "tensorboard", "compile")
+                     "tensorboard", "compile", "amp")  # amp: a CUDA run resumed on a CPU may take --no-amp
 
 
 def experiment_args(p):
@@ -713,7 +722,7 @@ def setup(args):
     if kind == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = not args.deterministic
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        # TF32 stays off (PyTorch's default): --no-amp is the papers' fp32 and evaluation stays exact fp32
     torch.use_deterministic_algorithms(args.deterministic, warn_only=True)
     if world > 1 and not dist.is_initialized():  # (a teacher trained first runs setup twice)
         dist.init_process_group("nccl" if kind == "cuda" else "gloo", timeout=datetime.timedelta(hours=2))
@@ -1010,7 +1019,7 @@ def run(args):
 
 
 def train(args, model, net, teacher, optimizer, scheduler, data, run, device, epoch, batch, step, rank, world):
-    steps_per_epoch = math.ceil(len(data["split"]) / args.batch_size)  # no drop_last (RepDistiller)
+    steps_per_epoch = epoch_length(len(data["split"]), args.batch_size, world)[0]
     total = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
     meter = Meter(args, run, device, step, total)
     while epoch < args.epochs and step < total:

@@ -482,7 +482,14 @@ def _folder(name, root, split, download):
         folder = root
     elif folder is None and not split.startswith("dml"):
         raise DatasetError(f"--dataset folder: expected {' or '.join(folders)} with one sub-folder per class")
-    paths, labels, classes = _image_folder(folder or root)
+    wnids = None
+    if split == "test" and os.path.isdir(os.path.join(root, "train")):  # number test classes as train's, by name
+        wnids = sorted(d for d in os.listdir(os.path.join(root, "train")) if os.path.isdir(os.path.join(root, "train", d)))
+        extra = sorted(set(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d))) - set(wnids))
+        if extra:
+            raise DatasetError(f"--dataset folder: {folder} has class folder(s) that {os.path.join(root, 'train')} "
+                               f"lacks, e.g. {extra[0]}: test classes must be training classes")
+    paths, labels, classes = _image_folder(folder or root, wnids)
     if split == "all" and not classes:  # flat folder: unlabeled
         paths = sorted(os.path.join(root, f) for f in os.listdir(root) if _is_image(f))
         labels = [-1] * len(paths)

@@ -272,20 +272,22 @@ def isd_loss(q, k, queue, tau_s, tau_t):
     Returns a scalar; gradient flows into q only (official KLD with reduction='batchmean').
     """
     # METHOD: the teacher's soft neighbourhood over the anchors is the student's target.
-    dt = torch.promote_types(q.dtype, torch.float32)  # fp32 (or fp64) logits even under bf16 autocast
-    queue = queue.detach().to(dt)
-    sim_q = (q.to(dt) @ queue.t()) / tau_s
-    sim_k = (k.detach().to(dt) @ queue.t()) / tau_t
-    return F.kl_div(F.log_softmax(sim_q, dim=1), F.softmax(sim_k, dim=1), reduction="batchmean")
+    dt = torch.promote_types(q.dtype, torch.float32)  # fp32 (or fp64) logits: autocast off, or it recasts to bf16
+    with torch.autocast(q.device.type, enabled=False):
+        queue = queue.detach().to(dt)
+        sim_q = (q.to(dt) @ queue.t()) / tau_s
+        sim_k = (k.detach().to(dt) @ queue.t()) / tau_t  # / 0.01: bf16 rounding would move logits by up to 0.2
+        return F.kl_div(F.log_softmax(sim_q, dim=1), F.softmax(sim_k, dim=1), reduction="batchmean")
 
 
 def moco_loss(q, k, queue, tau):
     """MoCo's InfoNCE (He et al. 2020, moco/builder.py): cross-entropy with target 0 over [q.k, q Q^T] / tau, the
     query's own key as the positive. q, k: [B,D], queue: [K,D], L2-normalised; no gradient into k or the queue."""
     dt = torch.promote_types(q.dtype, torch.float32)
-    q, k, queue = q.to(dt), k.detach().to(dt), queue.detach().to(dt)
-    logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.t()], 1)
-    return F.cross_entropy(logits / tau, torch.zeros(len(q), dtype=torch.long, device=q.device))
+    with torch.autocast(q.device.type, enabled=False):  # fp32 logits, positive and negatives alike
+        q, k, queue = q.to(dt), k.detach().to(dt), queue.detach().to(dt)
+        logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.t()], 1)
+        return F.cross_entropy(logits / tau, torch.zeros(len(q), dtype=torch.long, device=q.device))
 
 
 @torch.no_grad()
@@ -604,7 +606,7 @@ EXPERIMENT_FLAGS = [  # flag, argparse type (bool: --x/--no-x), help; none has a
     ("--resume", str, "a run's last.pt: continue that run in its folder; flags not given are taken from it"),
     ("--tensorboard", bool, "TensorBoard logs in the run folder (default: on when tensorboard is installed)")]
 RESUME_MAY_CHANGE = ("resume", "max_steps", "device", "workers", "log_every", "data_root", "save_dir", "run_name",
-                     "tensorboard", "compile")
+                     "tensorboard", "compile", "amp")  # amp: a CUDA run resumed on a CPU may take --no-amp
 
 
 def experiment_args(p):
@@ -652,7 +654,7 @@ def setup(args):
     if kind == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = not args.deterministic
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        # TF32 stays off (PyTorch's default): --no-amp is the papers' fp32 and evaluation stays exact fp32
     torch.use_deterministic_algorithms(args.deterministic, warn_only=True)
     if world > 1 and not dist.is_initialized():  # (a teacher trained first runs setup twice)
         dist.init_process_group("nccl" if kind == "cuda" else "gloo", timeout=datetime.timedelta(hours=2))

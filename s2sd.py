@@ -270,7 +270,8 @@ def distance_weighted_triplets(emb, labels, rho=0.0, cutoff=0.5):
     x = emb.detach().float()
     n, dim = x.shape
     sq = (x * x).sum(1)
-    d = (sq[:, None] + sq[None, :] - 2 * x @ x.T).clamp(min=0).sqrt().clamp(min=cutoff)
+    with torch.autocast(x.device.type, enabled=False):  # fp32: (2 - dim) log d magnifies bf16's distance error
+        d = (sq[:, None] + sq[None, :] - 2 * x @ x.T).clamp(min=0).sqrt().clamp(min=cutoff)
     # log of 1/q(d), q = density of pairwise distances on the unit sphere in `dim` dimensions
     log_w = (2.0 - dim) * d.log() - (dim - 3) / 2.0 * (1.0 - 0.25 * d * d).clamp(min=1e-8).log()
     same = labels[:, None] == labels[None, :]
@@ -443,7 +444,7 @@ EXPERIMENT_FLAGS = [  # flag, argparse type (bool: --x/--no-x), help; none has a
     ("--resume", str, "a run's last.pt: continue that run in its folder; flags not given are taken from it"),
     ("--tensorboard", bool, "TensorBoard logs in the run folder (default: on when tensorboard is installed)")]
 RESUME_MAY_CHANGE = ("resume", "max_steps", "device", "workers", "log_every", "data_root", "save_dir", "run_name",
-                     "tensorboard", "compile")
+                     "tensorboard", "compile", "amp")  # amp: a CUDA run resumed on a CPU may take --no-amp
 
 
 def experiment_args(p):
@@ -491,7 +492,7 @@ def setup(args):
     if kind == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = not args.deterministic
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        # TF32 stays off (PyTorch's default): --no-amp is the papers' fp32 and evaluation stays exact fp32
     torch.use_deterministic_algorithms(args.deterministic, warn_only=True)
     if world > 1 and not dist.is_initialized():  # (a teacher trained first runs setup twice)
         dist.init_process_group("nccl" if kind == "cuda" else "gloo", timeout=datetime.timedelta(hours=2))

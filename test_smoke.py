@@ -456,6 +456,16 @@ def test_folder_dataset_layouts_and_errors(tmp_path):
     write_image(str(tmp_path / "single" / "train" / "only" / "0.png"), 0)
     with pytest.raises(common.DatasetError, match="at least 2 classes"):
         common.load_split("folder", str(tmp_path / "single"), "train")
+    for split, names in (("train", ("a", "b", "c")), ("test", ("b", "c"))):
+        for c in names:
+            write_image(str(tmp_path / "gap" / split / c / "0.png"), 0)
+    with pytest.raises(common.DatasetError, match="lacks 1 of the 3 expected class folders, e.g. a"):
+        common.load_split("folder", str(tmp_path / "gap"), "test")  # b would silently have been class 0
+    write_image(str(tmp_path / "gap" / "test" / "a" / "0.png"), 0)
+    write_image(str(tmp_path / "gap" / "test" / "d" / "0.png"), 0)
+    common.load_split.cache_clear()
+    with pytest.raises(common.DatasetError, match="lacks, e.g. d"):
+        common.load_split("folder", str(tmp_path / "gap"), "test")
     for c in ("x", "y", "z"):
         write_image(str(tmp_path / "three" / c / "0.png"), 0)
         write_image(str(tmp_path / "three" / c / "1.png"), 1)
@@ -743,6 +753,22 @@ def test_s2sd_losses_bf16_autocast():
     assert ms.dtype == torch.float32 and kl.dtype == torch.float32
     assert abs(float(ms) - float(s2sd.multisimilarity_loss(xf.bfloat16().float(), y))) < 1e-5
     assert torch.isfinite(kl)
+
+
+def test_losses_and_miner_stay_fp32_under_bf16_autocast():
+    g = torch.Generator().manual_seed(0)
+    q, k, queue = (F.normalize(torch.randn(n, 32, generator=g), dim=1) for n in (8, 8, 64))
+    emb, y = F.normalize(torch.randn(24, 128, generator=g), dim=1), torch.arange(24) % 6
+    exact = isd.isd_loss(q, k, queue, 0.1, 0.01), isd.moco_loss(q, k, queue, 0.2)
+    torch.manual_seed(3)
+    trip = s2sd.distance_weighted_triplets(emb, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = isd.isd_loss(q, k, queue, 0.1, 0.01), isd.moco_loss(q, k, queue, 0.2)
+        torch.manual_seed(3)
+        trip_bf16 = s2sd.distance_weighted_triplets(emb, y)
+    for a, b in zip(exact, under):
+        assert b.dtype == torch.float32 and torch.allclose(a, b, rtol=1e-6, atol=1e-7), (a, b)
+    assert all(torch.equal(a, b) for a, b in zip(trip, trip_bf16))
 
 
 def _s2sd_args(tmp_path, *extra):
@@ -1529,6 +1555,15 @@ def camd_teacher(tmp_path_factory):
 
 CAMD_TINY = ["--image-size", "16", "--teacher-arch", "resnet8", "--student-arch", "resnet8", "--batch-size", "32",
              "--epochs", "1", "--log-every", "1"]
+
+
+def test_camd_drops_a_last_batch_of_one_image(tmp_path, camd_teacher):
+    assert camd.epoch_length(41, 8) == (5, True) and camd.epoch_length(42, 8) == (6, False)
+    assert camd.epoch_length(41, 8, world=2) == (5, True) and camd.epoch_length(43, 8, world=2) == (6, False)
+    code, out, err = main_of(camd, CAMD_TINY[:-4] + ["--batch-size", "4", "--train-subset", "9", "--epochs", "2",
+                                                     "--teacher-path", camd_teacher, "--save-dir", str(tmp_path)])
+    assert code == 0, err  # 9 = 2 x 4 + 1: the BatchNorm1d of the embedding block never sees a batch of one
+    assert load(next(tmp_path.glob("*/last.pt")))["step"] == 4
 
 
 @pytest.mark.parametrize("extra", [["--variant", "amd_b"], ["--variant", "amd_e"], ["--variant", "kd"],
