@@ -187,6 +187,8 @@ class Checkpoint:
         self.method = self.module.METHOD
         self.args = checkpoint_args(ckpt, self.module, path)
         self.trained_on = self.args.dataset
+        if dataset == "synthetic" and self.trained_on != "synthetic":
+            raise EvalError(f"--dataset synthetic: random images for benchmarks, nothing to evaluate {path} on")
         for key, value in (("dataset", dataset), ("data_root", data_root), ("workers", workers)):
             if value is not None:
                 setattr(self.args, key, value)

@@ -47,9 +47,9 @@ Implementation details:
 10. Evaluation (fp32, eval mode, unaugmented, L2-normalised backbone features, no heads; gallery = the train split):
     1-NN and 20-NN majority vote (the paper's tables) and the weighted 200-NN monitor; the teacher as the official
     eval_knn.py does it: teacher weights with the STUDENT's BN running statistics; purity (train_isd_plus.py's
-    diagnostic): for up to 1,024 unaugmented gallery images, the share of each teacher key's top-5 queue anchors
-    that carry its label. The linear protocol
-    (eval_linear.py, notes/isd.md) is eval.py --linear-probe, through features() below.
+    diagnostic): for a fixed random 1,024 unaugmented gallery images, the share of each teacher key's top-5 queue
+    anchors that carry its label. The linear protocol (eval_linear.py, notes/isd.md) is eval.py --linear-probe,
+    through features() below.
 11. Unbalanced data (Sec. 3.2, Table 4): --unbalanced trains on a long-tailed subset (8 of 38 classes keep all their
     images, the rest 100 / 1300 of them; scaled to the dataset, class choice seeded by --seed) or --subset-file (the
     official unbalanced_dataset/D1..D10.txt lists); NN accuracy on the balanced test set with the FULL balanced
@@ -177,9 +177,10 @@ def get_args(argv=None):
         raise RunError("--arch small is for the small-image datasets (digits, fashionmnist, synthetic, cifar, stl10)")
     if args.subset_file and (args.dataset != "imagenet" or not os.path.isfile(args.subset_file)):
         raise RunError(f"--subset-file {args.subset_file}: needs --dataset imagenet and an existing D<n>.txt file")
-    if args.batch_size % args.bn_splits or args.batch_size > args.queue_size:
-        raise RunError(f"--batch-size {args.batch_size} must divide by --bn-splits {args.bn_splits} and be at most "
-                       f"--queue-size {args.queue_size}")
+    world = int(os.environ.get("WORLD_SIZE", 1))  # each process's share of the global batch is split into groups
+    if args.batch_size % (world * args.bn_splits) or args.batch_size > args.queue_size:
+        raise RunError(f"--batch-size {args.batch_size} must divide by {world} process(es) x --bn-splits "
+                       f"{args.bn_splits} and be at most --queue-size {args.queue_size}")
     args.run_name = args.run_name or f"isd_{args.dataset}_{args.variant}{'_unbalanced' if args.unbalanced else ''}_s{args.seed}"
     return args
 
@@ -383,7 +384,10 @@ def load_data(args, split):
     keep = None
     if args.subset_file:
         wnids, paths, labels = read_subset_file(args.subset_file, args.data_root)
-        pick = [i for i, c in enumerate(out.classes) if c in wnids]
+        missing = sorted(set(wnids) - set(out.classes))
+        if missing:
+            raise RunError(f"--subset-file {args.subset_file}: class {missing[0]} is not in the {split} split")
+        pick = [out.classes.index(w) for w in wnids]  # in the file's order, as read_subset_file's labels
         keep = torch.nonzero(torch.isin(out.labels, torch.tensor(pick))).squeeze(1)
         if split == "train":
             return common.Split(out.name, torch.tensor([pick[i] for i in labels]), out.num_classes, out.mean, out.std,
@@ -504,10 +508,11 @@ def evaluate(model, args, device):
     metrics.update({"teacher/" + k: v for k, v in common.knn_metrics(
         out["teacher_train_emb"], out["train_labels"], out["teacher_emb"], out["labels"]).items()})
     if bool((model.queue_labels >= 0).any()):  # the queue's purity for (up to) 1,024 gallery images' teacher keys
-        gallery = load_data(args, "gallery")
-        sub = common.Split(gallery.name, gallery.labels[:1024], gallery.num_classes, gallery.mean, gallery.std,
-                           images=None if gallery.images is None else gallery.images[:1024],
-                           paths=None if gallery.paths is None else gallery.paths[:1024])
+        gallery = load_data(args, "gallery")  # a fixed random 1,024: file datasets are sorted by class
+        pick = torch.randperm(len(gallery), generator=torch.Generator().manual_seed(0))[:1024].sort().values
+        sub = common.Split(gallery.name, gallery.labels[pick], gallery.num_classes, gallery.mean, gallery.std,
+                           images=None if gallery.images is None else gallery.images[pick],
+                           paths=None if gallery.paths is None else [gallery.paths[i] for i in pick])
         keys, labels = common.embed(model.teacher, sub, device, workers=args.workers, transform=eval_transform(args, sub))
         metrics["purity"] = 100 * purity(F.normalize(keys, dim=1), labels, model.queue, model.queue_labels)
     return metrics

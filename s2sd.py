@@ -122,7 +122,7 @@ PRESETS = {
     "synthetic": dict(_PAPER, pretrained=False, loss="multisimilarity", variant="msdfa", distill_weight=50.0,
                       feat_weight=50.0, rho_p=0.4, epochs=1, workers=0, log_every=1),
 }
-SYNTHETIC_SIZE = {"train": (448, 56, 224), "test": (112, 28, 224)}  # (N, classes, px): 4 train steps
+SYNTHETIC_SIZE = {"train": (448, 56), "test": (112, 28)}  # (N, classes) at --image-size: 4 train steps
 VARIANTS = ("baseline", "dsd", "msd", "msdf", "msdfa")
 
 
@@ -338,9 +338,11 @@ def load_data(args, split):
     """'train' / 'test' of args.dataset under the DML protocol (disjoint classes; digits, fashionmnist and a
     single labelled folder: the first half of the classes train, the second half test)."""
     if args.dataset == "synthetic":
-        return common.load_split("synthetic", args.data_root, split, synthetic_size=SYNTHETIC_SIZE[split])
+        n, classes = SYNTHETIC_SIZE[split]
+        return common.load_split("synthetic", args.data_root, split, synthetic_size=(n, classes, args.image_size))
     name = ("dml_" if args.dataset in ("digits", "fashionmnist", "folder") else "") + split
-    out = common.load_split(args.dataset, args.data_root, name)
+    in_memory = args.dataset in ("digits", "fashionmnist")  # resized once at load (file datasets: per image)
+    out = common.load_split(args.dataset, args.data_root, name, image_size=args.image_size if in_memory else None)
     if split == "train" and args.train_subset and args.train_subset < len(out):  # a fixed seeded subset
         keep = torch.randperm(len(out), generator=torch.Generator().manual_seed(0))[:args.train_subset].sort().values
         out = common.Split(out.name, out.labels[keep], out.num_classes, out.mean, out.std, classes=out.classes,

@@ -477,27 +477,46 @@ def load_teacher(path, arch, num_classes):
     return model
 
 
+def resumable_teacher(folder):
+    """folder/last.pt if this script wrote it (the other script's interrupted teacher holds another network), else
+    None; a corrupt one is None too (it is trained again)."""
+    last = os.path.join(folder, "last.pt")
+    try:
+        ckpt = torch.load(last, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile):
+        return None
+    return last if isinstance(ckpt, dict) and ckpt.get("method") == METHOD else None
+
+
 def get_teacher(args, device, rank, world):
     """The frozen teacher (eval mode, no grad): --teacher-path; torchvision's ImageNet weights (imagenet); else the
     CE teacher of this recipe, trained now by this script's own loop (CE only, --max-steps not applied) unless it
     is cached. Only a finished teacher run writes model.pt; an interrupted one resumes from its last.pt."""
-    if args.teacher_path or args.dataset == "imagenet":  # CAMD Sec. IV-A: the torchvision ResNet-34
-        model = (load_teacher(args.teacher_path, args.teacher_arch, args.num_classes) if args.teacher_path
-                 else build_model(args.teacher_arch, args.num_classes, pretrained=True))
+    if args.teacher_path:
+        model = load_teacher(args.teacher_path, args.teacher_arch, args.num_classes)
+    elif args.dataset == "imagenet":  # CAMD Sec. IV-A: the torchvision ResNet-34
+        if args.teacher_arch not in TV_ARCHS:
+            raise RunError(f"--dataset imagenet: --teacher-arch {args.teacher_arch} has no ImageNet weights; choose "
+                           f"{', '.join(TV_ARCHS)} or give --teacher-path")
+        try:
+            model = build_model(args.teacher_arch, args.num_classes, pretrained=True)
+        except OSError as e:  # offline machine
+            raise RunError(f"cannot download the teacher's ImageNet weights ({e}); give --teacher-path") from None
     elif args.teacher_epochs == 0:
         print("warning: --teacher-epochs 0: a randomly initialised teacher (speed benchmarks only)")
         model = build_model(args.teacher_arch, args.num_classes)
     else:
         folder = teacher_folder(args)
         if not os.path.isfile(os.path.join(folder, "model.pt")):
-            if rank == 0 and os.path.isdir(folder) and not os.path.isfile(os.path.join(folder, "last.pt")):
-                shutil.rmtree(folder)  # a teacher run that died before its first checkpoint: nothing to keep
-            last = os.path.join(folder, "last.pt")
+            last = resumable_teacher(folder)
+            if rank == 0 and os.path.isdir(folder) and last is None:  # died before its first checkpoint, or the
+                print(f"teacher: {folder} holds no run this script can resume; training the teacher again")
+                shutil.rmtree(folder)                                  # other script's unfinished run
             print(f"teacher: training {args.teacher_arch} with CE for {args.teacher_epochs} epochs in {folder}")
             run(argparse.Namespace(**{**vars(args), **CE_ONLY, "student_arch": args.teacher_arch, "max_steps": None,
                                       "epochs": args.teacher_epochs, "save_dir": os.path.dirname(folder),
                                       "run_name": os.path.basename(folder), "tensorboard": False,
-                                      "resume": last if os.path.isfile(last) else None}))
+                                      "resume": last}))
             if world > 1:
                 dist.barrier()  # rank 0 writes model.pt
         print(f"teacher: {os.path.join(folder, 'model.pt')}")

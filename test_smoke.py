@@ -1468,6 +1468,10 @@ def test_spkd_and_camd_share_one_teacher_and_cache_only_finished_ones(tmp_path, 
     (folder / "model.pt").write_bytes(b"corrupt")
     code, _, err = main_of(camd, base + ["--run-name", "c2"])
     assert code == 2 and "delete it" in err and str(folder / "model.pt") in err
+    os.remove(folder / "model.pt")  # the other script's interrupted teacher: trained again, not "not a checkpoint of"
+    torch.save({"method": "spkd", "args": {}, "model": {}}, folder / "last.pt")
+    code, out, err = main_of(camd, base + ["--run-name", "c3"])
+    assert code == 0 and "holds no run this script can resume" in out and (folder / "model.pt").exists(), err
 
 
 def test_spkd_cifar10_pads_by_reflection_cifar100_by_zeros(monkeypatch):
@@ -1503,6 +1507,9 @@ def test_camd_presets_follow_the_paper():
         "resnet34", "resnet18", 30.0, 0.1, 1e-4, 256)
     c = camd.get_args(["--dataset", "tinyimagenet"])
     assert c.crop_padding == 8
+    cifar_teacher = camd.get_args(["--dataset", "imagenet", "--teacher-arch", "resnet32x4"])
+    with pytest.raises(camd.RunError, match="no ImageNet weights"):  # was: a random teacher, silently
+        camd.get_teacher(cifar_teacher, torch.device("cpu"), 0, 1)
 
 
 def test_teacher_cache_key_is_the_whole_recipe():
@@ -1512,6 +1519,13 @@ def test_teacher_cache_key_is_the_whole_recipe():
     for flags in (["--no-pretrained"], ["--teacher-epochs", "3"], ["--seed", "1"], ["--lr", "0.5"], ["--data-root", "/y"]):
         other = camd.get_args(["--dataset", "folder", "--data-root", "/x", *flags])
         assert camd.teacher_folder(other) != camd.teacher_folder(base), flags
+
+
+def test_s2sd_image_size_reaches_in_memory_data():
+    args = s2sd.get_args(["--image-size", "16"])  # digits: 8 px natively
+    assert s2sd.load_data(args, "train").images.shape[-1] == 16 == s2sd.load_data(args, "test").images.shape[-1]
+    syn = s2sd.get_args(["--dataset", "synthetic", "--image-size", "32"])
+    assert s2sd.load_data(syn, "train").images.shape[-1] == 32 == s2sd.load_data(syn, "test").images.shape[-1]
 
 
 def test_s2sd_train_subset_of_a_file_dataset(tmp_path):
@@ -1828,6 +1842,22 @@ def test_isd_official_subset_file(tmp_path):
     (tmp_path / "bad.txt").write_text("nothing\n")
     with pytest.raises(isd.RunError, match="D<n>.txt"):
         isd.read_subset_file(str(tmp_path / "bad.txt"), str(tmp_path))
+    # a list whose wnids are not sorted: labels are the dataset's class numbers, looked up by name
+    (tmp_path / "D2.txt").write_text("\n".join(["class names :", "n03", "n01", "Train Images:", "/train/n03/n03_0.JPEG",
+                                                "/train/n01/n01_0.JPEG", "/train/n01/n01_1.JPEG"]) + "\n")
+    full = common.load_split("folder", str(tmp_path / "imagenet"), "train")  # all four classes, as ImageNet's loader
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(common, "load_split", lambda *a, **k: full)
+    try:
+        args = isd.get_args(["--dataset", "imagenet", "--data-root", str(tmp_path), "--subset-file", str(tmp_path / "D2.txt")])
+        train = isd.load_data(args, "train")
+        assert [full.classes[i] for i in train.labels.tolist()] == ["n03", "n01", "n01"]
+        (tmp_path / "D3.txt").write_text("class names :\nn09\nTrain Images:\n/train/n09/x.JPEG\n")
+        with pytest.raises(isd.RunError, match="n09 is not in"):
+            isd.load_data(isd.get_args(["--dataset", "imagenet", "--data-root", str(tmp_path),
+                                        "--subset-file", str(tmp_path / "D3.txt")]), "train")
+    finally:
+        monkey.undo()
 
 
 def test_isd_unlabeled_folder_uses_the_dataloader_path(tmp_path):
@@ -1873,6 +1903,10 @@ def test_isd_bad_inputs():
                        (["--dataset", "folder", "--data-root", "/nonexistent/isd"], "folder")):
         code, _, err = main_of(isd, flags)
         assert code == 2 and msg in err and len(err.strip().splitlines()) == 1, (flags, err)
+    with pytest.MonkeyPatch.context() as mp:  # under torchrun, each process's share is split into the BN groups
+        mp.setenv("WORLD_SIZE", "4")
+        with pytest.raises(isd.RunError, match="4 process"):
+            isd.get_args(["--bn-splits", "8", "--batch-size", "40"])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -2058,8 +2092,8 @@ def test_bad_checkpoint_arguments_of_other_methods(trained, tmp_path, capsys):
 def test_bad_data_and_device_overrides(trained, folder_run, tmp_path, capsys):
     ckpt = trained("s2sd") / "model.pt"
     expect_error(capsys, [ckpt, "--dataset", "imagenet", "--data-root", tmp_path / "none"], "imagenet", ckpt)
-    # synthetic is 3-channel 224 px: the digits model (1 channel) cannot take it
-    expect_error(capsys, [ckpt, "--dataset", "synthetic"], "trained on digits", "--dataset synthetic")
+    for method in METHODS:  # random benchmark images (camd / spkd / isd crashed on its missing size arguments)
+        expect_error(capsys, [trained(method) / "model.pt", "--dataset", "synthetic"], "nothing to evaluate", method)
     expect_error(capsys, [folder_run / "model.pt", "--data-root", tmp_path / "moved"], "moved", "model.pt")
     expect_error(capsys, [ckpt, "--linear-probe"], "ISD's protocol", "s2sd")
     if not torch.cuda.is_available():
