@@ -990,7 +990,8 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as e:
-        print(f"interrupted: {str(e) or 'before training started; nothing to resume'}", file=sys.stderr)
+        print(f"interrupted: {str(e) or 'outside a training step (a last.pt in the run folder, if any, resumes it)'}",
+              file=sys.stderr)
         sys.exit(130)
     finally:
         if dist.is_initialized():
