@@ -38,7 +38,9 @@ Deviations: batch means where Eq. 5/6 sum; the stop-gradient on a^p, a^n is our 
 kd_beta = 1 is ours; TinyImageNet pads crops by 8 (size / 8); BatchNorm statistics stay per rank under DDP; bf16
 autocast on CUDA (--no-amp = fp32). The digits / fashionmnist / folder / synthetic presets (and their gamma) are ours.
 Paper Table I (CIFAR-100, resnet32x4 -> resnet8x4, mean of 3 runs; top-1 / Rank-1 / Rank-2): student 72.80 / 60.04 /
-70.75, CAMD 76.58 / 68.01 / 76.51. Measured here (README "Results"): MEASURED_PLACEHOLDER
+70.75, CAMD 76.58 / 68.01 / 76.51. Measured here (README "Results"; Fashion-MNIST, resnet20 -> resnet8, 3 seeds,
+top-1 / Rank-1): CAMD gamma 1 86.88 / 86.12, gamma 80 79.70 / 82.36, KD 86.33 / 86.41, CE 85.17 / 84.70. CIFAR-100
+and ImageNet: not yet measured.
 """
 import argparse
 import contextlib

@@ -64,7 +64,9 @@ Deviations:
  - ImageNet-100 / folder / CIFAR / STL-10 / digits / fashionmnist settings are ours (the paper has none): PRESETS.
    On digits / fashionmnist ISD and MoCo share the preset's lr and momentum (tuned for few steps per epoch).
 Paper (Table 1, ImageNet, 200 ep.; linear / 1-NN / 20-NN): ResNet-18 53.8 / 41.5 / 46.6; ResNet-50 69.8 / 59.2 /
-62.0 (MoCo-v2 ResNet-50 200 ep.: 67.5 linear). Measured here (README "Results"): MEASURED_PLACEHOLDER
+62.0 (MoCo-v2 ResNet-50 200 ep.: 67.5 linear). Measured here (README "Results"; Fashion-MNIST, small CNN, 8 epochs,
+3 seeds, 1-NN / 20-NN / linear): ISD 77.78 / 79.11 / 70.23, MoCo-v2 80.71 / 81.92 / 75.39: MoCo-v2 ahead at this
+scale. ImageNet: not yet measured.
 """
 import argparse
 import collections

@@ -48,7 +48,8 @@ Deviations:
 
 Paper (Table 2, CIFAR-10, median top-1 error of 5 runs): WRN-16-2 <- WRN-40-2: 5.52 (KD 5.71, student 6.26).
 RepDistiller CIFAR-100 resnet32x4 -> resnet8x4 (as reported by CRD): SP 72.94, KD 73.33, student 72.50.
-Measured here (README "Results"): MEASURED_PLACEHOLDER
+Measured here (README "Results"; Fashion-MNIST, resnet20 -> resnet8, 3 seeds, top-1): SP 87.10, KD 86.33,
+student 85.17. The paper settings: not yet measured (no GPU, no datasets here).
 """
 import argparse
 import contextlib
