@@ -364,11 +364,8 @@ def load_data(args, split):
     if args.dataset == "synthetic":
         kw["synthetic_size"] = (args.synthetic_n if split == "train" else args.synthetic_n // 4, 100, args.image_size)
     out = common.load_split(args.dataset, args.data_root, name, **kw)
-    if split == "train" and args.train_subset and args.train_subset < len(out):  # a fixed seeded subset
-        keep = torch.randperm(len(out), generator=torch.Generator().manual_seed(0))[:args.train_subset].sort().values
-        out = common.Split(out.name, out.labels[keep], out.num_classes, out.mean, out.std, classes=out.classes,
-                           images=None if out.images is None else out.images[keep],
-                           paths=None if out.paths is None else [out.paths[i] for i in keep])
+    if split == "train" and args.train_subset:  # a fixed seeded subset
+        out = common.random_subset(out, args.train_subset)
     return out
 
 

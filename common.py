@@ -81,6 +81,19 @@ class Split:
     def __len__(self):
         return len(self.labels)
 
+    def subset(self, index):
+        """The same split restricted to the items `index` (a LongTensor), in that order."""
+        return Split(self.name, self.labels[index], self.num_classes, self.mean, self.std,
+                     None if self.images is None else self.images[index],
+                     None if self.paths is None else [self.paths[i] for i in index], self.classes)
+
+
+def random_subset(split, n, seed=0):
+    """A fixed random n items of `split` (seeded, in dataset order); the split itself when n >= len(split)."""
+    if n >= len(split):
+        return split
+    return split.subset(torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:n].sort().values)
+
 
 # ----------------------------------------------------------------------------------------------
 # Downloads: a file is written as <name>.part and renamed only after its checksum matched, and an

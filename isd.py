@@ -402,21 +402,16 @@ def load_data(args, split):
             n = len(idx) if c in large or split != "train" else max(1, round(len(idx) * 100 / 1300))
             keep.append(idx[torch.randperm(len(idx), generator=g)[:n]])
         keep = torch.cat(keep).sort().values
-    elif split == "train" and args.train_subset and args.train_subset < len(out):  # a fixed seeded subset
-        keep = torch.randperm(len(out), generator=torch.Generator().manual_seed(0))[:args.train_subset].sort().values
-    if keep is not None:
-        out = common.Split(out.name, out.labels[keep], out.num_classes, out.mean, out.std, classes=out.classes,
-                           images=None if out.images is None else out.images[keep],
-                           paths=None if out.paths is None else [out.paths[i] for i in keep])
-    return out
+    elif split == "train" and args.train_subset:  # a fixed seeded subset
+        return common.random_subset(out, args.train_subset)
+    return out if keep is None else out.subset(keep)
 
 
 def small_classes(args):
     """The small classes of an unbalanced run (for knn1_small), else None."""
     if args.subset_file:
-        _, _, labels = read_subset_file(args.subset_file, args.data_root)
+        names, _, labels = read_subset_file(args.subset_file, args.data_root)
         counts = torch.bincount(torch.tensor(labels))
-        names = read_subset_file(args.subset_file, args.data_root)[0]
         classes = load_data(args, "test").classes
         return [classes.index(names[i]) for i in range(len(names)) if counts[i] < counts.max() / 2]
     return unbalanced_classes(args, load_data(args, "test").num_classes)[1] if args.unbalanced else None
@@ -510,11 +505,7 @@ def evaluate(model, args, device):
     metrics.update({"teacher/" + k: v for k, v in common.knn_metrics(
         out["teacher_train_emb"], out["train_labels"], out["teacher_emb"], out["labels"]).items()})
     if bool((model.queue_labels >= 0).any()):  # the queue's purity for (up to) 1,024 gallery images' teacher keys
-        gallery = load_data(args, "gallery")  # a fixed random 1,024: file datasets are sorted by class
-        pick = torch.randperm(len(gallery), generator=torch.Generator().manual_seed(0))[:1024].sort().values
-        sub = common.Split(gallery.name, gallery.labels[pick], gallery.num_classes, gallery.mean, gallery.std,
-                           images=None if gallery.images is None else gallery.images[pick],
-                           paths=None if gallery.paths is None else [gallery.paths[i] for i in pick])
+        sub = common.random_subset(load_data(args, "gallery"), 1024)  # fixed: file datasets are sorted by class
         keys, labels = common.embed(model.teacher, sub, device, workers=args.workers, transform=eval_transform(args, sub))
         metrics["purity"] = 100 * purity(F.normalize(keys, dim=1), labels, model.queue, model.queue_labels)
     return metrics

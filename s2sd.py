@@ -346,11 +346,8 @@ def load_data(args, split):
     name = ("dml_" if args.dataset in ("digits", "fashionmnist", "folder") else "") + split
     in_memory = args.dataset in ("digits", "fashionmnist")  # resized once at load (file datasets: per image)
     out = common.load_split(args.dataset, args.data_root, name, image_size=args.image_size if in_memory else None)
-    if split == "train" and args.train_subset and args.train_subset < len(out):  # a fixed seeded subset
-        keep = torch.randperm(len(out), generator=torch.Generator().manual_seed(0))[:args.train_subset].sort().values
-        out = common.Split(out.name, out.labels[keep], out.num_classes, out.mean, out.std, classes=out.classes,
-                           images=None if out.images is None else out.images[keep],
-                           paths=None if out.paths is None else [out.paths[i] for i in keep])
+    if split == "train" and args.train_subset:  # a fixed seeded subset
+        out = common.random_subset(out, args.train_subset)
     return out
 
 
