@@ -24,13 +24,11 @@ Implementation details:
     d^n]_+; mean over anchors with a negative of softplus(gamma (a^p d^p - a^n d^n)).
  4. camd = CE(z^b) + [CE(z^m) + L_amd] (Eq. 5) + tau^2 KL(stopgrad(p^m) || p^b) (Eq. 7) = Eq. 8. amd_b = CE(z^b) +
     L_amd on the backbone feature (d_s = d_t); amd_e = no KL; camd_kd = Eq. 8 + kd_beta KD; kd = 0.1 CE + 0.9 KD;
-    ce = the vanilla student. Table VII: --weights fixed (a = 1), --mining all (mean over all (i, j, k)),
-    --no-stopgrad (Eq. 6).
+    ce: vanilla student. Table VII: --weights fixed (a = 1), --mining all (mean over (i, j, k)), --no-stopgrad (Eq. 6).
  5. Sec. IV-A: the RepDistiller recipe (SGD 0.9, wd 5e-4, 240 epochs, batch 64, lr 0.05, x0.1 at 150/180/210,
     pad-crop + flip), gamma 80, tau 4; ImageNet: "the standard 100 epoch training of ImageNet on PyTorch" (lr 0.1,
-    wd 1e-4, batch 256, x0.1 at 30/60/90), gamma 30. Metrics: top-1 of z^b
-    (the only test head); Rank-1/2 on the test set vs itself (query excluded), the backbone feature averaged over
-    image + flip, L2-normalised; fp32.
+    wd 1e-4, batch 256, x0.1 at 30/60/90), gamma 30. Metrics: top-1 of z^b (the only test head); Rank-1/2 on the
+    test set vs itself (query excluded), the backbone feature averaged over image + flip, L2-normalised; fp32.
  6. torchrun DDP: --batch-size is global, each rank takes its slice of the seeded epoch order; L_amd mines the
     hardest pairs over the GLOBAL batch (teacher features, student embeddings with their gradient, and labels
     gathered), so several GPUs optimise the single-device objective.
@@ -79,17 +77,16 @@ PRESETS = {
     "imagenet": dict(_RD, teacher_arch="resnet34", student_arch="resnet18", image_size=224, epochs=100,  # Table IV;
                      batch_size=256, lr=0.1, weight_decay=1e-4, lr_milestones=[30, 60, 90], gamma=30.0,  # torchvision
                      workers=8, log_every=100),  # references/classification 100-epoch recipe; gamma 30 (Sec. IV-A)
-    # Offline presets (ours). The teacher recipe matches spkd.py's presets, so both scripts share its teacher.
+    # Offline presets (ours); their teacher recipes match spkd.py's, so both scripts share one teacher per seed.
     "digits": dict(_RD, teacher_arch="resnet14", student_arch="resnet8", teacher_epochs=8, epochs=8,
                    lr_milestones=[6], gamma=10.0, log_every=50),  # gamma 10 (Fig. 5 range): short runs
-    # ours, ~3 minutes per run on 2 CPU cores: a fixed random 10,000 of the 60,000 training images, the full
-    # 10,000 test images; resnet20 -> resnet8 at 28 px, the CIFAR recipe shortened to 8 epochs (x0.1 after 6);
-    # the teacher recipe matches spkd.py's, so both scripts share one teacher per seed.
-    # gamma 1: in 8 epochs the paper's 80 (a 240-epoch recipe) lets L_amd dominate CE (README: the gamma sweep).
+    # ~3 minutes per run on 2 CPU cores: a fixed random 10,000 of the 60,000 training images, the full 10,000 test
+    # images; resnet20 -> resnet8 at 28 px, the CIFAR recipe shortened to 8 epochs (x0.1 after 6); gamma 1: in 8
+    # epochs the paper's 80 (a 240-epoch recipe) lets L_amd dominate CE (README: the gamma sweep).
     "fashionmnist": dict(_RD, teacher_arch="resnet20", student_arch="resnet8", image_size=28, teacher_epochs=8,
                          epochs=8, lr_milestones=[6], gamma=1.0, train_subset=10000, eval_every=2),
     "folder": dict(_RD, teacher_arch="resnet34", student_arch="resnet18", image_size=224, pretrained=True, epochs=30,
-                   lr=0.01, lr_milestones=[20, 25], gamma=30.0, workers=8, log_every=50),  # ours: fine-tune ImageNet weights
+                   lr=0.01, lr_milestones=[20, 25], gamma=30.0, workers=8, log_every=50),  # ours: fine-tune ImageNet
     "synthetic": dict(_RD, teacher_epochs=0, epochs=1, synthetic_n=2048, log_every=10),  # the paper's runtime pair
 }
 VARIANTS = ("amd_b", "amd_e", "camd", "camd_kd", "kd", "ce")
@@ -100,7 +97,8 @@ def get_args(argv=None):
     p = Parser(description="CAMD (Liu et al., TNNLS 2023): adaptive metric distillation with a collaborative branch")
     experiment_args(p)
     m = p.add_argument_group("method")
-    m.add_argument("--variant", choices=VARIANTS, help="objective (Tables I-III; kd / ce: the baselines)" + preset("variant"))
+    m.add_argument("--variant", choices=VARIANTS, help="objective (Tables I-III; kd / ce: the baselines)"
+                   + preset("variant"))
     teacher_student_args(m)
     m.add_argument("--gamma", type=number(float, 0, low_open=True), help="scale of Eq. 3" + preset("gamma"))
     m.add_argument("--tau", type=number(float, 0, low_open=True), help="temperature of Eq. 6 and KD" + preset("tau"))
@@ -113,7 +111,8 @@ def get_args(argv=None):
     m.add_argument("--kd-beta", type=number(float, 0), help="camd_kd: the KD weight" + preset("kd_beta"))
     args = resolve_args(p.parse_args(argv))
     check_teacher_student_args(args)
-    args.run_name = args.run_name or f"{args.dataset}_{args.variant}_{args.teacher_arch}_{args.student_arch}_s{args.seed}"
+    if not args.run_name:
+        args.run_name = f"{args.dataset}_{args.variant}_{args.teacher_arch}_{args.student_arch}_s{args.seed}"
     return args
 
 
@@ -123,9 +122,12 @@ def get_args(argv=None):
 # forward, so the benchmark's teachers (<arch>_vanilla/ckpt_epoch_240.pth) load strictly and give the same
 # logits. model(x) -> logits; model(x, with_features=True) -> (stage outputs, pooled feature, logits): the last
 # stage output is the map SP uses (RepDistiller feat[-2]), the pooled vector the retrieval / CAMD feature.
+BasicBlock = torchvision.models.resnet.BasicBlock  # = RepDistiller resnet.py's BasicBlock in keys and forward
+
+
 def repdistiller_init(model, linear_std=None):
-    """RepDistiller wrn.py / vgg.py init: conv N(0, sqrt(2 / (k k out))) and bias 0, BN 1 / 0, Linear bias 0 (and
-    weight N(0, linear_std) for vgg), in module order as the official loops."""
+    """RepDistiller wrn.py / vgg.py init, in module order: conv N(0, sqrt(2 / (k k out))), BN weight 1, every bias 0
+    (and, for vgg, Linear weight N(0, linear_std))."""
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             m.weight.data.normal_(0, math.sqrt(2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)))
@@ -137,39 +139,37 @@ def repdistiller_init(model, linear_std=None):
             m.bias.data.zero_()
 
 
-class CifarBasicBlock(nn.Module):
-    """Post-activation BasicBlock (RepDistiller resnet.py): relu(bn2(conv2(relu(bn1(conv1 x)))) + shortcut)."""
+def forward_stages(x, stages, pool, classifier, with_features):
+    """The zoo's forward after the stem: the stages in turn (their outputs: the features), pool, classifier."""
+    feats = []
+    for stage in stages:
+        x = stage(x)
+        feats.append(x)
+    pooled = pool(x)
+    logits = classifier(pooled)
+    return (feats, pooled, logits) if with_features else logits
 
-    def __init__(self, inplanes, planes, stride=1, downsample=None):
-        super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.downsample = downsample
 
-    def forward(self, x):
-        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
-        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
+def global_avg_pool(x):  # == RepDistiller's AvgPool2d(8) on the 8x8 map of 32-px input
+    return F.avg_pool2d(x, x.shape[-2:]).flatten(1)
 
 
 class CifarResNet(nn.Module):
-    """resnet8..110 (widths 16|16/32/64) and resnet8x4/32x4 (widths 32|64/128/256); n = (depth-2)/6 blocks per stage."""
+    """resnet8..110 (widths 16|16/32/64) and resnet8x4/32x4 (widths 32|64/128/256); n = (depth-2)/6 post-activation
+    BasicBlocks per stage: relu(bn2(conv2(relu(bn1(conv1 x)))) + shortcut)."""
 
     def __init__(self, depth, widths, num_classes):
         super().__init__()
         n = (depth - 2) // 6
         self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
-        inplanes = widths[0]
-        for i, (planes, stride) in enumerate(zip(widths[1:], (1, 2, 2))):
+        for i, (inplanes, planes, stride) in enumerate(zip(widths, widths[1:], (1, 2, 2))):
             # 1x1 conv + BN shortcut whenever the shape changes (also layer1 of the x4 nets: 32 -> 64, stride 1)
             down = None
             if stride != 1 or inplanes != planes:
                 down = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
-            blocks = [CifarBasicBlock(inplanes, planes, stride, down)] + [CifarBasicBlock(planes, planes) for _ in range(n - 1)]
+            blocks = [BasicBlock(inplanes, planes, stride, down)] + [BasicBlock(planes, planes) for _ in range(n - 1)]
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
-            inplanes = planes
         self.fc = nn.Linear(widths[3], num_classes)
         for m in self.modules():  # RepDistiller init: Kaiming normal fan_out, BN 1/0, Linear default
             if isinstance(m, nn.Conv2d):
@@ -178,15 +178,9 @@ class CifarResNet(nn.Module):
                 nn.init.constant_(m.weight, 1)
                 nn.init.constant_(m.bias, 0)
 
-    def forward(self, x, with_features=False):
+    def forward(self, x, with_features=False):  # post-ReLU stage outputs (RepDistiller f1, f2, f3 with preact=False)
         x = F.relu(self.bn1(self.conv1(x)))
-        feats = []
-        for layer in (self.layer1, self.layer2, self.layer3):
-            x = layer(x)
-            feats.append(x)  # post-ReLU stage outputs (RepDistiller f1, f2, f3 with preact=False)
-        pooled = F.avg_pool2d(x, x.shape[-2:]).flatten(1)  # == AvgPool2d(8) on the 8x8 map of 32-px input
-        logits = self.fc(pooled)
-        return (feats, pooled, logits) if with_features else logits
+        return forward_stages(x, (self.layer1, self.layer2, self.layer3), global_avg_pool, self.fc, with_features)
 
 
 class WRNBlock(nn.Module):
@@ -199,51 +193,33 @@ class WRNBlock(nn.Module):
         self.conv1 = nn.Conv2d(in_planes, out_planes, 3, stride, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_planes)
         self.conv2 = nn.Conv2d(out_planes, out_planes, 3, 1, 1, bias=False)
-        self.equal_in_out = in_planes == out_planes
-        self.convShortcut = None if self.equal_in_out else nn.Conv2d(in_planes, out_planes, 1, stride, 0, bias=False)
+        self.convShortcut = None if in_planes == out_planes else nn.Conv2d(in_planes, out_planes, 1, stride, bias=False)
 
     def forward(self, x):
         a = F.relu(self.bn1(x))
         out = self.conv2(F.relu(self.bn2(self.conv1(a))))
-        return out + (x if self.equal_in_out else self.convShortcut(a))
-
-
-class WRNGroup(nn.Module):
-    """RepDistiller's NetworkBlock: holds the blocks under `.layer` (state_dict keys block1.layer.0.*)."""
-
-    def __init__(self, n, in_planes, out_planes, stride):
-        super().__init__()
-        self.layer = nn.Sequential(*[WRNBlock(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1)
-                                     for i in range(n)])
-
-    def forward(self, x):
-        return self.layer(x)
+        return out + (x if self.convShortcut is None else self.convShortcut(a))
 
 
 class WideResNet(nn.Module):
-    """WRN-d-k: n = (d-4)/6 blocks per group, widths 16 | 16k/32k/64k, strides 1/2/2, final BN-ReLU, pool, fc."""
+    """WRN-d-k: n = (d-4)/6 blocks per group, widths 16 | 16k/32k/64k, strides 1/2/2, final BN-ReLU, pool, fc. Each
+    group keeps its blocks under "layer" (RepDistiller's NetworkBlock: keys block1.layer.0.*)."""
 
     def __init__(self, depth, widen, num_classes):
         super().__init__()
         n, c = (depth - 4) // 6, [16, 16 * widen, 32 * widen, 64 * widen]
         self.conv1 = nn.Conv2d(3, c[0], 3, 1, 1, bias=False)
-        self.block1 = WRNGroup(n, c[0], c[1], 1)
-        self.block2 = WRNGroup(n, c[1], c[2], 2)
-        self.block3 = WRNGroup(n, c[2], c[3], 2)
+        for g, stride in enumerate((1, 2, 2)):
+            blocks = [WRNBlock(c[g] if i == 0 else c[g + 1], c[g + 1], stride if i == 0 else 1) for i in range(n)]
+            setattr(self, f"block{g + 1}", nn.ModuleDict({"layer": nn.Sequential(*blocks)}))
         self.bn1 = nn.BatchNorm2d(c[3])
         self.fc = nn.Linear(c[3], num_classes)
         repdistiller_init(self)
 
-    def forward(self, x, with_features=False):
-        x = self.conv1(x)
-        feats = []
-        for group in (self.block1, self.block2, self.block3):
-            x = group(x)
-            feats.append(x)  # block outputs; the last is BEFORE the final BN-ReLU (RepDistiller f3)
-        x = F.relu(self.bn1(x))
-        pooled = F.avg_pool2d(x, x.shape[-2:]).flatten(1)  # == F.avg_pool2d(out, 8) at 32 px
-        logits = self.fc(pooled)
-        return (feats, pooled, logits) if with_features else logits
+    def forward(self, x, with_features=False):  # group outputs; the last is BEFORE the final BN-ReLU (RepDistiller f3)
+        groups = (self.block1["layer"], self.block2["layer"], self.block3["layer"])
+        return forward_stages(self.conv1(x), groups, lambda x: global_avg_pool(F.relu(self.bn1(x))), self.fc,
+                              with_features)
 
 
 class CifarVGG(nn.Module):
@@ -280,48 +256,39 @@ class TorchvisionResNet(torchvision.models.ResNet):
 
     def forward(self, x, with_features=False):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        feats = []
-        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
-            x = layer(x)
-            feats.append(x)
-        pooled = torch.flatten(self.avgpool(x), 1)
-        logits = self.fc(pooled)
-        return (feats, pooled, logits) if with_features else logits
+        layers = (self.layer1, self.layer2, self.layer3, self.layer4)
+        return forward_stages(x, layers, lambda x: torch.flatten(self.avgpool(x), 1), self.fc, with_features)
 
 
-CIFAR_ARCHS = {
-    "resnet8": (CifarResNet, 8, [16, 16, 32, 64]), "resnet14": (CifarResNet, 14, [16, 16, 32, 64]),
-    "resnet20": (CifarResNet, 20, [16, 16, 32, 64]), "resnet32": (CifarResNet, 32, [16, 16, 32, 64]),
-    "resnet44": (CifarResNet, 44, [16, 16, 32, 64]), "resnet56": (CifarResNet, 56, [16, 16, 32, 64]),
-    "resnet110": (CifarResNet, 110, [16, 16, 32, 64]),
+CIFAR_ARCHS = {  # name: (class, constructor arguments before num_classes)
+    **{f"resnet{d}": (CifarResNet, d, [16, 16, 32, 64]) for d in (8, 14, 20, 32, 44, 56, 110)},
     "resnet8x4": (CifarResNet, 8, [32, 64, 128, 256]), "resnet32x4": (CifarResNet, 32, [32, 64, 128, 256]),
-    "wrn_16_1": (WideResNet, 16, 1), "wrn_16_2": (WideResNet, 16, 2), "wrn_40_1": (WideResNet, 40, 1),
-    "wrn_40_2": (WideResNet, 40, 2), "wrn_16_8": (WideResNet, 16, 8),
-    "vgg8": (CifarVGG, None, [[64], [128], [256], [512], [512]]),  # RepDistiller cfg 'S' (+BN)
-    "vgg13": (CifarVGG, None, [[64, 64], [128, 128], [256, 256], [512, 512], [512, 512]]),  # cfg 'B' (+BN)
+    **{f"wrn_{d}_{k}": (WideResNet, d, k) for d, k in ((16, 1), (16, 2), (40, 1), (40, 2), (16, 8))},
+    "vgg8": (CifarVGG, [[64], [128], [256], [512], [512]]),  # RepDistiller cfg 'S' (+BN)
+    "vgg13": (CifarVGG, [[64, 64], [128, 128], [256, 256], [512, 512], [512, 512]]),  # cfg 'B' (+BN)
 }
-TV_ARCHS = {"resnet18": (torchvision.models.resnet.BasicBlock, [2, 2, 2, 2], "ResNet18_Weights"),
-            "resnet34": (torchvision.models.resnet.BasicBlock, [3, 4, 6, 3], "ResNet34_Weights"),
+TV_ARCHS = {"resnet18": (BasicBlock, [2, 2, 2, 2], "ResNet18_Weights"),
+            "resnet34": (BasicBlock, [3, 4, 6, 3], "ResNet34_Weights"),
             "resnet50": (torchvision.models.resnet.Bottleneck, [3, 4, 6, 3], "ResNet50_Weights")}
 ARCHS = tuple(CIFAR_ARCHS) + tuple(TV_ARCHS)
 
 
 def build_model(arch, num_classes, pretrained=False):
     """Zoo constructor. CIFAR archs: RepDistiller-compatible. resnet18/34/50: torchvision (weights=None unless
-    pretrained=True, then ImageNet weights for everything but a re-sized fc). Unknown arch -> ValueError."""
+    pretrained=True, then ImageNet weights for everything but a re-sized fc). Unknown arch -> RunError."""
     if arch in CIFAR_ARCHS:
-        cls, depth, spec = CIFAR_ARCHS[arch]
-        return cls(spec, num_classes) if cls is CifarVGG else cls(depth, spec, num_classes)
-    if arch in TV_ARCHS:
-        block, layers, weights_name = TV_ARCHS[arch]
-        model = TorchvisionResNet(block, layers, num_classes=num_classes)
-        if pretrained:
-            state = getattr(torchvision.models, weights_name).IMAGENET1K_V1.get_state_dict(progress=True)
-            if state["fc.weight"].shape[0] != num_classes:
-                state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-            model.load_state_dict(state, strict=False)
-        return model
-    raise RunError(f"unknown architecture '{arch}' (choose from {', '.join(ARCHS)})")
+        cls, *spec = CIFAR_ARCHS[arch]
+        return cls(*spec, num_classes)
+    if arch not in TV_ARCHS:
+        raise RunError(f"unknown architecture '{arch}' (choose from {', '.join(ARCHS)})")
+    block, layers, weights_name = TV_ARCHS[arch]
+    model = TorchvisionResNet(block, layers, num_classes=num_classes)
+    if pretrained:
+        state = getattr(torchvision.models, weights_name).IMAGENET1K_V1.get_state_dict(progress=True)
+        if state["fc.weight"].shape[0] != num_classes:
+            state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        model.load_state_dict(state, strict=False)
+    return model
 
 
 def teacher_student_args(m):
@@ -339,7 +306,8 @@ def teacher_student_args(m):
     m.add_argument("--lr-milestones", type=number(int, 1), nargs="*", help="lr *= --lr-decay after these epochs"
                    + preset("lr_milestones"))
     m.add_argument("--lr-decay", type=number(float, 0, 1), help="step factor" + preset("lr_decay"))
-    m.add_argument("--crop-padding", type=number(int, 0), help="pad-crop pixels (small images)" + preset("crop_padding"))
+    m.add_argument("--crop-padding", type=number(int, 0), help="pad-crop pixels (small images)"
+                   + preset("crop_padding"))
     m.add_argument("--pad-mode", choices=["constant", "reflect"], help="pad-crop fill" + preset("pad_mode"))
     m.add_argument("--train-subset", type=number(int, 1), help="train on a fixed random subset of N images"
                    + preset("train_subset"))
@@ -391,8 +359,8 @@ def train_batches(args, data, epoch, skip, device, rank=0, world=1):
     drop = epoch_length(len(data["split"]), args.batch_size, world)[1]
     batches = common.epoch_batches(data["split"].labels, args.batch_size, args.seed, epoch, rank, world, drop_last=drop)
     if "loader" in data:
-        for j, (x, y) in enumerate(common.loader_batches(data["loader"], batches[skip:], device, (args.seed, epoch, rank),
-                                                         skip), skip):
+        loaded = common.loader_batches(data["loader"], batches[skip:], device, (args.seed, epoch, rank), skip)
+        for j, (x, y) in enumerate(loaded, skip):
             seed_step(args, epoch * len(batches) + j, rank)
             yield x, y
         return
@@ -427,8 +395,9 @@ def evaluate(model, args, device):
             "Rank-1": rank["R@1"], "Rank-2": rank["R@2"]}
 
 
-TEACHER_RECIPE = ("dataset", "teacher_arch", "teacher_epochs", "batch_size", "lr", "weight_decay", "momentum", "nesterov",
-                  "lr_milestones", "lr_decay", "image_size", "crop_padding", "pad_mode", "train_subset", "pretrained", "seed")
+TEACHER_RECIPE = ("dataset", "teacher_arch", "teacher_epochs", "batch_size", "lr", "weight_decay", "momentum",
+                  "nesterov", "lr_milestones", "lr_decay", "image_size", "crop_padding", "pad_mode", "train_subset",
+                  "pretrained", "seed")
 
 
 def teacher_folder(args):
@@ -456,9 +425,10 @@ def load_teacher(path, arch, num_classes):
                        f"(a cached teacher is then trained again) or pass another --teacher-path") from None
     state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise RunError(f"teacher checkpoint {path}: no state_dict in it (expected a dict with 'model', or a state_dict)")
+        raise RunError(f"teacher checkpoint {path}: no state_dict in it (expected a dict with 'model', or a "
+                       "state_dict)")
     state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
-    model, bad = build_model(arch, num_classes), []
+    model = build_model(arch, num_classes)
     own = model.state_dict()
     bad = [k for k in own if k not in state or state[k].shape != own[k].shape] + [k for k in state if k not in own]
     if bad:
@@ -506,8 +476,7 @@ def get_teacher(args, device, rank, world):
             print(f"teacher: training {args.teacher_arch} with CE for {args.teacher_epochs} epochs in {folder}")
             run(argparse.Namespace(**{**vars(args), **CE_ONLY, "student_arch": args.teacher_arch, "max_steps": None,
                                       "epochs": args.teacher_epochs, "save_dir": os.path.dirname(folder),
-                                      "run_name": os.path.basename(folder), "tensorboard": False,
-                                      "resume": last}))
+                                      "run_name": os.path.basename(folder), "tensorboard": False, "resume": last}))
             if world > 1:
                 dist.barrier()  # rank 0 writes model.pt
         print(f"teacher: {os.path.join(folder, 'model.pt')}")
@@ -528,7 +497,8 @@ class CAMDNet(nn.Module):
     def __init__(self, student, d_t, num_classes, branch):
         super().__init__()
         self.student = student
-        self.embed = nn.Sequential(nn.Linear(feat_dim(student), d_t), nn.BatchNorm1d(d_t), nn.ReLU()) if branch else None
+        d_s = feat_dim(student)
+        self.embed = nn.Sequential(nn.Linear(d_s, d_t), nn.BatchNorm1d(d_t), nn.ReLU()) if branch else None
         self.head = nn.Linear(d_t, num_classes) if branch else None
 
     def forward(self, x):
@@ -696,11 +666,9 @@ RESUME_MAY_CHANGE = ("resume", "max_steps", "device", "workers", "log_every", "d
 def experiment_args(p):
     g = p.add_argument_group("experiment")
     for flag, kind, text in EXPERIMENT_FLAGS:
-        text += preset(flag[2:].replace("-", "_"))
-        if kind is bool:
-            g.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
-        else:
-            g.add_argument(flag, **({"choices": kind} if isinstance(kind, list) else {"type": kind}), help=text)
+        kw = dict(action=argparse.BooleanOptionalAction) if kind is bool else \
+            dict(choices=kind) if isinstance(kind, list) else dict(type=kind)
+        g.add_argument(flag, help=text + preset(flag[2:].replace("-", "_")), **kw)
 
 
 def resolve_args(args):
@@ -735,10 +703,9 @@ def setup(args):
     if (kind == "cuda" and not torch.cuda.is_available()) or (kind == "mps" and not torch.backends.mps.is_available()):
         raise RunError(f"--device {kind}: there is no such device on this machine; use --device cpu (or auto)")
     device = torch.device(f"cuda:{local}" if kind == "cuda" else kind)
-    if kind == "cuda":
+    if kind == "cuda":  # TF32 stays off (PyTorch's default): --no-amp is the papers' fp32, evaluation exact fp32
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = not args.deterministic
-        # TF32 stays off (PyTorch's default): --no-amp is the papers' fp32 and evaluation stays exact fp32
     torch.use_deterministic_algorithms(args.deterministic, warn_only=True)
     if world > 1 and not dist.is_initialized():  # (a teacher trained first runs setup twice)
         dist.init_process_group("nccl" if kind == "cuda" else "gloo", timeout=datetime.timedelta(hours=2))
@@ -778,11 +745,24 @@ def atomic_save(obj, path, text=False):
 
 
 def start_run(args, device, rank):
-    """The run folder (a fresh one under --save-dir, or --resume's own), config.json and TensorBoard (rank 0)."""
+    """The run folder (--resume's own, or the first free --save-dir/--run-name[-2, -3, ...]: never another run's),
+    config.json and TensorBoard (rank 0)."""
     run = dict(dir=None, history=[], tb=None, t0=time.time(), rank=rank)
     if rank != 0:
         return run
-    run["dir"] = os.path.dirname(os.path.abspath(args.resume)) if args.resume else new_run_folder(args)
+    run["dir"] = base = os.path.dirname(os.path.abspath(args.resume)) if args.resume else \
+        os.path.join(args.save_dir, args.run_name)
+    for i in itertools.count(2) if not args.resume else ():
+        try:
+            os.makedirs(args.save_dir, exist_ok=True)
+            os.mkdir(run["dir"])  # atomic: two runs started at once with one name still get two folders
+            break
+        except FileExistsError:
+            run["dir"] = f"{base}-{i}"
+        except OSError as e:
+            raise RunError(f"--save-dir {args.save_dir}: cannot create a run folder there ({e.strerror})")
+    if run["dir"] != base:
+        print(f"note: {base} holds another run; this run writes to {run['dir']}")
     if not os.access(run["dir"], os.W_OK):
         raise RunError(f"cannot write to the run folder {run['dir']}")
     git = shutil.which("git") and subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -800,22 +780,6 @@ def start_run(args, device, rank):
             if args.tensorboard:
                 raise RunError("--tensorboard: the tensorboard package is not installed (pip install tensorboard)")
     return run
-
-
-def new_run_folder(args):
-    """--save-dir/--run-name, or the first free name-2, name-3, ...: never another run's folder."""
-    base = os.path.join(args.save_dir, args.run_name)
-    for path in (base if i == 1 else f"{base}-{i}" for i in itertools.count(1)):
-        try:
-            os.makedirs(args.save_dir, exist_ok=True)
-            os.mkdir(path)  # atomic: two runs started at once with one name still get two folders
-        except FileExistsError:
-            continue
-        except OSError as e:
-            raise RunError(f"--save-dir {args.save_dir}: cannot create a run folder there ({e.strerror})")
-        if path != base:
-            print(f"note: {base} holds another run; this run writes to {path}")
-        return path
 
 
 def load_checkpoint(path, keys=("method", "args", "model", "optimizer", "scheduler", "epoch", "batch", "step")):
@@ -865,8 +829,8 @@ def save_checkpoint(args, run, name, model, **state):
 class Meter:
     """What the loop measures without a host sync inside a step: loss sums stay on the device and are read every
     --log-every steps and before each checkpoint, where a non-finite component is reported with its 1-based step.
-    images/s is the steady state (images after the warm-up steps over their time, evaluation time excluded by
-    paused()), the same number on stdout, in metrics.jsonl and in TensorBoard."""
+    images/s (.rate) is the steady state: images after the warm-up steps over their time up to the last log step,
+    evaluation excluded by paused(); the same number on stdout, in metrics.jsonl and in TensorBoard."""
 
     def __init__(self, args, run, device, step, total):
         self.args, self.run, self.device, self.total = args, run, device, total
@@ -890,12 +854,12 @@ class Meter:
             self.check()
             if self.images:  # the steady-state rate, taken here: time spent after this step never counts
                 self.rate = self.images / max(self.sync() - self.t_warm - self.t_paused, 1e-9)
-            ips, mean = self.rate, dict(zip(self.names, (self.sums / self.count).tolist()))
-            eta = f" | eta {(self.total - step) * self.args.batch_size / ips / 60:.1f} min" if ips else ""
+            mean = dict(zip(self.names, (self.sums / self.count).tolist()))
+            eta = f" | eta {(self.total - step) * self.args.batch_size / self.rate / 60:.1f} min" if self.rate else ""
             if self.run["rank"] == 0:
                 print(f"epoch {epoch + 1} step {step}/{self.total} | " + " ".join(f"{n} {v:.4f}" for n, v in
-                      mean.items()) + f" | lr {lr:.3g} | {ips or 0:.1f} img/s{eta}", flush=True)
-            tensorboard(self.run, "train/", {**mean, "lr": lr, "images_per_s": ips or 0}, step)
+                      mean.items()) + f" | lr {lr:.3g} | {self.rate or 0:.1f} img/s{eta}", flush=True)
+            tensorboard(self.run, "train/", {**mean, "lr": lr, "images_per_s": self.rate or 0}, step)
             self.sums.zero_()
             self.count = 0
 
@@ -909,10 +873,6 @@ class Meter:
         if self.bad is not None and bool((self.bad >= 0).any()):
             step, name = min((s, n) for s, n in zip(self.bad.tolist(), self.names) if s >= 0)
             raise RunError(f"non-finite {name} loss at step {step:.0f}; stopped (last.pt holds the last finished epoch)")
-
-    def images_per_s(self):
-        """Steady-state training images/s up to the last log step (None before the warm-up ended)."""
-        return self.rate
 
     @contextlib.contextmanager
     def paused(self):
@@ -934,9 +894,8 @@ def tensorboard(run, prefix, values, step):
 
 def log_eval(run, meter, epoch, step, metrics):
     """One evaluation (1-based epoch): a line on stdout, a row in metrics.jsonl (rewritten atomically), TensorBoard."""
-    ips = meter.images_per_s()
     run["history"].append(dict(epoch=epoch, step=step, **metrics, elapsed_s=round(time.time() - run["t0"], 1),
-                               images_per_s=None if ips is None else round(ips, 1)))
+                               images_per_s=None if meter.rate is None else round(meter.rate, 1)))
     print(f"eval  epoch {epoch} step {step} | " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()), flush=True)
     if run["dir"] is not None:
         atomic_save("".join(json.dumps(r) + "\n" for r in run["history"]), os.path.join(run["dir"], "metrics.jsonl"),
@@ -954,9 +913,8 @@ def print_summary(run, meter, references=()):
     best = {k: max((r for r in rows if k in r), key=lambda r: r[k]) for k in names}
     print("best epoch of each metric (chosen on the test set): "
           + "  ".join(f"{k} {best[k][k]:.2f} (epoch {best[k]['epoch']})" for k in names))
-    ips = meter.images_per_s()
-    print(f"throughput {f'{ips:.1f} images/s (steady state)' if ips else 'not measured (too few steps)'}, peak memory "
-          f"{meter.peak_memory()}, wall {time.time() - run['t0']:.1f} s; run folder {run['dir']}")
+    print(f"throughput {f'{meter.rate:.1f} images/s (steady state)' if meter.rate else 'not measured (too few steps)'}, "
+          f"peak memory {meter.peak_memory()}, wall {time.time() - run['t0']:.1f} s; run folder {run['dir']}")
     if run["tb"]:
         run["tb"].close()
 

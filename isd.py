@@ -3,11 +3,10 @@
 Tejankar, Koohpayegani, Pillai, Favaro, Pirsiavash -- ICCV 2021. https://arxiv.org/abs/2012.09259
 Official code: https://github.com/UMBCvision/ISD (train_isd.py: ResNet-18, train_isd_plus.py: ResNet-50).
 
-Idea: a student (backbone + predictor MLP) and its EMA teacher. The teacher embeds a query view and a queue of past
-teacher embeddings (anchors); the softmax over query-anchor similarities is a soft "neighbourhood" distribution that
-the student, seeing another view of the query, reproduces over the same anchors (KL). MoCo-v2 (Chen et al. 2020),
-the paper's baseline, instead classifies the query's own key against the queue: --variant moco runs MoCo-v2 itself
-(its own heads, temperature, momentum and views), not ISD with a switch flipped. The algorithm: step_losses().
+Idea: an EMA teacher's softmax over the similarities of a query view to a queue of past teacher embeddings (anchors)
+is a soft "neighbourhood" that the student (backbone + predictor MLP), seeing another view, reproduces over the same
+anchors (KL). The paper's baseline MoCo-v2 (Chen et al. 2020) classifies the query's own key against the queue:
+--variant moco is MoCo-v2 itself (its own heads, temperature, momentum, views), not ISD with a switch flipped.
 
 Usage:
     python isd.py                                          # digits, CPU, well under a minute
@@ -17,44 +16,37 @@ Usage:
     python isd.py --dataset folder --data-root /my/images  # your own images (DIR/train [+ DIR/val], or DIR itself)
     torchrun --nproc_per_node=4 isd.py --dataset imagenet ...;  python eval.py runs/<run>/model.pt --linear-probe
 
-Implementation details:
- 1. q = normalize(predictor(proj_s(backbone_s(x_s)))), k = normalize(proj_t(backbone_t(x_t))) without grad (official
-    ISD.forward). Anchors are ONLY queue entries, no positive column (Sec. 2).
- 2. Loss (Sec. 2): KL(p_t || p_s), p_t = softmax(k Q^T / tau_t), p_s = softmax(q Q^T / tau_s), summed over the K
-    anchors, batch mean: official KLD = kl_div(log_softmax, softmax, 'batchmean'); no T^2; fp32.
- 3. Teacher = copy of the student, updated BEFORE its forward pass each step (official, inside forward): theta_t <-
-    m theta_t + (1 - m) theta_s over parameters only; BN statistics stay separate; both in train mode.
- 4. Queue (MoCo's memory bank): K x D random rows, L2-normalised; a ring buffer (K need not divide B); keys of all
-    ranks, enqueued AFTER the loss; registered buffers, so last.pt and model.pt carry them.
- 5. ShuffleBN (MoCo builder.py; ISD shuffles through DataParallel): the key batch is shuffled across the ranks before
+Implementation details (the algorithm: step_losses(); file names: the official code):
+ 1. q = normalize(predictor(proj_s(backbone_s(x_s)))), k = normalize(proj_t(backbone_t(x_t))), no grad (ISD.forward).
+    Loss (Sec. 2): KL(softmax(k Q^T / tau_t) || softmax(q Q^T / tau_s)) over the K queue anchors only (no positive
+    column), batch mean (official KLD: kl_div(log_softmax, softmax, 'batchmean')); no T^2; fp32.
+ 2. Teacher = copy of the student, moved BEFORE its forward pass each step (official, inside forward): theta_t <- m
+    theta_t + (1 - m) theta_s over parameters only; BN statistics stay separate; both in train mode.
+ 3. Queue (MoCo's memory bank): K x D random L2-normalised rows; a ring buffer (K need not divide B) fed AFTER the loss
+    with the keys of all ranks; registered buffers, so last.pt and model.pt carry it.
+ 4. ShuffleBN (MoCo builder.py; ISD shuffles through DataParallel): the key batch is shuffled across the ranks before
     the teacher and put back after; on one process both backbones use split BatchNorm (--bn-splits groups, the MoCo
-    CIFAR demo) and the key batch is shuffled across the groups. BN statistics so never pair a key with its query.
- 6. Recipe r18 (Sec. 3.1 "ResNet-18 experiments"; m 0.999 is train_isd.py's default --momentum; the released
-    run_isd.sh keeps this run commented out): tau_s = tau_t = 0.02, m 0.999, no projection, predictor Linear(512,
-    512, no bias)-BN-ReLU-Linear(512, 512), the MoCo-v2 augmentation on both views, SGD lr 0.01 x0.2 at epochs 140,
-    180 of 200.
- 7. Recipe r50 (Sec. 3.1 "ResNet-50 experiments", train_isd_plus.py): tau_s 0.1, tau_t 0.01, m 0.99, projection
-    MLP(D, 2D, D/4) on BOTH encoders, predictor MLP(D/4, 2D, D/4), a weak teacher view and a strong student view
-    (the text; train_isd_plus.py's default --augmentation weak/strong: key weak, query strong; Table 5's column
-    labels read the other way round), cosine lr 0.05. Both: SGD momentum 0.9, wd 1e-4 on all parameters, batch
-    256, K 128,000, 200 epochs.
- 8. MoCo-v2 (notes/isd.md): tau 0.2, projection Linear(D, D)-ReLU-Linear(D, 128) without BN, no predictor, logits
-    [q.k, q Q^T] / tau with the positive in column 0, key-encoder momentum 0.999, the strong view on both sides, SGD
-    lr 0.03 cosine, K 65,536, wd 1e-4, 200 epochs.
- 9. Views: strong = MoCo-v2 (RRC 0.2-1, jitter 0.4/0.4/0.4/0.1 p 0.8, gray p 0.2, blur p 0.5, flip); weak = RRC +
-    flip. Image files (imagenet, folder): common.moco_v2_transform in DataLoader workers; in-memory datasets (digits,
-    fashionmnist, cifar, stl10, synthetic): common's batched on-device ops at any size (no blur).
-10. Evaluation (fp32, eval mode, unaugmented, L2-normalised backbone features, no heads; gallery = the train split):
-    1-NN and 20-NN majority vote (the paper's tables) and the weighted 200-NN monitor; the teacher as the official
-    eval_knn.py does it: teacher weights with the STUDENT's BN running statistics; purity (train_isd_plus.py's
-    diagnostic): for a fixed random 1,024 unaugmented gallery images, the share of each teacher key's top-5 queue
-    anchors that carry its label. The linear protocol (eval_linear.py, notes/isd.md) is eval.py --linear-probe,
-    through features() below.
-11. Unbalanced data (Sec. 3.2, Table 4): --unbalanced trains on a long-tailed subset (8 of 38 classes keep all their
-    images, the rest 100 / 1300 of them; scaled to the dataset, class choice seeded by --seed) or --subset-file (the
-    official unbalanced_dataset/D1..D10.txt lists); NN accuracy on the balanced test set with the FULL balanced
-    train data of those classes as gallery, for all classes and the small ones (knn1_small).
-12. Multi-GPU: DDP on the student, the teacher updated identically on every rank, keys and labels all-gathered before
+    CIFAR demo) across which the keys are shuffled. BN statistics so never pair a key with its query.
+ 5. Recipe r18 (Sec. 3.1 "ResNet-18 experiments"; m 0.999 is train_isd.py's default --momentum; the released
+    run_isd.sh keeps this run commented out): no projection, predictor Linear(512, 512, no bias)-BN-ReLU-Linear(512,
+    512), the MoCo-v2 augmentation on both views. r50 (Sec. 3.1 "ResNet-50 experiments", train_isd_plus.py):
+    projection MLP(D, 2D, D/4) on BOTH encoders, predictor MLP(D/4, 2D, D/4), a weak teacher and a strong student view
+    (the text; train_isd_plus.py's default --augmentation weak/strong; Table 5's column labels read the other way
+    round). Both: SGD momentum 0.9, wd 1e-4 on all parameters, batch 256, 200 epochs; the rest: RECIPES.
+ 6. MoCo-v2 (notes/isd.md): projection Linear(D, D)-ReLU-Linear(D, 128) without BN, no predictor, logits [q.k, q Q^T]
+    / tau with the positive in column 0, the strong view on both sides, wd 1e-4, 200 epochs; the rest: RECIPES.
+ 7. Views: strong = MoCo-v2 (RRC 0.2-1, jitter 0.4/0.4/0.4/0.1 p 0.8, gray p 0.2, blur p 0.5, flip); weak = RRC +
+    flip. Image files: common.moco_v2_transform in DataLoader workers; in-memory datasets: common's batched on-device
+    ops at any size (no blur).
+ 8. Evaluation (fp32, eval mode, unaugmented L2-normalised backbone features, no heads; gallery = the train split):
+    1-NN / 20-NN majority vote (the paper's tables), weighted 200-NN; the teacher as eval_knn.py builds it (teacher
+    weights, the STUDENT's BN statistics); purity (train_isd_plus.py): the share of a teacher key's top-5 queue anchors
+    with its label, over a fixed 1,024 gallery images. Linear probe (eval_linear.py): eval.py --linear-probe.
+ 9. Unbalanced data (Sec. 3.2, Table 4): --unbalanced trains on a long-tailed subset (8 of 38 classes keep all their
+    images, the rest 100 / 1300 of them; scaled to the dataset, classes seeded by --seed) or --subset-file (the
+    official unbalanced_dataset/D1..D10.txt); NN accuracy on the balanced test set with the FULL balanced train data
+    of those classes as gallery, for all classes and the small ones (knn1_small).
+10. Multi-GPU: DDP on the student, the teacher updated identically on every rank, keys and labels all-gathered before
     enqueueing (MoCo); --batch-size is global; rank 0 logs and saves.
 
 Deviations:
@@ -101,25 +93,23 @@ RECIPES = {  # the method's own settings; a dataset preset's lr / ema (small dat
     "moco": dict(tau_s=0.2, tau_t=0.2, ema=0.999, head="moco", teacher_view="strong",  # MoCo-v2 (notes/isd.md)
                  lr=0.03, lr_schedule="cosine", queue_size=65536),  # main_moco.py --mlp --aug-plus --cos
 }
-_SMALL = dict(recipe="r50", arch="resnet18", image_size=32, epochs=200, batch_size=256, weight_decay=5e-4, workers=0,
-              eval_every=10, log_every=50, probe_epochs=40)
-PRESETS = {  # Sec. 3.1: batch 256, 200 epochs, wd 1e-4; evaluated every 10 epochs as Fig. 4
-    "imagenet": dict(image_size=224, epochs=200, batch_size=256, weight_decay=1e-4, workers=16, eval_every=10,
-                     log_every=100, probe_epochs=40),  # eval_linear.py: 40 epochs
-    "imagenet100": dict(image_size=224, epochs=200, batch_size=256, weight_decay=1e-4, queue_size=16384, workers=16,
-                        eval_every=10, log_every=100, probe_epochs=40),  # ours: K 16K (Fig. 3: on par with 128K)
+# Sec. 3.1: batch 256, 200 epochs, wd 1e-4; evaluated every 10 epochs as Fig. 4; eval_linear.py: a 40-epoch probe
+_BIG = dict(image_size=224, epochs=200, batch_size=256, weight_decay=1e-4, workers=16, eval_every=10, log_every=100,
+            probe_epochs=40)
+_SMALL = dict(_BIG, recipe="r50", arch="resnet18", image_size=32, weight_decay=5e-4, workers=0, log_every=50)
+PRESETS = {
+    "imagenet": dict(_BIG),
+    "imagenet100": dict(_BIG, queue_size=16384),  # ours: K 16K (Fig. 3: on par with 128K)
     # ours: ResNet-18 with the CIFAR stem, the r50 recipe (weak/strong, like ReSSL), wd 5e-4, K 4096 (ReSSL CIFAR).
     "cifar10": dict(_SMALL, queue_size=4096), "cifar100": dict(_SMALL, queue_size=4096),
     "stl10": dict(_SMALL, image_size=96, queue_size=16384),  # ours: SSL on train+unlabeled (105K images, 96 px)
-    "folder": dict(image_size=224, epochs=200, batch_size=256, weight_decay=1e-4, queue_size=16384, workers=8,
-                   eval_every=10, log_every=100, probe_epochs=40),  # ours; k-NN monitor when DIR/val has labels
-    # ours, the offline demo: 3-layer CNN at 16 px, K 512 (well below the 1,437 images), m 0.9 (11 steps per epoch:
-    # 0.99 makes the teacher ~9 epochs old), crops >= 80% of an 8x8 digit; the probe scaled to 10 epochs.
+    "folder": dict(_BIG, queue_size=16384, workers=8),  # ours; k-NN monitor when DIR/val has labels
+    # ours, the offline demo: K 512 (well below the 1,437 images), m 0.9 (11 steps per epoch: 0.99 makes the teacher
+    # ~9 epochs old), crops >= 80% of an 8x8 digit; the probe scaled to 10 epochs.
     "digits": dict(_SMALL, arch="small", image_size=16, epochs=15, batch_size=128, lr=0.05, ema=0.9, queue_size=512,
                    eval_every=5, min_scale=0.8, probe_epochs=10),
-    # ours, ~3.5 minutes per run on 2 CPU cores: the small CNN at 28 px on a fixed random 20,000 of the 60,000 training
-    # images (k-NN gallery: all 60,000; queries: the 10,000 test images), 8 epochs, K 4096, m 0.99 (78 steps per
-    # epoch), crops >= 50%; evaluated at the end only; the probe scaled to 10 epochs.
+    # ours, ~3.5 minutes per run on 2 CPU cores: a fixed random 20,000 of the 60,000 training images (k-NN gallery: all
+    # 60,000), m 0.99 (78 steps per epoch), crops >= 50%, evaluated at the end only; the probe scaled to 10 epochs.
     "fashionmnist": dict(_SMALL, arch="small", image_size=28, epochs=8, batch_size=256, lr=0.05, ema=0.99,
                          queue_size=4096, eval_every=0, min_scale=0.5, train_subset=20000, probe_epochs=10),
     # benchmark only: the paper's batch 256 at 32 px (or --image-size 224); k-NN only at the end.
@@ -133,76 +123,75 @@ TENSOR_FORM = ("digits", "fashionmnist", "synthetic", "cifar10", "cifar100", "st
 def get_args(argv=None):
     p = Parser(description="ISD (Tejankar et al., ICCV 2021) self-supervised learning, and its MoCo-v2 baseline")
     experiment_args(p)
-    m = p.add_argument_group("method")
-    m.add_argument("--variant", choices=["isd", "moco"], help="isd, or moco = MoCo-v2 with its own settings (default isd)")
-    m.add_argument("--recipe", choices=["r18", "r50"], help="ISD's ResNet-18 / ResNet-50 settings of Sec. 3.1 (default: "
-                   "by --arch)" + preset("recipe"))
-    m.add_argument("--arch", choices=["resnet18", "resnet50", "small"], help="backbone (default: by --recipe)" + preset("arch"))
-    m.add_argument("--cifar-stem", action=argparse.BooleanOptionalAction, help="3x3 stride-1 conv1, no max-pool "
-                   "(default: on at <= 96 px)")
-    m.add_argument("--head", choices=["r18", "r50", "moco"], help="projection / predictor heads (default: the recipe's)")
-    m.add_argument("--tau-s", type=number(float, 0, low_open=True), help="student temperature (MoCo: tau; recipe)")
-    m.add_argument("--tau-t", type=number(float, 0, low_open=True), help="teacher temperature (recipe)")
-    m.add_argument("--ema", type=number(float, 0, 0.999999), help="teacher momentum m (recipe)" + preset("ema"))
-    m.add_argument("--queue-size", type=number(int, 1), help="K anchors (recipe)" + preset("queue_size"))
-    m.add_argument("--teacher-view", choices=["strong", "weak"], help="teacher augmentation (recipe)")
-    m.add_argument("--lr-schedule", choices=["step", "cosine"], help="recipe: step = x0.2 at the milestones")
-    m.add_argument("--lr-milestones", type=number(int, 1), nargs="*", help="step schedule epochs (default: 0.7 and "
-                   "0.9 of --epochs, i.e. 140, 180 of 200)")
-    m.add_argument("--min-scale", type=number(float, 0, 1, low_open=True), help="RandomResizedCrop min scale (default "
-                   "0.2, MoCo-v2)" + preset("min_scale"))
-    m.add_argument("--bn-splits", type=number(int, 1), help="one process: split-BN groups for ShuffleBN (default 8, "
-                   "the MoCo CIFAR demo; 1 under torchrun, where the ranks are the groups)")
-    m.add_argument("--train-subset", type=number(int, 1), help="train on a fixed random subset of N images"
-                   + preset("train_subset"))
-    m.add_argument("--unbalanced", action=argparse.BooleanOptionalAction, help="Table 4: a long-tailed training "
-                   "subset (few large classes, many small; seeded) of a labelled dataset (default off)")
-    m.add_argument("--subset-file", help="imagenet: an official unbalanced_dataset/D<n>.txt class and image list")
-    m.add_argument("--probe-epochs", type=number(int, 1), help="eval.py --linear-probe epochs (x0.1 at 3/8 and 3/4)"
-                   + preset("probe_epochs"))
-    m.add_argument("--synthetic-n", type=number(int, 4), help="synthetic: images per split" + preset("synthetic_n"))
-    args = resolve_args(p.parse_args(argv))
+    add = p.add_argument_group("method").add_argument
+    add("--variant", choices=["isd", "moco"], help="isd, or moco = MoCo-v2 with its own settings (default isd)")
+    add("--recipe", choices=["r18", "r50"], help="Sec. 3.1's ResNet-18 / ResNet-50 settings (default: by --arch)"
+        + preset("recipe"))
+    add("--arch", choices=["resnet18", "resnet50", "small"], help="backbone (default: by --recipe)" + preset("arch"))
+    add("--cifar-stem", action=argparse.BooleanOptionalAction, help="3x3 stride-1 conv1, no max-pool (default: on at "
+        "<= 96 px)")
+    add("--head", choices=["r18", "r50", "moco"], help="projection / predictor heads (default: the recipe's)")
+    add("--tau-s", type=number(float, 0, low_open=True), help="student temperature (MoCo: tau; recipe)")
+    add("--tau-t", type=number(float, 0, low_open=True), help="teacher temperature (recipe)")
+    add("--ema", type=number(float, 0, 0.999999), help="teacher momentum m (recipe)" + preset("ema"))
+    add("--queue-size", type=number(int, 1), help="K anchors (recipe)" + preset("queue_size"))
+    add("--teacher-view", choices=["strong", "weak"], help="teacher augmentation (recipe)")
+    add("--lr-schedule", choices=["step", "cosine"], help="recipe: step = x0.2 at the milestones")
+    add("--lr-milestones", type=number(int, 1), nargs="*", help="step schedule epochs (default: 0.7 and 0.9 of "
+        "--epochs, i.e. 140, 180 of 200)")
+    add("--min-scale", type=number(float, 0, 1, low_open=True), help="RandomResizedCrop min scale (default 0.2, "
+        "MoCo-v2)" + preset("min_scale"))
+    add("--bn-splits", type=number(int, 1), help="one process: split-BN groups for ShuffleBN (default 8, the MoCo "
+        "CIFAR demo; 1 under torchrun, where the ranks are the groups)")
+    add("--train-subset", type=number(int, 1), help="train on a fixed random N images" + preset("train_subset"))
+    add("--unbalanced", action=argparse.BooleanOptionalAction, help="Table 4: a long-tailed training subset (few large "
+        "classes, many small; seeded) of a labelled dataset (default off)")
+    add("--subset-file", help="imagenet: an official unbalanced_dataset/D<n>.txt class and image list")
+    add("--probe-epochs", type=number(int, 1), help="eval.py --linear-probe epochs (x0.1 at 3/8 and 3/4)"
+        + preset("probe_epochs"))
+    add("--synthetic-n", type=number(int, 4), help="synthetic: images per split" + preset("synthetic_n"))
+    args, world = resolve_args(p.parse_args(argv)), int(os.environ.get("WORLD_SIZE", 1))
     if args.resume is None:  # the recipe's values for what neither the flags nor the dataset preset set
         args.arch = args.arch or ("resnet50" if args.recipe == "r50" else "resnet18")
         args.recipe = "moco" if args.variant == "moco" else args.recipe or ("r50" if args.arch == "resnet50" else "r18")
         args.variant = args.variant or "isd"
-        for key, value in RECIPES[args.recipe].items():
-            setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
+        vars(args).update({k: v for k, v in RECIPES[args.recipe].items() if getattr(args, k) is None})
     args.min_scale = 0.2 if args.min_scale is None else args.min_scale
     args.cifar_stem = args.image_size <= 96 if args.cifar_stem is None else args.cifar_stem
-    args.bn_splits = args.bn_splits or (1 if int(os.environ.get("WORLD_SIZE", 1)) > 1 else 8)
+    args.bn_splits = args.bn_splits or (1 if world > 1 else 8)  # each process's share of the batch is split in groups
     args.lr_milestones = args.lr_milestones or [round(0.7 * args.epochs), round(0.9 * args.epochs)]
     args.unbalanced = bool(args.unbalanced or args.subset_file)
     if args.dataset not in TENSOR_FORM and args.arch == "small":
         raise RunError("--arch small is for the small-image datasets (digits, fashionmnist, synthetic, cifar, stl10)")
     if args.subset_file and (args.dataset != "imagenet" or not os.path.isfile(args.subset_file)):
         raise RunError(f"--subset-file {args.subset_file}: needs --dataset imagenet and an existing D<n>.txt file")
-    world = int(os.environ.get("WORLD_SIZE", 1))  # each process's share of the global batch is split into groups
     if args.batch_size % (world * args.bn_splits) or args.batch_size > args.queue_size:
         raise RunError(f"--batch-size {args.batch_size} must divide by {world} process(es) x --bn-splits "
                        f"{args.bn_splits} and be at most --queue-size {args.queue_size}")
-    args.run_name = args.run_name or f"isd_{args.dataset}_{args.variant}{'_unbalanced' if args.unbalanced else ''}_s{args.seed}"
+    tag = "_unbalanced" if args.unbalanced else ""
+    args.run_name = args.run_name or f"isd_{args.dataset}_{args.variant}{tag}_s{args.seed}"
     return args
 
 
 # ------------------------------------------------------------------------------------------------ model
 class SplitBatchNorm(nn.BatchNorm2d):
-    """BatchNorm2d whose training statistics come from `splits` groups of the batch, as `splits` GPUs compute them
-    (the MoCo CIFAR demo's one-GPU ShuffleBN); the running statistics are the groups' mean; the same state_dict."""
+    """BatchNorm2d with the training statistics of `splits` groups of the batch, as `splits` GPUs compute them (the
+    MoCo CIFAR demo's one-GPU ShuffleBN); running statistics = the groups' mean; BatchNorm2d's state_dict."""
 
     def __init__(self, num_features, splits=1):
         super().__init__(num_features)
         self.splits = splits
 
     def forward(self, x):
-        if not self.training or self.splits == 1:
+        s = self.splits
+        if not self.training or s == 1:
             return super().forward(x)
         n, c, h, w = x.shape  # [n, c] -> [n / s, s c]: group g holds the samples i with i mod s == g
-        mean, var = self.running_mean.repeat(self.splits), self.running_var.repeat(self.splits)
-        out = F.batch_norm(x.reshape(n // self.splits, c * self.splits, h, w), mean, var, self.weight.repeat(self.splits),
-                           self.bias.repeat(self.splits), True, self.momentum, self.eps)
-        self.running_mean.copy_(mean.view(self.splits, c).mean(0))
-        self.running_var.copy_(var.view(self.splits, c).mean(0))
+        mean, var = self.running_mean.repeat(s), self.running_var.repeat(s)
+        out = F.batch_norm(x.reshape(n // s, c * s, h, w), mean, var, self.weight.repeat(s), self.bias.repeat(s), True,
+                           self.momentum, self.eps)
+        self.running_mean.copy_(mean.view(s, c).mean(0))
+        self.running_var.copy_(var.view(s, c).mean(0))
         return out.reshape(n, c, h, w)
 
 
@@ -211,10 +200,9 @@ def build_backbone(arch, cifar_stem, bn_splits=1):
     def norm(c):
         return SplitBatchNorm(c, bn_splits)
     if arch == "small":  # ours: a ~0.1M-parameter CNN, so the offline demos fit in minutes on 2 CPU cores
-        def block(i, o, s):
-            return [nn.Conv2d(i, o, 3, s, 1, bias=False), norm(o), nn.ReLU(inplace=True)]
-        return nn.Sequential(*block(3, 32, 1), *block(32, 64, 2), *block(64, 128, 2), nn.AdaptiveAvgPool2d(1),
-                             nn.Flatten()), 128
+        layers = [m for i, o, s in ((3, 32, 1), (32, 64, 2), (64, 128, 2))
+                  for m in (nn.Conv2d(i, o, 3, s, 1, bias=False), norm(o), nn.ReLU(inplace=True))]
+        return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten()), 128
     if arch not in ("resnet18", "resnet50"):
         raise RunError(f"unknown --arch {arch} (choose from resnet18, resnet50, small)")
     net = getattr(torchvision.models, arch)(weights=None, norm_layer=norm)  # adaptive avg-pool: any resolution
@@ -226,25 +214,20 @@ def build_backbone(arch, cifar_stem, bn_splits=1):
     return net, dim
 
 
-def mlp(i, h, o, first_bias=True):
-    """Linear-BN-ReLU-Linear (official get_mlp; the r18 predictor has no bias in its first Linear)."""
-    return nn.Sequential(nn.Linear(i, h, bias=first_bias), nn.BatchNorm1d(h), nn.ReLU(inplace=True), nn.Linear(h, o))
-
-
 def heads(head, dim):
-    """(projection, predictor, output dim): r18 = no projection and predictor D-D-D (train_isd.py); r50 = projection
-    MLP(D, 2D, D/4) on both encoders and predictor MLP(D/4, 2D, D/4) (train_isd_plus.py); moco = MoCo-v2's
-    Linear(D, D)-ReLU-Linear(D, 128) without BN (moco/builder.py --mlp) and no predictor."""
+    """(projection, predictor, output dim) of details 5, 6 (official get_mlp; MoCo-v2: moco/builder.py --mlp, no BN)."""
+    def mlp(i, h, o, bias=True):
+        return nn.Sequential(nn.Linear(i, h, bias=bias), nn.BatchNorm1d(h), nn.ReLU(inplace=True), nn.Linear(h, o))
     if head == "moco":
         return nn.Sequential(nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, 128)), nn.Identity(), 128
     if head == "r50":
         return mlp(dim, 2 * dim, dim // 4), mlp(dim // 4, 2 * dim, dim // 4), dim // 4
-    return nn.Identity(), mlp(dim, dim, dim, first_bias=False), dim
+    return nn.Identity(), mlp(dim, dim, dim, bias=False), dim
 
 
 class ISD(nn.Module):
-    """student = predictor(proj(backbone(x))), teacher = its momentum copy without the predictor; the queue of K past
-    teacher keys, their labels (-1 = unknown; only for the purity diagnostic) and the write pointer are buffers."""
+    """student = predictor(proj(backbone(x))), teacher = its momentum copy without the predictor; buffers: the queue of
+    K past teacher keys, their labels (-1 = unknown; only for the purity diagnostic) and the write pointer."""
 
     def __init__(self, args):
         super().__init__()
@@ -259,7 +242,7 @@ class ISD(nn.Module):
 
     @torch.no_grad()
     def momentum_update(self, m):
-        """theta_t <- m theta_t + (1 - m) theta_s over parameters only (Sec. 2); BN buffers stay separate."""
+        """Detail 2: theta_t <- m theta_t + (1 - m) theta_s over parameters only."""
         student = [*self.student.backbone.parameters(), *self.student.proj.parameters()]
         torch._foreach_mul_(list(self.teacher.parameters()), m)
         torch._foreach_add_(list(self.teacher.parameters()), student, alpha=1.0 - m)
@@ -267,12 +250,8 @@ class ISD(nn.Module):
 
 # ------------------------------------------------------------------------------------------------ METHOD: losses
 def isd_loss(q, k, queue, tau_s, tau_t):
-    """ISD loss (Sec. 2): batch-mean KL(softmax(k Q^T / tau_t) || softmax(q Q^T / tau_s)).
-
-    q: [B,D] student queries, k: [B,D] teacher keys, queue: [K,D] anchors; all L2-normalised.
-    Returns a scalar; gradient flows into q only (official KLD with reduction='batchmean').
-    """
-    # METHOD: the teacher's soft neighbourhood over the anchors is the student's target.
+    """Detail 1: batch-mean KL(softmax(k Q^T / tau_t) || softmax(q Q^T / tau_s)) -> scalar, gradient into q only.
+    q: [B, D] student queries, k: [B, D] teacher keys, queue: [K, D] anchors; all L2-normalised."""
     dt = torch.promote_types(q.dtype, torch.float32)  # fp32 (or fp64) logits: autocast off, or it recasts to bf16
     with torch.autocast(q.device.type, enabled=False):
         queue = queue.detach().to(dt)
@@ -283,7 +262,7 @@ def isd_loss(q, k, queue, tau_s, tau_t):
 
 def moco_loss(q, k, queue, tau):
     """MoCo's InfoNCE (He et al. 2020, moco/builder.py): cross-entropy with target 0 over [q.k, q Q^T] / tau, the
-    query's own key as the positive. q, k: [B,D], queue: [K,D], L2-normalised; no gradient into k or the queue."""
+    query's own key as the positive. q, k: [B, D], queue: [K, D], L2-normalised; no gradient into k or the queue."""
     dt = torch.promote_types(q.dtype, torch.float32)
     with torch.autocast(q.device.type, enabled=False):  # fp32 logits, positive and negatives alike
         q, k, queue = q.to(dt), k.detach().to(dt), queue.detach().to(dt)
@@ -302,17 +281,15 @@ def enqueue(model, keys, labels):
 
 @torch.no_grad()
 def purity(keys, labels, queue, queue_labels, top=5):
-    """train_isd_plus.py's diagnostic: the mean share of each key's top-5 queue anchors (by similarity) that carry the
-    key's label, over the keys with a label (>= 0)."""
+    """Detail 8: the mean share of each labelled (>= 0) key's top-5 queue anchors that carry its label."""
     match = (queue_labels[(keys.float() @ queue.T).topk(top, dim=1).indices] == labels[:, None]).float().mean(1)
     return match[labels >= 0].mean().item() if bool((labels >= 0).any()) else float("nan")
 
 
 @torch.no_grad()
 def teacher_keys(teacher, x, seed, world):
-    """ShuffleBN (moco/builder.py _batch_shuffle_ddp / _batch_unshuffle_ddp): the key batch of all ranks is permuted
-    (one seeded permutation, the same on every rank), each rank embeds its slice, and the keys go back to the input
-    order; on one process the permutation mixes the split-BN groups. Returns L2-normalised keys [B, D] of x."""
+    """Detail 4 (moco/builder.py _batch_shuffle_ddp / _batch_unshuffle_ddp): one seeded permutation of all ranks' key
+    batch, the same on every rank; each rank embeds its slice; keys back in input order -> L2-normalised [B, D]."""
     rank = dist.get_rank() if world > 1 else 0
     x_all = gather(x, world)
     perm = torch.randperm(len(x_all), generator=torch.Generator().manual_seed(seed)).to(x.device)
@@ -341,117 +318,90 @@ def lr_factor(args, epoch):
 
 
 # ------------------------------------------------------------------------------------------------ data and evaluation
-def split_names(args):
-    """(SSL training split, k-NN gallery split, k-NN query split) of args.dataset; None: no labelled queries."""
-    if args.dataset == "folder":
-        folders = [d for d in ("train", "test", "val") if os.path.isdir(os.path.join(args.data_root, d))]
-        return ("train", "train", "test") if "train" in folders and len(folders) > 1 else \
-            ("train", "train", None) if folders == ["train"] else ("all", "all", None)
-    return {"stl10": ("train+unlabeled", "train", "test"), "imagenet": ("train", "train", "val"),
-            "imagenet100": ("train", "train", "val")}.get(args.dataset, ("train", "train", "test"))
-
-
 def unbalanced_classes(args, num_classes):
-    """Table 4's classes: 38 (or all, if fewer) drawn with --seed, 8 of 38 large and the rest small -> (large, small)."""
+    """Table 4's classes: 38 (or all, if fewer) drawn with --seed, 8 of 38 large, the rest small -> (large, small)."""
     order = torch.randperm(num_classes, generator=torch.Generator().manual_seed(args.seed)).tolist()[:38]
     large = max(1, round(len(order) * 8 / 38))
     return sorted(order[:large]), sorted(order[large:])
 
 
 def read_subset_file(path, root):
-    """An official unbalanced_dataset/D<n>.txt: 'class names :' wnids, then 'Train Images:' /train/<wnid>/<file>."""
+    """An official unbalanced_dataset/D<n>.txt -> (wnids, image paths, labels = indices into wnids)."""
     lines = [line.strip() for line in open(path)]
-    try:
-        wnids = lines[lines.index("class names :") + 1:lines.index("Train Images:")]
-    except ValueError:
-        raise RunError(f"--subset-file {path}: not an official D<n>.txt ('class names :' ... 'Train Images:')") from None
-    files = [line for line in lines[lines.index("Train Images:") + 1:] if line]
-    labels = [wnids.index(f.split("/")[2]) for f in files]
-    return wnids, [os.path.join(root, "imagenet", f.lstrip("/")) for f in files], labels
+    if "class names :" not in lines or "Train Images:" not in lines:
+        raise RunError(f"--subset-file {path}: not an official D<n>.txt ('class names :' ... 'Train Images:')")
+    wnids = lines[lines.index("class names :") + 1:lines.index("Train Images:")]
+    files = [line for line in lines[lines.index("Train Images:") + 1:] if line]  # /train/<wnid>/<file>
+    paths = [os.path.join(root, "imagenet", f.lstrip("/")) for f in files]
+    return wnids, paths, [wnids.index(f.split("/")[2]) for f in files]
 
 
 def load_data(args, split):
-    """'train' (what SSL trains on), 'gallery' (k-NN gallery, balanced) or 'test' (k-NN queries) of args.dataset as a
-    common.Split; None where there is no labelled split. --unbalanced restricts all three to the study's classes and
-    makes 'train' long-tailed: the large classes keep every image, the small ones 100 / 1300 of theirs."""
-    name = dict(zip(("train", "gallery", "test"), split_names(args)))[split]
+    """'train' (what SSL trains on), 'gallery' (the balanced k-NN gallery) or 'test' (k-NN queries) as a common.Split;
+    None without a labelled split. Detail 9: --unbalanced / --subset-file restrict all three to the study's classes,
+    and 'train' to the large classes' every image and the small ones' 100 / 1300 of theirs."""
+    base, query = "train", {"imagenet": "val", "imagenet100": "val"}.get(args.dataset, "test")
+    if args.dataset == "folder":  # DIR/train [+ DIR/test or DIR/val: labelled k-NN queries], or DIR itself
+        found = [d for d in ("train", "test", "val") if os.path.isdir(os.path.join(args.data_root, d))]
+        base, query = ("train", "test" if len(found) > 1 else None) if "train" in found else ("all", None)
+    name = {"train": "train+unlabeled" if args.dataset == "stl10" else base, "gallery": base, "test": query}[split]
     if name is None:
         return None
     kw = dict(image_size=args.image_size, channels=3) if args.dataset in TENSOR_FORM else {}
     if args.dataset == "synthetic":
         kw["synthetic_size"] = (args.synthetic_n // (4 if split == "test" else 1), 10, args.image_size)
     out = common.load_split(args.dataset, args.data_root, name, **kw)
-    keep = None
     if args.subset_file:
         wnids, paths, labels = read_subset_file(args.subset_file, args.data_root)
         missing = sorted(set(wnids) - set(out.classes))
         if missing:
             raise RunError(f"--subset-file {args.subset_file}: class {missing[0]} is not in the {split} split")
         pick = [out.classes.index(w) for w in wnids]  # in the file's order, as read_subset_file's labels
-        keep = torch.nonzero(torch.isin(out.labels, torch.tensor(pick))).squeeze(1)
         if split == "train":
             return common.Split(out.name, torch.tensor([pick[i] for i in labels]), out.num_classes, out.mean, out.std,
                                 paths=paths, classes=out.classes)
-    elif args.unbalanced:
+        return out.subset(torch.nonzero(torch.isin(out.labels, torch.tensor(pick))).squeeze(1))
+    if args.unbalanced:
         large, small = unbalanced_classes(args, out.num_classes)
         g, keep = torch.Generator().manual_seed(args.seed), []
         for c in large + small:
             idx = torch.nonzero(out.labels == c).squeeze(1)
             n = len(idx) if c in large or split != "train" else max(1, round(len(idx) * 100 / 1300))
             keep.append(idx[torch.randperm(len(idx), generator=g)[:n]])
-        keep = torch.cat(keep).sort().values
-    elif split == "train" and args.train_subset:  # a fixed seeded subset
-        return common.random_subset(out, args.train_subset)
-    return out if keep is None else out.subset(keep)
-
-
-def small_classes(args):
-    """The small classes of an unbalanced run (for knn1_small), else None."""
-    if args.subset_file:
-        names, _, labels = read_subset_file(args.subset_file, args.data_root)
-        counts = torch.bincount(torch.tensor(labels))
-        classes = load_data(args, "test").classes
-        return [classes.index(names[i]) for i in range(len(names)) if counts[i] < counts.max() / 2]
-    return unbalanced_classes(args, load_data(args, "test").num_classes)[1] if args.unbalanced else None
+        return out.subset(torch.cat(keep).sort().values)
+    return common.random_subset(out, args.train_subset) if split == "train" and args.train_subset else out
 
 
 def train_batches(args, data, epoch, skip, device, rank=0, world=1):
-    """This epoch's ((student view, teacher view), labels) on the device from batch `skip` on: a seeded permutation
-    with drop_last (official loader), each rank its slice; views batched on the device, or by DataLoader workers.
-    Batch j draws its randomness from seed_step, so a resumed epoch repeats exactly."""
+    """This epoch's ((student view, teacher view), labels) on the device from batch `skip` on (a seeded permutation,
+    drop_last as the official loader, each rank its slice); batch j seeded by seed_step: a resumed epoch repeats."""
     batches = common.epoch_batches(data["split"].labels, args.batch_size, args.seed, epoch, rank, world, drop_last=True)
-    if "loader" in data:
-        for j, (x, y) in enumerate(common.loader_batches(data["loader"], batches[skip:], device, (args.seed, epoch, rank),
-                                                         skip), skip):
-            seed_step(args, epoch * len(batches) + j, rank)
-            yield x, y
-        return
-    for j, b in enumerate(batches[skip:], skip):
+    source = (common.loader_batches(data["loader"], batches[skip:], device, (args.seed, epoch, rank), skip)
+              if "loader" in data else ((b.to(device), None) for b in batches[skip:]))
+    for j, (x, y) in enumerate(source, skip):
         seed_step(args, epoch * len(batches) + j, rank)
-        x = data["images"][b.to(device)]
-        yield (view(x, args, True, data["split"]), view(x, args, args.teacher_view == "strong", data["split"])), \
-            data["labels"][b.to(device)]
+        if y is None:  # x: the batch's indices into the uint8 images on the device
+            x, y = data["images"][x], data["labels"][x]
+            x = view(x, args, True, data["split"]), view(x, args, args.teacher_view == "strong", data["split"])
+        yield x, y
 
 
 def view(x, args, strong, split):
-    """A batched on-device view of uint8 [B, C, H, W]: RandomResizedCrop + flip, and the MoCo-v2 colour operations when
-    strong (no blur at <= 96 px, as the SSL libraries); normalised."""
+    """Detail 7 on the device: uint8 [B, C, H, W] -> RandomResizedCrop + flip (+ MoCo-v2's colour ops if strong)."""
     v = common.random_hflip(common.random_resized_crop(x, args.image_size, scale=(args.min_scale, 1.0)))
     if strong:
         v = common.random_grayscale(common.color_jitter(v, 0.4, 0.4, 0.4, 0.1, p=0.8), p=0.2)
     return common.normalize(v, split.mean, split.std)
 
 
-def model_from_args(args):
-    """eval.py contract: the ISD module saved in model.pt (no downloads)."""
-    return ISD(args)
+model_from_args = ISD  # eval.py contract: model_from_args(args) -> the module saved in model.pt (no downloads)
 
 
 def eval_transform(args, split, augment=False):
-    """The evaluation input (None = normalise only), or eval_linear.py's RandomResizedCrop + flip when augment."""
-    if split.images is not None:  # small images: the crop scale of the SSL views (ours; 224 px: the official 0.08-1)
-        return (lambda u: common.normalize(common.random_hflip(common.random_resized_crop(
-            u, args.image_size, scale=(args.min_scale, 1.0))), split.mean, split.std)) if augment else None
+    """The evaluation input (None = normalise only), or eval_linear.py's RandomResizedCrop + flip when augment (small
+    images: the crop scale of the SSL views, ours; files: the official 0.08-1)."""
+    if split.images is not None:
+        return (lambda u: view(u, args, False, split)) if augment else None
     return common.dml_train_transform(args.image_size) if augment else \
         common.eval_transform(round(args.image_size * 256 / 224), args.image_size)
 
@@ -468,14 +418,13 @@ def features(model, args, device, split, augment=False):
 
 @torch.no_grad()
 def embeddings(model, args, device):
-    """eval.py contract: L2-normalised backbone features of the test split ("emb", "labels") and of the k-NN gallery
-    ("train_emb", "train_labels"), for the student and ("teacher_" ...) the teacher as official eval_knn.py builds it:
-    teacher weights with the student's BN running statistics. {} without labelled splits. fp32."""
+    """eval.py contract (detail 8): L2-normalised backbone features of the test split ("emb", "labels") and of the
+    gallery ("train_emb", "train_labels"), of the student and ("teacher_" ...) the teacher; {} without labels."""
     gallery, test = load_data(args, "gallery"), load_data(args, "test")
     if test is None or bool((gallery.labels < 0).all()) or bool((test.labels < 0).all()):
         return {}
     model.eval()
-    teacher = copy.deepcopy(model.teacher.backbone)
+    teacher = copy.deepcopy(model.teacher.backbone)  # with the student's BN running statistics (eval_knn.py)
     for t, s in zip(teacher.buffers(), model.student.backbone.buffers()):
         t.copy_(s)
     out = {}
@@ -488,14 +437,20 @@ def embeddings(model, args, device):
 
 
 def evaluate(model, args, device):
-    """k-NN of the student and ('teacher/') the teacher: knn1, knn20, knn200w (%); purity of the queue; with
-    --unbalanced also knn1_small / knn20_small (the small classes only). {} without labelled splits."""
+    """k-NN of the student and ('teacher/') the teacher: knn1, knn20, knn200w (%); purity of the queue; unbalanced runs
+    also knn1_small / knn20_small (the small classes' test images only). {} without labelled splits."""
     out = embeddings(model, args, device)
     if not out:
         return {}
     metrics = common.knn_metrics(out["train_emb"], out["train_labels"], out["emb"], out["labels"])
-    small = small_classes(args)
-    if small is not None:
+    if args.unbalanced:  # the small classes: fewer than half the largest class's images in a subset file
+        test = load_data(args, "test")
+        if args.subset_file:
+            wnids, _, labels = read_subset_file(args.subset_file, args.data_root)
+            counts = torch.bincount(torch.tensor(labels), minlength=len(wnids))
+            small = [test.classes.index(w) for w, n in zip(wnids, counts) if n < counts.max() / 2]
+        else:
+            small = unbalanced_classes(args, test.num_classes)[1]
         mask = torch.isin(out["labels"], torch.tensor(small, device=out["labels"].device))
         for k in (1, 20):
             metrics[f"knn{k}_small"] = 100 * common.knn_accuracy(out["train_emb"], out["train_labels"],
@@ -504,7 +459,8 @@ def evaluate(model, args, device):
         out["teacher_train_emb"], out["train_labels"], out["teacher_emb"], out["labels"]).items()})
     if bool((model.queue_labels >= 0).any()):  # the queue's purity for (up to) 1,024 gallery images' teacher keys
         sub = common.random_subset(load_data(args, "gallery"), 1024)  # fixed: file datasets are sorted by class
-        keys, labels = common.embed(model.teacher, sub, device, workers=args.workers, transform=eval_transform(args, sub))
+        keys, labels = common.embed(model.teacher, sub, device, workers=args.workers,
+                                    transform=eval_transform(args, sub))
         metrics["purity"] = 100 * purity(F.normalize(keys, dim=1), labels, model.queue, model.queue_labels)
     return metrics
 
@@ -608,11 +564,9 @@ RESUME_MAY_CHANGE = ("resume", "max_steps", "device", "workers", "log_every", "d
 def experiment_args(p):
     g = p.add_argument_group("experiment")
     for flag, kind, text in EXPERIMENT_FLAGS:
-        text += preset(flag[2:].replace("-", "_"))
-        if kind is bool:
-            g.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
-        else:
-            g.add_argument(flag, **({"choices": kind} if isinstance(kind, list) else {"type": kind}), help=text)
+        kw = dict(action=argparse.BooleanOptionalAction) if kind is bool else \
+            dict(choices=kind) if isinstance(kind, list) else dict(type=kind)
+        g.add_argument(flag, help=text + preset(flag[2:].replace("-", "_")), **kw)
 
 
 def resolve_args(args):
@@ -647,10 +601,9 @@ def setup(args):
     if (kind == "cuda" and not torch.cuda.is_available()) or (kind == "mps" and not torch.backends.mps.is_available()):
         raise RunError(f"--device {kind}: there is no such device on this machine; use --device cpu (or auto)")
     device = torch.device(f"cuda:{local}" if kind == "cuda" else kind)
-    if kind == "cuda":
+    if kind == "cuda":  # TF32 stays off (PyTorch's default): --no-amp is the papers' fp32, evaluation exact fp32
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = not args.deterministic
-        # TF32 stays off (PyTorch's default): --no-amp is the papers' fp32 and evaluation stays exact fp32
     torch.use_deterministic_algorithms(args.deterministic, warn_only=True)
     if world > 1 and not dist.is_initialized():  # (a teacher trained first runs setup twice)
         dist.init_process_group("nccl" if kind == "cuda" else "gloo", timeout=datetime.timedelta(hours=2))
@@ -690,11 +643,24 @@ def atomic_save(obj, path, text=False):
 
 
 def start_run(args, device, rank):
-    """The run folder (a fresh one under --save-dir, or --resume's own), config.json and TensorBoard (rank 0)."""
+    """The run folder (--resume's own, or the first free --save-dir/--run-name[-2, -3, ...]: never another run's),
+    config.json and TensorBoard (rank 0)."""
     run = dict(dir=None, history=[], tb=None, t0=time.time(), rank=rank)
     if rank != 0:
         return run
-    run["dir"] = os.path.dirname(os.path.abspath(args.resume)) if args.resume else new_run_folder(args)
+    run["dir"] = base = os.path.dirname(os.path.abspath(args.resume)) if args.resume else \
+        os.path.join(args.save_dir, args.run_name)
+    for i in itertools.count(2) if not args.resume else ():
+        try:
+            os.makedirs(args.save_dir, exist_ok=True)
+            os.mkdir(run["dir"])  # atomic: two runs started at once with one name still get two folders
+            break
+        except FileExistsError:
+            run["dir"] = f"{base}-{i}"
+        except OSError as e:
+            raise RunError(f"--save-dir {args.save_dir}: cannot create a run folder there ({e.strerror})")
+    if run["dir"] != base:
+        print(f"note: {base} holds another run; this run writes to {run['dir']}")
     if not os.access(run["dir"], os.W_OK):
         raise RunError(f"cannot write to the run folder {run['dir']}")
     git = shutil.which("git") and subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -712,22 +678,6 @@ def start_run(args, device, rank):
             if args.tensorboard:
                 raise RunError("--tensorboard: the tensorboard package is not installed (pip install tensorboard)")
     return run
-
-
-def new_run_folder(args):
-    """--save-dir/--run-name, or the first free name-2, name-3, ...: never another run's folder."""
-    base = os.path.join(args.save_dir, args.run_name)
-    for path in (base if i == 1 else f"{base}-{i}" for i in itertools.count(1)):
-        try:
-            os.makedirs(args.save_dir, exist_ok=True)
-            os.mkdir(path)  # atomic: two runs started at once with one name still get two folders
-        except FileExistsError:
-            continue
-        except OSError as e:
-            raise RunError(f"--save-dir {args.save_dir}: cannot create a run folder there ({e.strerror})")
-        if path != base:
-            print(f"note: {base} holds another run; this run writes to {path}")
-        return path
 
 
 def load_checkpoint(path, keys=("method", "args", "model", "optimizer", "scheduler", "epoch", "batch", "step")):
@@ -777,8 +727,8 @@ def save_checkpoint(args, run, name, model, **state):
 class Meter:
     """What the loop measures without a host sync inside a step: loss sums stay on the device and are read every
     --log-every steps and before each checkpoint, where a non-finite component is reported with its 1-based step.
-    images/s is the steady state (images after the warm-up steps over their time, evaluation time excluded by
-    paused()), the same number on stdout, in metrics.jsonl and in TensorBoard."""
+    images/s (.rate) is the steady state: images after the warm-up steps over their time up to the last log step,
+    evaluation excluded by paused(); the same number on stdout, in metrics.jsonl and in TensorBoard."""
 
     def __init__(self, args, run, device, step, total):
         self.args, self.run, self.device, self.total = args, run, device, total
@@ -802,12 +752,12 @@ class Meter:
             self.check()
             if self.images:  # the steady-state rate, taken here: time spent after this step never counts
                 self.rate = self.images / max(self.sync() - self.t_warm - self.t_paused, 1e-9)
-            ips, mean = self.rate, dict(zip(self.names, (self.sums / self.count).tolist()))
-            eta = f" | eta {(self.total - step) * self.args.batch_size / ips / 60:.1f} min" if ips else ""
+            mean = dict(zip(self.names, (self.sums / self.count).tolist()))
+            eta = f" | eta {(self.total - step) * self.args.batch_size / self.rate / 60:.1f} min" if self.rate else ""
             if self.run["rank"] == 0:
                 print(f"epoch {epoch + 1} step {step}/{self.total} | " + " ".join(f"{n} {v:.4f}" for n, v in
-                      mean.items()) + f" | lr {lr:.3g} | {ips or 0:.1f} img/s{eta}", flush=True)
-            tensorboard(self.run, "train/", {**mean, "lr": lr, "images_per_s": ips or 0}, step)
+                      mean.items()) + f" | lr {lr:.3g} | {self.rate or 0:.1f} img/s{eta}", flush=True)
+            tensorboard(self.run, "train/", {**mean, "lr": lr, "images_per_s": self.rate or 0}, step)
             self.sums.zero_()
             self.count = 0
 
@@ -821,10 +771,6 @@ class Meter:
         if self.bad is not None and bool((self.bad >= 0).any()):
             step, name = min((s, n) for s, n in zip(self.bad.tolist(), self.names) if s >= 0)
             raise RunError(f"non-finite {name} loss at step {step:.0f}; stopped (last.pt holds the last finished epoch)")
-
-    def images_per_s(self):
-        """Steady-state training images/s up to the last log step (None before the warm-up ended)."""
-        return self.rate
 
     @contextlib.contextmanager
     def paused(self):
@@ -846,9 +792,8 @@ def tensorboard(run, prefix, values, step):
 
 def log_eval(run, meter, epoch, step, metrics):
     """One evaluation (1-based epoch): a line on stdout, a row in metrics.jsonl (rewritten atomically), TensorBoard."""
-    ips = meter.images_per_s()
     run["history"].append(dict(epoch=epoch, step=step, **metrics, elapsed_s=round(time.time() - run["t0"], 1),
-                               images_per_s=None if ips is None else round(ips, 1)))
+                               images_per_s=None if meter.rate is None else round(meter.rate, 1)))
     print(f"eval  epoch {epoch} step {step} | " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()), flush=True)
     if run["dir"] is not None:
         atomic_save("".join(json.dumps(r) + "\n" for r in run["history"]), os.path.join(run["dir"], "metrics.jsonl"),
@@ -866,9 +811,8 @@ def print_summary(run, meter, references=()):
     best = {k: max((r for r in rows if k in r), key=lambda r: r[k]) for k in names}
     print("best epoch of each metric (chosen on the test set): "
           + "  ".join(f"{k} {best[k][k]:.2f} (epoch {best[k]['epoch']})" for k in names))
-    ips = meter.images_per_s()
-    print(f"throughput {f'{ips:.1f} images/s (steady state)' if ips else 'not measured (too few steps)'}, peak memory "
-          f"{meter.peak_memory()}, wall {time.time() - run['t0']:.1f} s; run folder {run['dir']}")
+    print(f"throughput {f'{meter.rate:.1f} images/s (steady state)' if meter.rate else 'not measured (too few steps)'}, "
+          f"peak memory {meter.peak_memory()}, wall {time.time() - run['t0']:.1f} s; run folder {run['dir']}")
     if run["tb"]:
         run["tb"].close()
 

@@ -18,55 +18,52 @@ Usage:
     python eval.py runs/<run>/model.pt                # re-evaluate a saved model
 
 Implementation details (notes = shared/notes/s2sd.md, code = the official code):
- 1. Backbone: torchvision ResNet-50, IMAGENET1K_V1; every BatchNorm2d stays in eval mode (frozen statistics,
-    trainable affine with weight decay), Sec. 4.2 and code resnet50_frozen_normalize.
+ 1. Backbone: torchvision ResNet-50, IMAGENET1K_V1, every BatchNorm2d in eval mode (frozen statistics, trainable
+    affine with weight decay): Sec. 4.2, code resnet50_frozen_normalize.
  2. Base embedding: GAP(layer4) = u (2048-d) -> Linear(2048, d) -> L2-normalise; d = 128 (Table 1).
- 3. Auxiliary spaces g_k: Linear(2048, d_k) -> ReLU -> Linear(d_k, d_k) -> L2-normalise, d_k in {512, 1024,
-    1536, 2048} (MSD, Eq. 5) or {2048} (DSD, Eq. 4); u is NOT detached: the aux losses train the backbone too.
+ 3. Auxiliary spaces g_k: Linear(2048, d_k) -> ReLU -> Linear(d_k, d_k) -> L2-normalise, d_k in {512, 1024, 1536,
+    2048} (MSD, Eq. 5) or {2048} (DSD, Eq. 4); u is NOT detached: the aux losses train the backbone too.
  4. Similarities D = cosine Gram matrices of the normalised vectors, B x B, diagonal included (Sec. 3.2).
  5. Eq. 3 as in the code: KL_k = T^2 sum_i KL(softmax(D^g_k[i]/T) || softmax(D^f[i]/T)) / B, teacher D^g_k
     detached (the dagger of Eq. 3) -> `similarity_kl`.
  6. Eq. 5: L = 1/2 [L_dml(z) + mean_k L_dml(t_k)] + w mean_k KL_k; each branch has its OWN loss instance (own
     margin betas, own miner using that branch's dimension), code target_criteria.
- 7. Eq. 6 (MSDF): + feat_w KL(f || z), f = normalise(u).detach(), on once the optimizer has taken n = 1000
-    steps (Sec. 4.2; code feat_distill_delay). Sec. 4.2: gamma = 50 (CUB, CARS) / 5 (SOP) weighs both terms.
+ 7. Eq. 6 (MSDF): + feat_w KL(f || z), f = normalise(u).detach(), on once the optimizer has taken n = 1000 steps
+    (Sec. 4.2; code feat_distill_delay). Sec. 4.2: gamma = 50 (CUB, CARS) / 5 (SOP) weighs both terms.
  8. "A" variants (MSDFA, Sec. 3.4): the branches and Eq. 6 read u_A = GAP + GMP (a sum, code pool_aggr); the
     evaluated base embedding keeps plain GAP.
- 9. Multisimilarity (Wang et al. 2019) as Revisiting-DML criteria/multisimilarity.py: alpha 2, beta 40, lambda
-    0.5, eps 0.1; mining against the UN-mined sets, anchors with an empty mined set skipped, mean over the rest.
+ 9. Multisimilarity (Wang et al. 2019) as Revisiting-DML criteria/multisimilarity.py: alpha 2, beta 40, lambda 0.5,
+    eps 0.1; mining against the UN-mined sets, anchors with an empty mined set skipped, mean over the rest.
 10. Margin loss (SOP setting): m 0.2, one learnable beta per training class (init 1.2; R-Margin 0.6), distance-
     weighted negatives (Wu et al. 2017) on detached distances clamped at 0.5, uniform positives; divided by the
-    triplets with an active hinge. R-Margin: with probability p (0.4 CUB, 0.35 CARS, 0.15 SOP; the Revisiting-
-    DML runs) an anchor's triplet becomes (a, a, positive): it is pushed from a same-class sample.
-11. Optimisation (code parameters.py): Adam lr 1e-5 everywhere, coupled weight decay 4e-4 on backbone +
-    embedding only, no schedule, 150 epochs, batch 112 = 56 classes x 2 drawn with replacement
-    (common.class_balanced_batches), floor(N / 112) batches per epoch. Betas train at the base lr inside S2SD
-    and at 5e-4 for a plain margin baseline (code criterion.lr).
-12. Evaluation: only z, fp32, test set vs itself (R@1/2/4/8, MAP@R, NMI; shared/notes/metrics.md). Headline =
-    last epoch; the papers' convention (each metric's best epoch over training, chosen on the test set) is
-    printed beside it, labelled.
+    triplets with an active hinge. R-Margin: with probability p (0.4 CUB, 0.35 CARS, 0.15 SOP; the Revisiting-DML
+    runs) an anchor's triplet becomes (a, a, positive): it is pushed from a same-class sample.
+11. Optimisation (code parameters.py): Adam lr 1e-5, coupled weight decay 4e-4 on backbone + embedding only, no
+    schedule, 150 epochs, batch 112 = 56 classes x 2 drawn with replacement (common.class_balanced_batches),
+    floor(N / 112) batches per epoch. Betas train at the base lr inside S2SD, at 5e-4 for a plain margin baseline.
+12. Evaluation: only z, fp32, test set vs itself (R@1/2/4/8, MAP@R, NMI; shared/notes/metrics.md). Headline = last
+    epoch; the papers' convention (each metric's best epoch, chosen on the test set) is printed beside it.
 
 Deviations (from the paper's prose or the official code):
  - Weight decay 4e-4 (code default) where Sec. 4.2 says 4e-5.
- - SOP: w = feat_w = 5 as Sec. 4.2 ("gamma = 5"); the released Sample_Runs.sh runs SOP with w = 50,
-   feat_w = 5 (the alternative: --distill-weight 50).
+ - SOP: w = feat_w = 5 as Sec. 4.2 ("gamma = 5"); the released Sample_Runs.sh uses w = 50 (--distill-weight 50).
  - Eq. 3 writes KL(student, teacher) and sums rows; we use the code's KL(teacher || student) T^2 / B.
- - The code crashes when no MS anchor survives or an anchor has no negative; we return a graph-connected zero
-   / skip the anchor. Distance weights: stabilised by their max over negatives, 1 - d^2/4 clamped at 1e-8 (the
+ - The code crashes when no MS anchor survives or an anchor has no negative; we return a graph-connected zero /
+   skip the anchor. Distance weights are stabilised by their max over negatives, 1 - d^2/4 clamped at 1e-8 (the
    code gives NaN for antipodal pairs); the sampled distribution is otherwise identical.
  - bf16 autocast on CUDA (code: fp32; --no-amp); losses and KLs are fp32 inside autocast.
  - d = 512 runs use the Table 1 protocol: Table 2's learning-rate schedule is not published.
  - Metrics follow notes/metrics.md (query excluded by index, NMI with k = #test classes), not the code's.
- - Offline presets (ours, not in the paper): digits / fashionmnist train a 3-block CNN from scratch
-   (trainable BN) on classes 0-4 and test on 5-9; see PRESETS.
+ - Offline presets (ours): digits / fashionmnist train a 3-block CNN from scratch (trainable BN) on classes 0-4
+   and test on 5-9; see PRESETS.
 
 Paper (Table 1, ResNet-50, d = 128, R@1 / NMI, each metric's best epoch, mean over seeds):
     CUB  MS 62.80/68.55  MS+MSDFA 67.68/71.40  Margin+MSDF 67.58/71.47
     CARS MS 81.68/69.43  MS+MSDFA 85.89/71.45  Margin+MSDF 85.55/71.68
     SOP  MS 77.99/90.00  MS+MSDF  78.59/90.09  Margin+MSDF 79.63/90.70
-Measured here (README "Results"; Fashion-MNIST, classes 0-4 -> 5-9, 3 seeds, R@1 / MAP@R / NMI): MSDFA with
-gamma 5 90.45 / 38.22 / 49.00, gamma 50 89.65 / 36.80 / 43.23, MS baseline 89.87 / 34.89 / 39.79. The paper
-settings: not yet measured (no GPU, no datasets here).
+Measured here (README "Results"; Fashion-MNIST, classes 0-4 -> 5-9, 3 seeds, R@1 / MAP@R / NMI): MSDFA gamma 5
+90.45 / 38.22 / 49.00, gamma 50 89.65 / 36.80 / 43.23, MS baseline 89.87 / 34.89 / 39.79. Paper settings: not
+yet measured (no GPU, no datasets here).
 """
 import argparse
 import contextlib
@@ -95,33 +92,26 @@ _PAPER = dict(arch="resnet50", pretrained=True, image_size=224, epochs=150, lr=1
               batch_size=112, samples_per_class=2, weight_decay=4e-4,  # code --bs 112 (56 x 2); decay: code default
               embed_dim=128, target_dims=[512, 1024, 1536, 2048], temperature=1.0,  # Table 1; Sec. 4.2 dims, T = 1
               feat_delay=1000, crop_scale=0.08, workers=6, eval_every=1, log_every=20)  # Sec. 4.2 n = 1000; code
+_CUB = dict(loss="multisimilarity", variant="msdfa", distill_weight=50.0, feat_weight=50.0, rho_p=0.4)  # Sec. 4.2
+# Offline presets (ours): a 3-block CNN from scratch, classes 0-4 train / 5-9 test; digits < 1 min on 2 cores.
+_DIGITS = dict(_CUB, arch="smallcnn", pretrained=False, image_size=8, epochs=6, batch_size=40, samples_per_class=2,
+               lr=3e-4, weight_decay=4e-4, embed_dim=32, target_dims=[64, 128, 192, 256], temperature=1.0,
+               feat_delay=100, crop_scale=None, workers=0, eval_every=2, log_every=50)
 PRESETS = {
-    "cub": dict(_PAPER, loss="multisimilarity", variant="msdfa", distill_weight=50.0, feat_weight=50.0,  # Sec. 4.2
-                rho_p=0.4),  # Sample_Runs.sh CUB; R-Margin p 0.4 (Revisiting-DML CUB runs)
-    "cars": dict(_PAPER, loss="multisimilarity", variant="msdfa", distill_weight=50.0, feat_weight=50.0,
-                 rho_p=0.35),  # Sample_Runs.sh CARS196; R-Margin p 0.35
+    "cub": dict(_PAPER, **_CUB),  # Sample_Runs.sh CUB; R-Margin p 0.4 (Revisiting-DML CUB runs)
+    "cars": dict(_PAPER, **{**_CUB, "rho_p": 0.35}),  # Sample_Runs.sh CARS196; R-Margin p 0.35
     "sop": dict(_PAPER, loss="margin", variant="msdf", distill_weight=5.0, feat_weight=5.0,  # Sec. 4.2 gamma = 5;
                 rho_p=0.15, log_every=50),  # Sample_Runs.sh SOP: margin + distance miner, no "A"; R-Margin p 0.15
-    "folder": dict(_PAPER, loss="multisimilarity", variant="msdfa", distill_weight=50.0, feat_weight=50.0,
-                   rho_p=0.4),  # ours: your images get the CUB setting
-    # Offline presets (ours): a 3-block CNN from scratch, classes 0-4 train / 5-9 test.
-    "digits": dict(arch="smallcnn", pretrained=False, image_size=8, epochs=6, batch_size=40, samples_per_class=2,
-                   lr=3e-4, weight_decay=4e-4, embed_dim=32, target_dims=[64, 128, 192, 256], temperature=1.0,
-                   loss="multisimilarity", variant="msdfa", distill_weight=50.0, feat_weight=50.0, rho_p=0.4,
-                   feat_delay=100, crop_scale=None, workers=0, eval_every=2, log_every=50),  # < 1 min on 2 cores
-    # ours, ~3 minutes on 2 CPU cores: the 30,000 training images of classes 0-4, the 5,000 test images of 5-9;
-    # 6 epochs of 267 class-balanced batches; Eq. 6 on after 225 steps (~14% of training, as 1000 of ~7800 in the
-    # paper's CUB runs); RandomResizedCrop(0.5-1) + flip; the digits CNN with a pool after each of its first blocks;
-    # gamma = 5 for both terms (the paper's SOP value): CUB's 50 gave no reliable gain over the baseline here, 5 did
-    # on MAP@R and NMI in all 3 seeds (README "Results"; chosen on the test classes, there is no validation split).
-    "fashionmnist": dict(arch="smallcnn", pretrained=False, image_size=28, epochs=6, batch_size=112,
-                         samples_per_class=2, lr=3e-4, weight_decay=4e-4, embed_dim=32, temperature=1.0,
-                         target_dims=[64, 128, 192, 256], loss="multisimilarity", variant="msdfa",
-                         distill_weight=5.0, feat_weight=5.0, rho_p=0.4, feat_delay=225, crop_scale=0.5,
-                         workers=0, eval_every=1, log_every=50),
-    # Throughput benchmark (ours): ResNet-50 at the paper's 224 px and batch 112, random images.
-    "synthetic": dict(_PAPER, pretrained=False, loss="multisimilarity", variant="msdfa", distill_weight=50.0,
-                      feat_weight=50.0, rho_p=0.4, epochs=1, workers=0, log_every=1),
+    "folder": dict(_PAPER, **_CUB),  # ours: your images get the CUB setting
+    "digits": _DIGITS,
+    # ~3 minutes on 2 CPU cores: the 30,000 training images of classes 0-4, the 5,000 test images of 5-9; 6 epochs
+    # of 267 class-balanced batches; Eq. 6 on after 225 steps (~14% of training, as 1000 of ~7800 in the paper's
+    # CUB runs); RandomResizedCrop(0.5-1) + flip; gamma = 5 for both terms (the paper's SOP value): CUB's 50 gave no
+    # reliable gain over the baseline here, 5 did on MAP@R and NMI in all 3 seeds (README "Results"; chosen on the
+    # test classes, there is no validation split).
+    "fashionmnist": dict(_DIGITS, image_size=28, batch_size=112, distill_weight=5.0, feat_weight=5.0, feat_delay=225,
+                         crop_scale=0.5, eval_every=1),
+    "synthetic": dict(_PAPER, **_CUB, pretrained=False, epochs=1, workers=0, log_every=1),  # 224-px throughput
 }
 SYNTHETIC_SIZE = {"train": (448, 56), "test": (112, 28)}  # (N, classes) at --image-size: 4 train steps
 VARIANTS = ("baseline", "dsd", "msd", "msdf", "msdfa")
@@ -131,31 +121,28 @@ VARIANTS = ("baseline", "dsd", "msd", "msdf", "msdfa")
 def get_args(argv=None):
     p = Parser(description="S2SD (Roth et al., ICML 2021): similarity self-distillation for deep metric learning")
     experiment_args(p)
-    m = p.add_argument_group("method")
-    m.add_argument("--variant", choices=VARIANTS, help="baseline | dsd | msd | msdf | msdfa (Sec. 4)" + preset("variant"))
-    m.add_argument("--loss", choices=["multisimilarity", "margin", "rmargin"], help="DML loss of every space"
-                   + preset("loss"))
-    m.add_argument("--arch", choices=["resnet50", "smallcnn"], help="backbone" + preset("arch"))
-    m.add_argument("--pretrained", action=argparse.BooleanOptionalAction, help="ResNet-50 IMAGENET1K_V1 weights"
-                   + preset("pretrained"))
-    m.add_argument("--embed-dim", type=number(int, 1), help="base embedding dim d (Table 1: 128)" + preset("embed_dim"))
-    m.add_argument("--target-dims", type=number(int, 1), nargs="+", help="aux dims (dsd: one)" + preset("target_dims"))
-    m.add_argument("--samples-per-class", type=number(int, 2), help="images per drawn class (>= 2: every anchor needs a "
-                   "positive in its batch)" + preset("samples_per_class"))
-    m.add_argument("--distill-weight", type=number(float, 0), help="w of Eq. 5" + preset("distill_weight"))
-    m.add_argument("--feat-weight", type=number(float, 0), help="feat_w of Eq. 6" + preset("feat_weight"))
-    m.add_argument("--temperature", type=number(float, 0, low_open=True), help="T of Eq. 3" + preset("temperature"))
-    m.add_argument("--feat-delay", type=number(int, 0), help="steps before Eq. 6 is on" + preset("feat_delay"))
-    m.add_argument("--margin-beta", type=number(float, 0), help="initial margin beta (default 1.2; rmargin 0.6)")
-    m.add_argument("--rho-p", type=number(float, 0, 1), help="R-Margin swap probability" + preset("rho_p"))
-    m.add_argument("--beta-lr", type=number(float, 0), help="lr of the margin betas (default --lr inside S2SD, "
-                   "5e-4 for the baseline; code criterion.lr)")
-    m.add_argument("--freeze-bn", action=argparse.BooleanOptionalAction, help="BatchNorm in eval mode while "
-                   "training (default: on for resnet50, off for smallcnn)")
-    m.add_argument("--crop-scale", type=number(float, 0, 1, low_open=True), help="small-image datasets: "
-                   "RandomResizedCrop min scale + flip (no value: no augmentation)" + preset("crop_scale"))
-    m.add_argument("--train-subset", type=number(int, 1), help="train on a seeded random subset of N images"
-                   + preset("train_subset"))
+    add = p.add_argument_group("method").add_argument
+    add("--variant", choices=VARIANTS, help="baseline | dsd | msd | msdf | msdfa (Sec. 4)" + preset("variant"))
+    add("--loss", choices=["multisimilarity", "margin", "rmargin"], help="DML loss of every space" + preset("loss"))
+    add("--arch", choices=["resnet50", "smallcnn"], help="backbone" + preset("arch"))
+    add("--pretrained", action=argparse.BooleanOptionalAction, help="ResNet-50 IMAGENET1K_V1" + preset("pretrained"))
+    add("--embed-dim", type=number(int, 1), help="base embedding dim d (Table 1: 128)" + preset("embed_dim"))
+    add("--target-dims", type=number(int, 1), nargs="+", help="aux dims (dsd: one)" + preset("target_dims"))
+    add("--samples-per-class", type=number(int, 2), help="images per drawn class (>= 2: every anchor needs a positive "
+        "in its batch)" + preset("samples_per_class"))
+    add("--distill-weight", type=number(float, 0), help="w of Eq. 5" + preset("distill_weight"))
+    add("--feat-weight", type=number(float, 0), help="feat_w of Eq. 6" + preset("feat_weight"))
+    add("--temperature", type=number(float, 0, low_open=True), help="T of Eq. 3" + preset("temperature"))
+    add("--feat-delay", type=number(int, 0), help="steps before Eq. 6 is on" + preset("feat_delay"))
+    add("--margin-beta", type=number(float, 0), help="initial margin beta (default 1.2; rmargin 0.6)")
+    add("--rho-p", type=number(float, 0, 1), help="R-Margin swap probability" + preset("rho_p"))
+    add("--beta-lr", type=number(float, 0), help="lr of the margin betas (default --lr inside S2SD, 5e-4 for the "
+        "baseline; code criterion.lr)")
+    add("--freeze-bn", action=argparse.BooleanOptionalAction, help="BatchNorm in eval mode while training (default: "
+        "on for resnet50, off for smallcnn)")
+    add("--crop-scale", type=number(float, 0, 1, low_open=True), help="small-image datasets: RandomResizedCrop min "
+        "scale + flip (no value: no augmentation)" + preset("crop_scale"))
+    add("--train-subset", type=number(int, 1), help="train on a fixed random N images" + preset("train_subset"))
     args = p.parse_args(argv)
     explicit_dims = args.target_dims
     args = resolve_args(args)
@@ -450,11 +437,9 @@ RESUME_MAY_CHANGE = ("resume", "max_steps", "device", "workers", "log_every", "d
 def experiment_args(p):
     g = p.add_argument_group("experiment")
     for flag, kind, text in EXPERIMENT_FLAGS:
-        text += preset(flag[2:].replace("-", "_"))
-        if kind is bool:
-            g.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
-        else:
-            g.add_argument(flag, **({"choices": kind} if isinstance(kind, list) else {"type": kind}), help=text)
+        kw = dict(action=argparse.BooleanOptionalAction) if kind is bool else \
+            dict(choices=kind) if isinstance(kind, list) else dict(type=kind)
+        g.add_argument(flag, help=text + preset(flag[2:].replace("-", "_")), **kw)
 
 
 def resolve_args(args):
@@ -489,10 +474,9 @@ def setup(args):
     if (kind == "cuda" and not torch.cuda.is_available()) or (kind == "mps" and not torch.backends.mps.is_available()):
         raise RunError(f"--device {kind}: there is no such device on this machine; use --device cpu (or auto)")
     device = torch.device(f"cuda:{local}" if kind == "cuda" else kind)
-    if kind == "cuda":
+    if kind == "cuda":  # TF32 stays off (PyTorch's default): --no-amp is the papers' fp32, evaluation exact fp32
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = not args.deterministic
-        # TF32 stays off (PyTorch's default): --no-amp is the papers' fp32 and evaluation stays exact fp32
     torch.use_deterministic_algorithms(args.deterministic, warn_only=True)
     if world > 1 and not dist.is_initialized():  # (a teacher trained first runs setup twice)
         dist.init_process_group("nccl" if kind == "cuda" else "gloo", timeout=datetime.timedelta(hours=2))
@@ -532,11 +516,24 @@ def atomic_save(obj, path, text=False):
 
 
 def start_run(args, device, rank):
-    """The run folder (a fresh one under --save-dir, or --resume's own), config.json and TensorBoard (rank 0)."""
+    """The run folder (--resume's own, or the first free --save-dir/--run-name[-2, -3, ...]: never another run's),
+    config.json and TensorBoard (rank 0)."""
     run = dict(dir=None, history=[], tb=None, t0=time.time(), rank=rank)
     if rank != 0:
         return run
-    run["dir"] = os.path.dirname(os.path.abspath(args.resume)) if args.resume else new_run_folder(args)
+    run["dir"] = base = os.path.dirname(os.path.abspath(args.resume)) if args.resume else \
+        os.path.join(args.save_dir, args.run_name)
+    for i in itertools.count(2) if not args.resume else ():
+        try:
+            os.makedirs(args.save_dir, exist_ok=True)
+            os.mkdir(run["dir"])  # atomic: two runs started at once with one name still get two folders
+            break
+        except FileExistsError:
+            run["dir"] = f"{base}-{i}"
+        except OSError as e:
+            raise RunError(f"--save-dir {args.save_dir}: cannot create a run folder there ({e.strerror})")
+    if run["dir"] != base:
+        print(f"note: {base} holds another run; this run writes to {run['dir']}")
     if not os.access(run["dir"], os.W_OK):
         raise RunError(f"cannot write to the run folder {run['dir']}")
     git = shutil.which("git") and subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -554,22 +551,6 @@ def start_run(args, device, rank):
             if args.tensorboard:
                 raise RunError("--tensorboard: the tensorboard package is not installed (pip install tensorboard)")
     return run
-
-
-def new_run_folder(args):
-    """--save-dir/--run-name, or the first free name-2, name-3, ...: never another run's folder."""
-    base = os.path.join(args.save_dir, args.run_name)
-    for path in (base if i == 1 else f"{base}-{i}" for i in itertools.count(1)):
-        try:
-            os.makedirs(args.save_dir, exist_ok=True)
-            os.mkdir(path)  # atomic: two runs started at once with one name still get two folders
-        except FileExistsError:
-            continue
-        except OSError as e:
-            raise RunError(f"--save-dir {args.save_dir}: cannot create a run folder there ({e.strerror})")
-        if path != base:
-            print(f"note: {base} holds another run; this run writes to {path}")
-        return path
 
 
 def load_checkpoint(path, keys=("method", "args", "model", "optimizer", "scheduler", "epoch", "batch", "step")):
@@ -619,8 +600,8 @@ def save_checkpoint(args, run, name, model, **state):
 class Meter:
     """What the loop measures without a host sync inside a step: loss sums stay on the device and are read every
     --log-every steps and before each checkpoint, where a non-finite component is reported with its 1-based step.
-    images/s is the steady state (images after the warm-up steps over their time, evaluation time excluded by
-    paused()), the same number on stdout, in metrics.jsonl and in TensorBoard."""
+    images/s (.rate) is the steady state: images after the warm-up steps over their time up to the last log step,
+    evaluation excluded by paused(); the same number on stdout, in metrics.jsonl and in TensorBoard."""
 
     def __init__(self, args, run, device, step, total):
         self.args, self.run, self.device, self.total = args, run, device, total
@@ -644,12 +625,12 @@ class Meter:
             self.check()
             if self.images:  # the steady-state rate, taken here: time spent after this step never counts
                 self.rate = self.images / max(self.sync() - self.t_warm - self.t_paused, 1e-9)
-            ips, mean = self.rate, dict(zip(self.names, (self.sums / self.count).tolist()))
-            eta = f" | eta {(self.total - step) * self.args.batch_size / ips / 60:.1f} min" if ips else ""
+            mean = dict(zip(self.names, (self.sums / self.count).tolist()))
+            eta = f" | eta {(self.total - step) * self.args.batch_size / self.rate / 60:.1f} min" if self.rate else ""
             if self.run["rank"] == 0:
                 print(f"epoch {epoch + 1} step {step}/{self.total} | " + " ".join(f"{n} {v:.4f}" for n, v in
-                      mean.items()) + f" | lr {lr:.3g} | {ips or 0:.1f} img/s{eta}", flush=True)
-            tensorboard(self.run, "train/", {**mean, "lr": lr, "images_per_s": ips or 0}, step)
+                      mean.items()) + f" | lr {lr:.3g} | {self.rate or 0:.1f} img/s{eta}", flush=True)
+            tensorboard(self.run, "train/", {**mean, "lr": lr, "images_per_s": self.rate or 0}, step)
             self.sums.zero_()
             self.count = 0
 
@@ -663,10 +644,6 @@ class Meter:
         if self.bad is not None and bool((self.bad >= 0).any()):
             step, name = min((s, n) for s, n in zip(self.bad.tolist(), self.names) if s >= 0)
             raise RunError(f"non-finite {name} loss at step {step:.0f}; stopped (last.pt holds the last finished epoch)")
-
-    def images_per_s(self):
-        """Steady-state training images/s up to the last log step (None before the warm-up ended)."""
-        return self.rate
 
     @contextlib.contextmanager
     def paused(self):
@@ -688,9 +665,8 @@ def tensorboard(run, prefix, values, step):
 
 def log_eval(run, meter, epoch, step, metrics):
     """One evaluation (1-based epoch): a line on stdout, a row in metrics.jsonl (rewritten atomically), TensorBoard."""
-    ips = meter.images_per_s()
     run["history"].append(dict(epoch=epoch, step=step, **metrics, elapsed_s=round(time.time() - run["t0"], 1),
-                               images_per_s=None if ips is None else round(ips, 1)))
+                               images_per_s=None if meter.rate is None else round(meter.rate, 1)))
     print(f"eval  epoch {epoch} step {step} | " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()), flush=True)
     if run["dir"] is not None:
         atomic_save("".join(json.dumps(r) + "\n" for r in run["history"]), os.path.join(run["dir"], "metrics.jsonl"),
@@ -708,9 +684,8 @@ def print_summary(run, meter, references=()):
     best = {k: max((r for r in rows if k in r), key=lambda r: r[k]) for k in names}
     print("best epoch of each metric (chosen on the test set): "
           + "  ".join(f"{k} {best[k][k]:.2f} (epoch {best[k]['epoch']})" for k in names))
-    ips = meter.images_per_s()
-    print(f"throughput {f'{ips:.1f} images/s (steady state)' if ips else 'not measured (too few steps)'}, peak memory "
-          f"{meter.peak_memory()}, wall {time.time() - run['t0']:.1f} s; run folder {run['dir']}")
+    print(f"throughput {f'{meter.rate:.1f} images/s (steady state)' if meter.rate else 'not measured (too few steps)'}, "
+          f"peak memory {meter.peak_memory()}, wall {time.time() - run['t0']:.1f} s; run folder {run['dir']}")
     if run["tb"]:
         run["tb"].close()
 

@@ -2,50 +2,44 @@
 
 F. Tung and G. Mori, "Similarity-Preserving Knowledge Distillation", ICCV 2019. https://arxiv.org/abs/1907.09682
 Benchmark code: HobbitLong/RepDistiller (distiller_zoo/SP.py, train_student.py).
-
 Idea: inputs with similar teacher activations should get similar student activations. Per batch, the student's
 b x b Gram matrix of flattened activation maps, row-L2-normalised (G, Eq. 2-3), must match the teacher's (Eq. 4).
 Only pairwise similarities transfer, so widths and map sizes may differ. The algorithm: step_losses().
 
 Usage:
-    python spkd.py                                  # digits preset, CPU, ~1 min (the teacher is trained + cached first)
-    python spkd.py --dataset cifar10                # paper Sec. 4.1: WRN-40-2 -> WRN-16-2, gamma 3000
-    python spkd.py --dataset cifar100 --teacher-path resnet32x4_vanilla/ckpt_epoch_240.pth   # RepDistiller pair
-    python spkd.py --dataset cifar100 --sp-weight 0 --ce-weight 0.1 --kd-weight 0.9          # the KD baseline
-    python spkd.py --dataset cifar100 --sp-weight 0                                          # the vanilla student
-    python spkd.py --dataset folder --data-root DIR # your images: DIR/train/<class>/, DIR/val/<class>/
-    python spkd.py --dataset synthetic              # throughput, 32 steps (random teacher)
-    python eval.py runs/<run>/model.pt
+  python spkd.py                                  # digits preset, CPU, ~1 min (the teacher is trained + cached first)
+  python spkd.py --dataset cifar10                # paper Sec. 4.1: WRN-40-2 -> WRN-16-2, gamma 3000
+  python spkd.py --dataset cifar100 --teacher-path resnet32x4_vanilla/ckpt_epoch_240.pth   # RepDistiller pair
+  python spkd.py --dataset cifar100 --sp-weight 0 [--ce-weight 0.1 --kd-weight 0.9]   # the student [KD baseline]
+  python spkd.py --dataset folder --data-root DIR # your images: DIR/train/<class>/, DIR/val/<class>/
+  python spkd.py --dataset synthetic              # throughput, 32 steps (random teacher)
+  python eval.py runs/<run>/model.pt
 
 Implementation details:
- 1. L_SP (Eq. 2-4) = sum over layer pairs of ||G_T - G_S||_F^2 / b^2 with G = F.normalize(Q Q^T, dim=1), the
-    row-wise normalisation of RepDistiller distiller_zoo/SP.py; fp32 with autocast off (Q Q^T over 16k-dim rows
-    overflows fp16 and loses precision in bf16).
- 2. --sp-layers last (paper Sec. 4.1: per-block pairs gave no improvement): the last stage's map before pooling
+ 1. L_SP (Eq. 2-4) = sum over layer pairs of ||G_T - G_S||_F^2 / b^2, G = F.normalize(Q Q^T, dim=1) (row-wise, as
+    RepDistiller distiller_zoo/SP.py); fp32, autocast off (Q Q^T over 16k-dim rows overflows fp16, imprecise in bf16).
+ 2. --sp-layers last (Sec. 4.1: per-block pairs gave no improvement): the last stage's map before pooling
     (RepDistiller feat[-2]): the WRN block3 output BEFORE the final BN-ReLU, ResNet/VGG post-ReLU.
- 3. Loss = ce_weight CE + kd_weight T^2 KL(p_t || p_s) + sp_weight L_SP: Eq. 5 plus an optional Hinton term exactly
-    as RepDistiller (gamma CE + alpha KD + beta SP; its SP runs use -r 1 -a 0 -b 3000, T 4; KL summed over classes,
-    mean over the batch). Teacher in eval mode under no_grad. KD baseline (paper): 0.1 CE + 0.9 KD, T 4.
- 4. Teacher: --teacher-path (this repo's model.pt, the benchmark's {"model", "epoch", "accuracy", "optimizer"} pickle,
-    or a bare state_dict; strict load), else trained here with CE under the same recipe and cached in
-    runs/teachers/ under a name that camd.py shares (a teacher trained by either is reused by the other).
- 5. CIFAR zoo = RepDistiller models/{resnet,wrn,vgg}.py (names, shapes, init, forward): the benchmark's teachers
-    load strictly and give the same logits. torchvision resnet18/34/50 for large images.
- 6. Small images on the device (folder: RandomResizedCrop + flip in DataLoader workers); per batch a 4-px pad-crop
-    + flip, normalise, no drop_last: CIFAR-100 pads with zeros (RepDistiller), CIFAR-10 with reflection (the WRN protocol the paper follows: attention-transfer cifar.py
-    Pad(4, padding_mode='reflect')). SGD; lr x decay at the start of each milestone epoch (1-indexed epochs
-    milestone + 1, as RepDistiller).
- 7. Metrics (CAMD's protocol, so SP and CAMD compare): top-1 (error = 100 - top-1); Rank-1 / Rank-2 on the test
-    set (query excluded) with the pooled feature averaged over image + flip, then L2-normalised; fp32.
-
+ 3. Loss = ce_weight CE + kd_weight T^2 KL(p_t || p_s) + sp_weight L_SP: Eq. 5 plus RepDistiller's optional Hinton
+    term (gamma CE + alpha KD + beta SP; its SP runs: -r 1 -a 0 -b 3000, T 4; KL summed over classes, batch mean).
+    Teacher in eval mode under no_grad. KD baseline (paper): 0.1 CE + 0.9 KD, T 4.
+ 4. Teacher: --teacher-path (this repo's model.pt, the benchmark's {"model", "epoch", "accuracy", "optimizer"}
+    pickle, or a bare state_dict; strict), else CE-trained with the same recipe and cached in runs/teachers/ under
+    a name camd.py shares (a teacher trained by either is reused by the other). CIFAR zoo = RepDistiller
+    models/{resnet,wrn,vgg}.py (its teachers load strictly, same logits); torchvision resnet18/34/50 for large images.
+ 5. Small images on the device (folder: RandomResizedCrop + flip in DataLoader workers); per batch a 4-px pad-crop
+    + flip, normalise, no drop_last; CIFAR-100 pads with zeros (RepDistiller), CIFAR-10 by reflection (the WRN
+    protocol the paper follows: attention-transfer cifar.py Pad(4, padding_mode='reflect')). SGD; lr x decay at the
+    start of each milestone epoch (1-indexed epoch milestone + 1, as RepDistiller).
+ 6. Metrics (CAMD's protocol, so SP and CAMD compare): top-1 (error = 100 - top-1); Rank-1 / Rank-2 on the test
+    set (query excluded), the pooled feature averaged over image + flip, L2-normalised; fp32.
 Deviations:
  - sp_loss returns a 0-dim tensor (RepDistiller: shape [1]). Seeds are set (RepDistiller set none).
- - Paper Eq. 1 writes KD as (1-a) CE + 2a T^2 CE(soft); we use the benchmark's weight * T^2 KL form.
- - Weight decay 5e-4 on CIFAR-10 is the WRN / attention-transfer code's value; the paper does not state it.
- - CIFAR-100 lr 0.01 for MobileNet/ShuffleNet students (RepDistiller) does not apply: not in this zoo.
+ - KD is the benchmark's weight * T^2 KL, not paper Eq. 1's (1-a) CE + 2a T^2 CE(soft).
+ - CIFAR-10 weight decay 5e-4 is the WRN / attention-transfer code's; the paper does not state it.
+ - RepDistiller's CIFAR-100 lr 0.01 for MobileNet/ShuffleNet students does not apply: not in this zoo.
  - Global pooling over the whole map (== the official AvgPool2d(8) at 32 px; also valid at other sizes).
  - bf16 autocast on CUDA (the papers: fp32; --no-amp). The digits / fashionmnist / folder / synthetic presets are ours.
-
 Paper (Table 2, CIFAR-10, median top-1 error of 5 runs): WRN-16-2 <- WRN-40-2: 5.52 (KD 5.71, student 6.26).
 RepDistiller CIFAR-100 resnet32x4 -> resnet8x4 (as reported by CRD): SP 72.94, KD 73.33, student 72.50.
 Measured here (README "Results"; Fashion-MNIST, resnet20 -> resnet8, 3 seeds, top-1): SP 87.10, KD 86.33,
@@ -77,30 +71,25 @@ import common
 
 METHOD, DATA_PARALLEL = "spkd", False
 CE_ONLY = dict(ce_weight=1.0, kd_weight=0.0, sp_weight=0.0)  # how this script trains a teacher (or a vanilla student)
-_SP = dict(ce_weight=1.0, kd_weight=0.0, kd_T=4.0, sp_weight=3000.0, sp_layers="last",  # Eq. 5, gamma 3000 (Sec. 4.1);
-           momentum=0.9, weight_decay=5e-4, crop_padding=4, workers=0, eval_every=1)  # RepDistiller -r 1 -a 0 -b 3000
-_CIFAR100 = dict(_SP, teacher_arch="resnet32x4", student_arch="resnet8x4", image_size=32, pad_mode="constant",
-                 epochs=240, batch_size=64, lr=0.05, nesterov=False,  # RepDistiller train_student.py (kd_cifar.md)
-                 lr_milestones=[150, 180, 210], lr_decay=0.1, log_every=100)
+_RD = dict(ce_weight=1.0, kd_weight=0.0, kd_T=4.0, sp_weight=3000.0, sp_layers="last",  # Eq. 5, gamma 3000 (Sec. 4.1);
+           momentum=0.9, weight_decay=5e-4, crop_padding=4, workers=0, eval_every=1,  # RepDistiller -r 1 -a 0 -b 3000
+           teacher_arch="resnet32x4", student_arch="resnet8x4", image_size=32, pad_mode="constant", epochs=240,
+           batch_size=64, lr=0.05, nesterov=False, lr_milestones=[150, 180, 210], lr_decay=0.1,  # RepDistiller
+           log_every=100)  # train_student.py (notes/kd_cifar.md)
 PRESETS = {
-    "cifar10": dict(_SP, teacher_arch="wrn_40_2", student_arch="wrn_16_2", image_size=32,  # paper Table 2, row 3
+    "cifar10": dict(_RD, teacher_arch="wrn_40_2", student_arch="wrn_16_2",  # paper Table 2, row 3
                     epochs=200, batch_size=128, lr=0.1, nesterov=True,  # paper Sec. 4.1 (the WRN protocol [40])
-                    lr_milestones=[60, 120, 160], lr_decay=0.2, pad_mode="reflect", log_every=100),  # ibid.; AT code
-    "cifar100": _CIFAR100,
-    # Offline presets (ours). The teacher recipe matches camd.py's presets, so both scripts share its teacher.
-    "digits": dict(_SP, teacher_arch="resnet14", student_arch="resnet8", image_size=32, pad_mode="constant",
-                   teacher_epochs=8, epochs=8, batch_size=64, lr=0.05, nesterov=False, lr_milestones=[6],
-                   lr_decay=0.1, log_every=50),
-    # ours, ~3 minutes per run on 2 CPU cores: a fixed random 10,000 of the 60,000 training images, the full
-    # 10,000 test images; resnet20 -> resnet8 at 28 px, the CIFAR recipe shortened to 8 epochs (x0.1 after 6);
-    # the teacher recipe matches camd.py's, so both scripts share one teacher per seed.
-    "fashionmnist": dict(_SP, teacher_arch="resnet20", student_arch="resnet8", image_size=28, pad_mode="constant",
-                         teacher_epochs=8, epochs=8, batch_size=64, lr=0.05, nesterov=False, lr_milestones=[6],
-                         lr_decay=0.1, train_subset=10000, eval_every=2, log_every=100),
-    "folder": dict(_SP, teacher_arch="resnet34", student_arch="resnet18", image_size=224, pad_mode="constant",
-                   pretrained=True, epochs=30, batch_size=64, lr=0.01, nesterov=False, lr_milestones=[20, 25],
-                   lr_decay=0.1, workers=8, log_every=50),  # ours: fine-tune ImageNet weights on your classes
-    "synthetic": dict(_CIFAR100, teacher_epochs=0, epochs=2, synthetic_n=1024, log_every=10),  # benchmark pair, 32 px
+                    lr_milestones=[60, 120, 160], lr_decay=0.2, pad_mode="reflect"),  # ibid.; AT code
+    "cifar100": _RD,
+    # Offline presets (ours): the CIFAR recipe in 8 epochs (x0.1 after 6); camd.py's teacher recipe (one shared teacher
+    # per seed). fashionmnist: ~3 minutes per run on 2 CPU cores, a fixed random 10,000 of the 60,000 training images.
+    "digits": dict(_RD, teacher_arch="resnet14", student_arch="resnet8", teacher_epochs=8, epochs=8,
+                   lr_milestones=[6], log_every=50),
+    "fashionmnist": dict(_RD, teacher_arch="resnet20", student_arch="resnet8", image_size=28, teacher_epochs=8,
+                         epochs=8, lr_milestones=[6], train_subset=10000, eval_every=2),
+    "folder": dict(_RD, teacher_arch="resnet34", student_arch="resnet18", image_size=224, pretrained=True, epochs=30,
+                   lr=0.01, lr_milestones=[20, 25], workers=8, log_every=50),  # ours: fine-tune ImageNet weights
+    "synthetic": dict(_RD, teacher_epochs=0, epochs=2, synthetic_n=1024, log_every=10),  # benchmark pair, 32 px
 }
 
 
@@ -111,7 +100,8 @@ def get_args(argv=None):
     m = p.add_argument_group("method")
     teacher_student_args(m)
     m.add_argument("--ce-weight", type=number(float, 0), help="CE weight (RepDistiller -r)" + preset("ce_weight"))
-    m.add_argument("--kd-weight", type=number(float, 0), help="Hinton KD weight (RepDistiller -a)" + preset("kd_weight"))
+    m.add_argument("--kd-weight", type=number(float, 0), help="Hinton KD weight (RepDistiller -a)"
+                   + preset("kd_weight"))
     m.add_argument("--kd-T", type=number(float, 0, low_open=True), help="KD temperature" + preset("kd_T"))
     m.add_argument("--sp-weight", type=number(float, 0), help="gamma of Eq. 5 (RepDistiller -b)" + preset("sp_weight"))
     m.add_argument("--sp-layers", choices=["last", "all"], help="the last stage (paper) or every stage end"
@@ -128,9 +118,12 @@ def get_args(argv=None):
 # forward, so the benchmark's teachers (<arch>_vanilla/ckpt_epoch_240.pth) load strictly and give the same
 # logits. model(x) -> logits; model(x, with_features=True) -> (stage outputs, pooled feature, logits): the last
 # stage output is the map SP uses (RepDistiller feat[-2]), the pooled vector the retrieval / CAMD feature.
+BasicBlock = torchvision.models.resnet.BasicBlock  # = RepDistiller resnet.py's BasicBlock in keys and forward
+
+
 def repdistiller_init(model, linear_std=None):
-    """RepDistiller wrn.py / vgg.py init: conv N(0, sqrt(2 / (k k out))) and bias 0, BN 1 / 0, Linear bias 0 (and
-    weight N(0, linear_std) for vgg), in module order as the official loops."""
+    """RepDistiller wrn.py / vgg.py init, in module order: conv N(0, sqrt(2 / (k k out))), BN weight 1, every bias 0
+    (and, for vgg, Linear weight N(0, linear_std))."""
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             m.weight.data.normal_(0, math.sqrt(2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)))
@@ -142,39 +135,37 @@ def repdistiller_init(model, linear_std=None):
             m.bias.data.zero_()
 
 
-class CifarBasicBlock(nn.Module):
-    """Post-activation BasicBlock (RepDistiller resnet.py): relu(bn2(conv2(relu(bn1(conv1 x)))) + shortcut)."""
+def forward_stages(x, stages, pool, classifier, with_features):
+    """The zoo's forward after the stem: the stages in turn (their outputs: the features), pool, classifier."""
+    feats = []
+    for stage in stages:
+        x = stage(x)
+        feats.append(x)
+    pooled = pool(x)
+    logits = classifier(pooled)
+    return (feats, pooled, logits) if with_features else logits
 
-    def __init__(self, inplanes, planes, stride=1, downsample=None):
-        super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.downsample = downsample
 
-    def forward(self, x):
-        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
-        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
+def global_avg_pool(x):  # == RepDistiller's AvgPool2d(8) on the 8x8 map of 32-px input
+    return F.avg_pool2d(x, x.shape[-2:]).flatten(1)
 
 
 class CifarResNet(nn.Module):
-    """resnet8..110 (widths 16|16/32/64) and resnet8x4/32x4 (widths 32|64/128/256); n = (depth-2)/6 blocks per stage."""
+    """resnet8..110 (widths 16|16/32/64) and resnet8x4/32x4 (widths 32|64/128/256); n = (depth-2)/6 post-activation
+    BasicBlocks per stage: relu(bn2(conv2(relu(bn1(conv1 x)))) + shortcut)."""
 
     def __init__(self, depth, widths, num_classes):
         super().__init__()
         n = (depth - 2) // 6
         self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
-        inplanes = widths[0]
-        for i, (planes, stride) in enumerate(zip(widths[1:], (1, 2, 2))):
+        for i, (inplanes, planes, stride) in enumerate(zip(widths, widths[1:], (1, 2, 2))):
             # 1x1 conv + BN shortcut whenever the shape changes (also layer1 of the x4 nets: 32 -> 64, stride 1)
             down = None
             if stride != 1 or inplanes != planes:
                 down = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
-            blocks = [CifarBasicBlock(inplanes, planes, stride, down)] + [CifarBasicBlock(planes, planes) for _ in range(n - 1)]
+            blocks = [BasicBlock(inplanes, planes, stride, down)] + [BasicBlock(planes, planes) for _ in range(n - 1)]
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
-            inplanes = planes
         self.fc = nn.Linear(widths[3], num_classes)
         for m in self.modules():  # RepDistiller init: Kaiming normal fan_out, BN 1/0, Linear default
             if isinstance(m, nn.Conv2d):
@@ -183,15 +174,9 @@ class CifarResNet(nn.Module):
                 nn.init.constant_(m.weight, 1)
                 nn.init.constant_(m.bias, 0)
 
-    def forward(self, x, with_features=False):
+    def forward(self, x, with_features=False):  # post-ReLU stage outputs (RepDistiller f1, f2, f3 with preact=False)
         x = F.relu(self.bn1(self.conv1(x)))
-        feats = []
-        for layer in (self.layer1, self.layer2, self.layer3):
-            x = layer(x)
-            feats.append(x)  # post-ReLU stage outputs (RepDistiller f1, f2, f3 with preact=False)
-        pooled = F.avg_pool2d(x, x.shape[-2:]).flatten(1)  # == AvgPool2d(8) on the 8x8 map of 32-px input
-        logits = self.fc(pooled)
-        return (feats, pooled, logits) if with_features else logits
+        return forward_stages(x, (self.layer1, self.layer2, self.layer3), global_avg_pool, self.fc, with_features)
 
 
 class WRNBlock(nn.Module):
@@ -204,51 +189,33 @@ class WRNBlock(nn.Module):
         self.conv1 = nn.Conv2d(in_planes, out_planes, 3, stride, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_planes)
         self.conv2 = nn.Conv2d(out_planes, out_planes, 3, 1, 1, bias=False)
-        self.equal_in_out = in_planes == out_planes
-        self.convShortcut = None if self.equal_in_out else nn.Conv2d(in_planes, out_planes, 1, stride, 0, bias=False)
+        self.convShortcut = None if in_planes == out_planes else nn.Conv2d(in_planes, out_planes, 1, stride, bias=False)
 
     def forward(self, x):
         a = F.relu(self.bn1(x))
         out = self.conv2(F.relu(self.bn2(self.conv1(a))))
-        return out + (x if self.equal_in_out else self.convShortcut(a))
-
-
-class WRNGroup(nn.Module):
-    """RepDistiller's NetworkBlock: holds the blocks under `.layer` (state_dict keys block1.layer.0.*)."""
-
-    def __init__(self, n, in_planes, out_planes, stride):
-        super().__init__()
-        self.layer = nn.Sequential(*[WRNBlock(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1)
-                                     for i in range(n)])
-
-    def forward(self, x):
-        return self.layer(x)
+        return out + (x if self.convShortcut is None else self.convShortcut(a))
 
 
 class WideResNet(nn.Module):
-    """WRN-d-k: n = (d-4)/6 blocks per group, widths 16 | 16k/32k/64k, strides 1/2/2, final BN-ReLU, pool, fc."""
+    """WRN-d-k: n = (d-4)/6 blocks per group, widths 16 | 16k/32k/64k, strides 1/2/2, final BN-ReLU, pool, fc. Each
+    group keeps its blocks under "layer" (RepDistiller's NetworkBlock: keys block1.layer.0.*)."""
 
     def __init__(self, depth, widen, num_classes):
         super().__init__()
         n, c = (depth - 4) // 6, [16, 16 * widen, 32 * widen, 64 * widen]
         self.conv1 = nn.Conv2d(3, c[0], 3, 1, 1, bias=False)
-        self.block1 = WRNGroup(n, c[0], c[1], 1)
-        self.block2 = WRNGroup(n, c[1], c[2], 2)
-        self.block3 = WRNGroup(n, c[2], c[3], 2)
+        for g, stride in enumerate((1, 2, 2)):
+            blocks = [WRNBlock(c[g] if i == 0 else c[g + 1], c[g + 1], stride if i == 0 else 1) for i in range(n)]
+            setattr(self, f"block{g + 1}", nn.ModuleDict({"layer": nn.Sequential(*blocks)}))
         self.bn1 = nn.BatchNorm2d(c[3])
         self.fc = nn.Linear(c[3], num_classes)
         repdistiller_init(self)
 
-    def forward(self, x, with_features=False):
-        x = self.conv1(x)
-        feats = []
-        for group in (self.block1, self.block2, self.block3):
-            x = group(x)
-            feats.append(x)  # block outputs; the last is BEFORE the final BN-ReLU (RepDistiller f3)
-        x = F.relu(self.bn1(x))
-        pooled = F.avg_pool2d(x, x.shape[-2:]).flatten(1)  # == F.avg_pool2d(out, 8) at 32 px
-        logits = self.fc(pooled)
-        return (feats, pooled, logits) if with_features else logits
+    def forward(self, x, with_features=False):  # group outputs; the last is BEFORE the final BN-ReLU (RepDistiller f3)
+        groups = (self.block1["layer"], self.block2["layer"], self.block3["layer"])
+        return forward_stages(self.conv1(x), groups, lambda x: global_avg_pool(F.relu(self.bn1(x))), self.fc,
+                              with_features)
 
 
 class CifarVGG(nn.Module):
@@ -285,48 +252,39 @@ class TorchvisionResNet(torchvision.models.ResNet):
 
     def forward(self, x, with_features=False):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        feats = []
-        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
-            x = layer(x)
-            feats.append(x)
-        pooled = torch.flatten(self.avgpool(x), 1)
-        logits = self.fc(pooled)
-        return (feats, pooled, logits) if with_features else logits
+        layers = (self.layer1, self.layer2, self.layer3, self.layer4)
+        return forward_stages(x, layers, lambda x: torch.flatten(self.avgpool(x), 1), self.fc, with_features)
 
 
-CIFAR_ARCHS = {
-    "resnet8": (CifarResNet, 8, [16, 16, 32, 64]), "resnet14": (CifarResNet, 14, [16, 16, 32, 64]),
-    "resnet20": (CifarResNet, 20, [16, 16, 32, 64]), "resnet32": (CifarResNet, 32, [16, 16, 32, 64]),
-    "resnet44": (CifarResNet, 44, [16, 16, 32, 64]), "resnet56": (CifarResNet, 56, [16, 16, 32, 64]),
-    "resnet110": (CifarResNet, 110, [16, 16, 32, 64]),
+CIFAR_ARCHS = {  # name: (class, constructor arguments before num_classes)
+    **{f"resnet{d}": (CifarResNet, d, [16, 16, 32, 64]) for d in (8, 14, 20, 32, 44, 56, 110)},
     "resnet8x4": (CifarResNet, 8, [32, 64, 128, 256]), "resnet32x4": (CifarResNet, 32, [32, 64, 128, 256]),
-    "wrn_16_1": (WideResNet, 16, 1), "wrn_16_2": (WideResNet, 16, 2), "wrn_40_1": (WideResNet, 40, 1),
-    "wrn_40_2": (WideResNet, 40, 2), "wrn_16_8": (WideResNet, 16, 8),
-    "vgg8": (CifarVGG, None, [[64], [128], [256], [512], [512]]),  # RepDistiller cfg 'S' (+BN)
-    "vgg13": (CifarVGG, None, [[64, 64], [128, 128], [256, 256], [512, 512], [512, 512]]),  # cfg 'B' (+BN)
+    **{f"wrn_{d}_{k}": (WideResNet, d, k) for d, k in ((16, 1), (16, 2), (40, 1), (40, 2), (16, 8))},
+    "vgg8": (CifarVGG, [[64], [128], [256], [512], [512]]),  # RepDistiller cfg 'S' (+BN)
+    "vgg13": (CifarVGG, [[64, 64], [128, 128], [256, 256], [512, 512], [512, 512]]),  # cfg 'B' (+BN)
 }
-TV_ARCHS = {"resnet18": (torchvision.models.resnet.BasicBlock, [2, 2, 2, 2], "ResNet18_Weights"),
-            "resnet34": (torchvision.models.resnet.BasicBlock, [3, 4, 6, 3], "ResNet34_Weights"),
+TV_ARCHS = {"resnet18": (BasicBlock, [2, 2, 2, 2], "ResNet18_Weights"),
+            "resnet34": (BasicBlock, [3, 4, 6, 3], "ResNet34_Weights"),
             "resnet50": (torchvision.models.resnet.Bottleneck, [3, 4, 6, 3], "ResNet50_Weights")}
 ARCHS = tuple(CIFAR_ARCHS) + tuple(TV_ARCHS)
 
 
 def build_model(arch, num_classes, pretrained=False):
     """Zoo constructor. CIFAR archs: RepDistiller-compatible. resnet18/34/50: torchvision (weights=None unless
-    pretrained=True, then ImageNet weights for everything but a re-sized fc). Unknown arch -> ValueError."""
+    pretrained=True, then ImageNet weights for everything but a re-sized fc). Unknown arch -> RunError."""
     if arch in CIFAR_ARCHS:
-        cls, depth, spec = CIFAR_ARCHS[arch]
-        return cls(spec, num_classes) if cls is CifarVGG else cls(depth, spec, num_classes)
-    if arch in TV_ARCHS:
-        block, layers, weights_name = TV_ARCHS[arch]
-        model = TorchvisionResNet(block, layers, num_classes=num_classes)
-        if pretrained:
-            state = getattr(torchvision.models, weights_name).IMAGENET1K_V1.get_state_dict(progress=True)
-            if state["fc.weight"].shape[0] != num_classes:
-                state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-            model.load_state_dict(state, strict=False)
-        return model
-    raise RunError(f"unknown architecture '{arch}' (choose from {', '.join(ARCHS)})")
+        cls, *spec = CIFAR_ARCHS[arch]
+        return cls(*spec, num_classes)
+    if arch not in TV_ARCHS:
+        raise RunError(f"unknown architecture '{arch}' (choose from {', '.join(ARCHS)})")
+    block, layers, weights_name = TV_ARCHS[arch]
+    model = TorchvisionResNet(block, layers, num_classes=num_classes)
+    if pretrained:
+        state = getattr(torchvision.models, weights_name).IMAGENET1K_V1.get_state_dict(progress=True)
+        if state["fc.weight"].shape[0] != num_classes:
+            state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        model.load_state_dict(state, strict=False)
+    return model
 
 
 def teacher_student_args(m):
@@ -344,7 +302,8 @@ def teacher_student_args(m):
     m.add_argument("--lr-milestones", type=number(int, 1), nargs="*", help="lr *= --lr-decay after these epochs"
                    + preset("lr_milestones"))
     m.add_argument("--lr-decay", type=number(float, 0, 1), help="step factor" + preset("lr_decay"))
-    m.add_argument("--crop-padding", type=number(int, 0), help="pad-crop pixels (small images)" + preset("crop_padding"))
+    m.add_argument("--crop-padding", type=number(int, 0), help="pad-crop pixels (small images)"
+                   + preset("crop_padding"))
     m.add_argument("--pad-mode", choices=["constant", "reflect"], help="pad-crop fill" + preset("pad_mode"))
     m.add_argument("--train-subset", type=number(int, 1), help="train on a fixed random subset of N images"
                    + preset("train_subset"))
@@ -396,8 +355,8 @@ def train_batches(args, data, epoch, skip, device, rank=0, world=1):
     drop = epoch_length(len(data["split"]), args.batch_size, world)[1]
     batches = common.epoch_batches(data["split"].labels, args.batch_size, args.seed, epoch, rank, world, drop_last=drop)
     if "loader" in data:
-        for j, (x, y) in enumerate(common.loader_batches(data["loader"], batches[skip:], device, (args.seed, epoch, rank),
-                                                         skip), skip):
+        loaded = common.loader_batches(data["loader"], batches[skip:], device, (args.seed, epoch, rank), skip)
+        for j, (x, y) in enumerate(loaded, skip):
             seed_step(args, epoch * len(batches) + j, rank)
             yield x, y
         return
@@ -432,8 +391,9 @@ def evaluate(model, args, device):
             "Rank-1": rank["R@1"], "Rank-2": rank["R@2"]}
 
 
-TEACHER_RECIPE = ("dataset", "teacher_arch", "teacher_epochs", "batch_size", "lr", "weight_decay", "momentum", "nesterov",
-                  "lr_milestones", "lr_decay", "image_size", "crop_padding", "pad_mode", "train_subset", "pretrained", "seed")
+TEACHER_RECIPE = ("dataset", "teacher_arch", "teacher_epochs", "batch_size", "lr", "weight_decay", "momentum",
+                  "nesterov", "lr_milestones", "lr_decay", "image_size", "crop_padding", "pad_mode", "train_subset",
+                  "pretrained", "seed")
 
 
 def teacher_folder(args):
@@ -461,9 +421,10 @@ def load_teacher(path, arch, num_classes):
                        f"(a cached teacher is then trained again) or pass another --teacher-path") from None
     state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise RunError(f"teacher checkpoint {path}: no state_dict in it (expected a dict with 'model', or a state_dict)")
+        raise RunError(f"teacher checkpoint {path}: no state_dict in it (expected a dict with 'model', or a "
+                       "state_dict)")
     state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
-    model, bad = build_model(arch, num_classes), []
+    model = build_model(arch, num_classes)
     own = model.state_dict()
     bad = [k for k in own if k not in state or state[k].shape != own[k].shape] + [k for k in state if k not in own]
     if bad:
@@ -511,8 +472,7 @@ def get_teacher(args, device, rank, world):
             print(f"teacher: training {args.teacher_arch} with CE for {args.teacher_epochs} epochs in {folder}")
             run(argparse.Namespace(**{**vars(args), **CE_ONLY, "student_arch": args.teacher_arch, "max_steps": None,
                                       "epochs": args.teacher_epochs, "save_dir": os.path.dirname(folder),
-                                      "run_name": os.path.basename(folder), "tensorboard": False,
-                                      "resume": last}))
+                                      "run_name": os.path.basename(folder), "tensorboard": False, "resume": last}))
             if world > 1:
                 dist.barrier()  # rank 0 writes model.pt
         print(f"teacher: {os.path.join(folder, 'model.pt')}")
@@ -524,17 +484,12 @@ def get_teacher(args, device, rank, world):
 # ------------------------------------------------------------------------------------------------ METHOD: losses
 def sp_loss(f_s, f_t):
     """Similarity-preserving loss, Eq. 2-4 for one layer pair (RepDistiller Similarity.similarity_loss).
-
-    f_s: [b, ...] student, f_t: [b, ...] teacher activations (any trailing shapes). Returns a 0-dim tensor (fp32;
-    fp64 for fp64 input) ||G_t - G_s||_F^2 / b^2 with G = row-L2-normalised Q Q^T, Q = A.reshape(b, -1).
-    """
-    # METHOD: b x b similarity matrices in fp32 (autocast off: Q Q^T over chw-dim rows overflows fp16)
-    with torch.autocast(f_s.device.type, enabled=False):
-        b = f_s.shape[0]
-        dt = torch.promote_types(f_s.dtype, torch.float32)  # fp16/bf16 -> fp32, fp64 stays fp64
+    f_s, f_t: [b, ...] student / teacher activations (any trailing shapes). Returns the 0-dim ||G_t - G_s||_F^2 / b^2,
+    G = row-L2-normalised Q Q^T, Q = A.reshape(b, -1), in fp32 (fp64 for fp64 input)."""
+    with torch.autocast(f_s.device.type, enabled=False):  # METHOD: in fp32 (Q Q^T over chw-dim rows overflows fp16)
+        b, dt = f_s.shape[0], torch.promote_types(f_s.dtype, torch.float32)  # fp16/bf16 -> fp32, fp64 stays fp64
         q_s, q_t = f_s.reshape(b, -1).to(dt), f_t.reshape(b, -1).to(dt)
-        g_s = F.normalize(q_s @ q_s.t(), dim=1)  # Eq. 3
-        g_t = F.normalize(q_t @ q_t.t(), dim=1)  # Eq. 2
+        g_s, g_t = F.normalize(q_s @ q_s.t(), dim=1), F.normalize(q_t @ q_t.t(), dim=1)  # Eq. 3, Eq. 2
         return (g_t - g_s).pow(2).sum() / (b * b)  # Eq. 4
 
 
@@ -543,8 +498,7 @@ def kd_loss(logits_s, logits_t, T):
     (RepDistiller DistillKL). logits_*: [b, classes]. Returns a 0-dim fp32 (fp64 for fp64 input) tensor."""
     with torch.autocast(logits_s.device.type, enabled=False):
         dt = torch.promote_types(logits_s.dtype, torch.float32)
-        log_p_s = F.log_softmax(logits_s.to(dt) / T, dim=1)
-        log_p_t = F.log_softmax(logits_t.to(dt) / T, dim=1)
+        log_p_s, log_p_t = (F.log_softmax(z.to(dt) / T, dim=1) for z in (logits_s, logits_t))
         return (log_p_t.exp() * (log_p_t - log_p_s)).sum(1).mean() * T * T
 
 
@@ -626,11 +580,9 @@ RESUME_MAY_CHANGE = ("resume", "max_steps", "device", "workers", "log_every", "d
 def experiment_args(p):
     g = p.add_argument_group("experiment")
     for flag, kind, text in EXPERIMENT_FLAGS:
-        text += preset(flag[2:].replace("-", "_"))
-        if kind is bool:
-            g.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
-        else:
-            g.add_argument(flag, **({"choices": kind} if isinstance(kind, list) else {"type": kind}), help=text)
+        kw = dict(action=argparse.BooleanOptionalAction) if kind is bool else \
+            dict(choices=kind) if isinstance(kind, list) else dict(type=kind)
+        g.add_argument(flag, help=text + preset(flag[2:].replace("-", "_")), **kw)
 
 
 def resolve_args(args):
@@ -665,10 +617,9 @@ def setup(args):
     if (kind == "cuda" and not torch.cuda.is_available()) or (kind == "mps" and not torch.backends.mps.is_available()):
         raise RunError(f"--device {kind}: there is no such device on this machine; use --device cpu (or auto)")
     device = torch.device(f"cuda:{local}" if kind == "cuda" else kind)
-    if kind == "cuda":
+    if kind == "cuda":  # TF32 stays off (PyTorch's default): --no-amp is the papers' fp32, evaluation exact fp32
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = not args.deterministic
-        # TF32 stays off (PyTorch's default): --no-amp is the papers' fp32 and evaluation stays exact fp32
     torch.use_deterministic_algorithms(args.deterministic, warn_only=True)
     if world > 1 and not dist.is_initialized():  # (a teacher trained first runs setup twice)
         dist.init_process_group("nccl" if kind == "cuda" else "gloo", timeout=datetime.timedelta(hours=2))
@@ -708,11 +659,24 @@ def atomic_save(obj, path, text=False):
 
 
 def start_run(args, device, rank):
-    """The run folder (a fresh one under --save-dir, or --resume's own), config.json and TensorBoard (rank 0)."""
+    """The run folder (--resume's own, or the first free --save-dir/--run-name[-2, -3, ...]: never another run's),
+    config.json and TensorBoard (rank 0)."""
     run = dict(dir=None, history=[], tb=None, t0=time.time(), rank=rank)
     if rank != 0:
         return run
-    run["dir"] = os.path.dirname(os.path.abspath(args.resume)) if args.resume else new_run_folder(args)
+    run["dir"] = base = os.path.dirname(os.path.abspath(args.resume)) if args.resume else \
+        os.path.join(args.save_dir, args.run_name)
+    for i in itertools.count(2) if not args.resume else ():
+        try:
+            os.makedirs(args.save_dir, exist_ok=True)
+            os.mkdir(run["dir"])  # atomic: two runs started at once with one name still get two folders
+            break
+        except FileExistsError:
+            run["dir"] = f"{base}-{i}"
+        except OSError as e:
+            raise RunError(f"--save-dir {args.save_dir}: cannot create a run folder there ({e.strerror})")
+    if run["dir"] != base:
+        print(f"note: {base} holds another run; this run writes to {run['dir']}")
     if not os.access(run["dir"], os.W_OK):
         raise RunError(f"cannot write to the run folder {run['dir']}")
     git = shutil.which("git") and subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -730,22 +694,6 @@ def start_run(args, device, rank):
             if args.tensorboard:
                 raise RunError("--tensorboard: the tensorboard package is not installed (pip install tensorboard)")
     return run
-
-
-def new_run_folder(args):
-    """--save-dir/--run-name, or the first free name-2, name-3, ...: never another run's folder."""
-    base = os.path.join(args.save_dir, args.run_name)
-    for path in (base if i == 1 else f"{base}-{i}" for i in itertools.count(1)):
-        try:
-            os.makedirs(args.save_dir, exist_ok=True)
-            os.mkdir(path)  # atomic: two runs started at once with one name still get two folders
-        except FileExistsError:
-            continue
-        except OSError as e:
-            raise RunError(f"--save-dir {args.save_dir}: cannot create a run folder there ({e.strerror})")
-        if path != base:
-            print(f"note: {base} holds another run; this run writes to {path}")
-        return path
 
 
 def load_checkpoint(path, keys=("method", "args", "model", "optimizer", "scheduler", "epoch", "batch", "step")):
@@ -795,8 +743,8 @@ def save_checkpoint(args, run, name, model, **state):
 class Meter:
     """What the loop measures without a host sync inside a step: loss sums stay on the device and are read every
     --log-every steps and before each checkpoint, where a non-finite component is reported with its 1-based step.
-    images/s is the steady state (images after the warm-up steps over their time, evaluation time excluded by
-    paused()), the same number on stdout, in metrics.jsonl and in TensorBoard."""
+    images/s (.rate) is the steady state: images after the warm-up steps over their time up to the last log step,
+    evaluation excluded by paused(); the same number on stdout, in metrics.jsonl and in TensorBoard."""
 
     def __init__(self, args, run, device, step, total):
         self.args, self.run, self.device, self.total = args, run, device, total
@@ -820,12 +768,12 @@ class Meter:
             self.check()
             if self.images:  # the steady-state rate, taken here: time spent after this step never counts
                 self.rate = self.images / max(self.sync() - self.t_warm - self.t_paused, 1e-9)
-            ips, mean = self.rate, dict(zip(self.names, (self.sums / self.count).tolist()))
-            eta = f" | eta {(self.total - step) * self.args.batch_size / ips / 60:.1f} min" if ips else ""
+            mean = dict(zip(self.names, (self.sums / self.count).tolist()))
+            eta = f" | eta {(self.total - step) * self.args.batch_size / self.rate / 60:.1f} min" if self.rate else ""
             if self.run["rank"] == 0:
                 print(f"epoch {epoch + 1} step {step}/{self.total} | " + " ".join(f"{n} {v:.4f}" for n, v in
-                      mean.items()) + f" | lr {lr:.3g} | {ips or 0:.1f} img/s{eta}", flush=True)
-            tensorboard(self.run, "train/", {**mean, "lr": lr, "images_per_s": ips or 0}, step)
+                      mean.items()) + f" | lr {lr:.3g} | {self.rate or 0:.1f} img/s{eta}", flush=True)
+            tensorboard(self.run, "train/", {**mean, "lr": lr, "images_per_s": self.rate or 0}, step)
             self.sums.zero_()
             self.count = 0
 
@@ -839,10 +787,6 @@ class Meter:
         if self.bad is not None and bool((self.bad >= 0).any()):
             step, name = min((s, n) for s, n in zip(self.bad.tolist(), self.names) if s >= 0)
             raise RunError(f"non-finite {name} loss at step {step:.0f}; stopped (last.pt holds the last finished epoch)")
-
-    def images_per_s(self):
-        """Steady-state training images/s up to the last log step (None before the warm-up ended)."""
-        return self.rate
 
     @contextlib.contextmanager
     def paused(self):
@@ -864,9 +808,8 @@ def tensorboard(run, prefix, values, step):
 
 def log_eval(run, meter, epoch, step, metrics):
     """One evaluation (1-based epoch): a line on stdout, a row in metrics.jsonl (rewritten atomically), TensorBoard."""
-    ips = meter.images_per_s()
     run["history"].append(dict(epoch=epoch, step=step, **metrics, elapsed_s=round(time.time() - run["t0"], 1),
-                               images_per_s=None if ips is None else round(ips, 1)))
+                               images_per_s=None if meter.rate is None else round(meter.rate, 1)))
     print(f"eval  epoch {epoch} step {step} | " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()), flush=True)
     if run["dir"] is not None:
         atomic_save("".join(json.dumps(r) + "\n" for r in run["history"]), os.path.join(run["dir"], "metrics.jsonl"),
@@ -884,9 +827,8 @@ def print_summary(run, meter, references=()):
     best = {k: max((r for r in rows if k in r), key=lambda r: r[k]) for k in names}
     print("best epoch of each metric (chosen on the test set): "
           + "  ".join(f"{k} {best[k][k]:.2f} (epoch {best[k]['epoch']})" for k in names))
-    ips = meter.images_per_s()
-    print(f"throughput {f'{ips:.1f} images/s (steady state)' if ips else 'not measured (too few steps)'}, peak memory "
-          f"{meter.peak_memory()}, wall {time.time() - run['t0']:.1f} s; run folder {run['dir']}")
+    print(f"throughput {f'{meter.rate:.1f} images/s (steady state)' if meter.rate else 'not measured (too few steps)'}, "
+          f"peak memory {meter.peak_memory()}, wall {time.time() - run['t0']:.1f} s; run folder {run['dir']}")
     if run["tb"]:
         run["tb"].close()
 
