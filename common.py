@@ -17,6 +17,7 @@ import sys
 import tarfile
 import time
 import urllib.request
+import zipfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -138,18 +139,22 @@ def extract(archive, dest_root, top_folder):
     tmp, final = os.path.join(dest_root, f".extracting-{top_folder}"), os.path.join(dest_root, top_folder)
     shutil.rmtree(tmp, ignore_errors=True)
     print(f"extracting {archive} ...", file=sys.stderr)
-    is_zip = archive.endswith(".zip")  # anything else: a tar archive, any compression
-    safe = {} if is_zip or not hasattr(tarfile, "data_filter") else {"filter": "data"}
-    shutil.unpack_archive(archive, tmp, "zip" if is_zip else "tar", **safe)
+    if archive.endswith(".zip"):  # zipfile sanitises member names (shutil's unpacker skips any name with "..")
+        with zipfile.ZipFile(archive) as z:
+            z.extractall(tmp)
+    else:  # a tar archive, any compression; the "data" filter refuses links and paths out of tmp
+        with tarfile.open(archive) as t:
+            t.extractall(tmp, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(os.path.join(tmp, top_folder), final)
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _fetch(name, root, need, url, md5, download, hint):
-    """root/need, downloaded from `url` (md5-checked, extracted) when missing; else DatasetError with `hint`."""
+def _fetch(name, root, need, url, md5, download, hint, missing=None):
+    """root/need, downloaded from `url` (md5-checked, extracted) when root/`missing` (default: need) is absent;
+    else DatasetError with `hint`."""
     path = os.path.join(root, need)
-    if not os.path.exists(path) and download:
+    if not os.path.exists(os.path.join(root, missing or need)) and download:
         try:
             extract(download_url(url, os.path.join(root, os.path.basename(url)), md5), root, need.split("/")[0])
         except DatasetError as e:
@@ -168,9 +173,10 @@ def load_split(name, root="./data", split="train", download=True, image_size=Non
     """One split of a dataset (shared/notes/datasets.md), cached: do not modify it. uint8 images in memory
     (`image_size` resizes them once, `channels=3` turns grey into RGB) for digits, fashionmnist, synthetic
     (`synthetic_size` = images, classes, side), cifar10/100, stl10, tinyimagenet; paths for the others."""
-    readers = {"digits": _digits, "fashionmnist": _fashionmnist, "synthetic": _synthetic, "cifar10": _cifar,
-               "cifar100": _cifar, "stl10": _cifar, "tinyimagenet": _tinyimagenet, "cub": _cub, "cars": _cars,
-               "sop": _sop, "imagenet": _imagenet, "imagenet100": _imagenet, "folder": _folder}
+    readers = {"digits": _digits, "fashionmnist": _fashionmnist, "synthetic": _synthetic,
+               "cifar10": _torchvision_small, "cifar100": _torchvision_small, "stl10": _torchvision_small,
+               "tinyimagenet": _tinyimagenet, "cub": _cub, "cars": _cars, "sop": _sop,
+               "imagenet": _imagenet, "imagenet100": _imagenet, "folder": _folder}
     if name not in readers:
         raise DatasetError(f"unknown dataset '{name}'; choose from {', '.join(DATASETS)}")
     if os.path.exists(root) and not os.path.isdir(root):
@@ -205,7 +211,7 @@ def _digits(name, root, split, download):
     labels = torch.from_numpy(d.target.astype(np.int64))
     if not split.startswith("dml"):
         halves = train_test_split(np.arange(len(labels)), test_size=0.2, stratify=d.target, random_state=0)
-        idx = torch.from_numpy(np.sort(halves[split == "test"]))
+        idx = torch.from_numpy(np.sort(halves[1] if split == "test" else halves[0]))
         images, labels = images[idx], labels[idx]
     return Split(name, labels, 10, DIGITS_MEAN, DIGITS_STD, images=images)
 
@@ -264,7 +270,7 @@ def _synthetic(name, root, split, download, synthetic_size=(512, 10, 32)):
     return Split(name, labels, num_classes, IMAGENET_MEAN, IMAGENET_STD, images=images)
 
 
-def _cifar(name, root, split, download):
+def _torchvision_small(name, root, split, download):
     """CIFAR-10, CIFAR-100 and STL-10 through torchvision (its download, its checksums)."""
     from torchvision import datasets
     try:
@@ -290,9 +296,11 @@ def _cifar(name, root, split, download):
 def _file_split(name, pairs, where):
     """Split of (path, class id) pairs, labels 0..C-1 in class-id order; DatasetError when files are missing."""
     missing = [p for p, _ in pairs if not os.path.isfile(p)]
-    if missing or not pairs:
+    if not pairs:
+        raise DatasetError(f"{name} looks incomplete: no images {where}; re-extract or re-download it")
+    if missing:
         raise DatasetError(f"{name} looks incomplete: {len(missing)} of {len(pairs)} images {where} are missing "
-                           f"(e.g. {missing[0] if missing else '-'}); re-extract or re-download it")
+                           f"(e.g. {missing[0]}); re-extract or re-download it")
     classes, labels = torch.unique(torch.tensor([c for _, c in pairs]), return_inverse=True)
     return Split(name, labels, len(classes), IMAGENET_MEAN, IMAGENET_STD, paths=[p for p, _ in pairs])
 
@@ -300,7 +308,7 @@ def _file_split(name, pairs, where):
 def _tinyimagenet(name, root, split, download):
     """Tiny-ImageNet-200 (64 px): decoded once into a uint8 tensor cached next to the images."""
     wnids_file = _fetch(name, root, "tiny-imagenet-200/wnids.txt", TINY_URL, TINY_MD5, download,
-                        f"download {TINY_URL} and unzip it in {root}")
+                        f"download {TINY_URL} and unzip it in {root}", missing="tiny-imagenet-200")
     base, wnids = os.path.dirname(wnids_file), open(wnids_file).read().split()
     cache = os.path.join(base, f"{split}_uint8.pt")
     if not os.path.isfile(cache):
@@ -636,7 +644,7 @@ class TwoViews:
         return self.first(img), self.second(img)
 
 
-def _open_rgb(path):
+def open_rgb(path):
     """The RGB PIL image of a file; DatasetError naming the file when it is not a readable image."""
     from PIL import Image
     try:
@@ -649,7 +657,7 @@ def _open_rgb(path):
 def read_image(path, size=None):
     """uint8 [3, H, W] of an image file (resized to size x size if given); DatasetError naming the file."""
     from PIL import Image
-    im = _open_rgb(path)
+    im = open_rgb(path)
     if size is not None and im.size != (size, size):
         im = im.resize((size, size), Image.BILINEAR)
     return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
@@ -672,7 +680,7 @@ class ImageFiles(torch.utils.data.Dataset):
         if seed is not None:
             torch.manual_seed(seed)
         try:
-            img, label = _open_rgb(self.paths[i]), self.labels[i]
+            img, label = open_rgb(self.paths[i]), self.labels[i]
         except DatasetError:
             img, label = Image.new("RGB", (256, 256)), -2 - i
         return self.transform(img), label
@@ -704,7 +712,8 @@ def loader_batches(loader, batches, device, seed=None, first=0):
 def embed(fn, split, device, batch_size=256, flip_average=False, workers=4, transform=None):
     """(out0, [out1, ...], labels), float32 on `device`, of `fn` (a tensor or a tuple; eval mode and fp32 are the
     caller's) over a split in order, its batches normalised by `transform` (default: the split's mean / std, or
-    eval_transform() for files). flip_average: output 0 averaged with the flipped image's (CAMD protocol)."""
+    eval_transform() for files). flip_average: output 0 averaged with the flipped image's (CAMD protocol;
+    normalise afterwards)."""
     chunks = list(torch.arange(len(split)).split(batch_size))
     if split.images is not None:
         prep = transform or (lambda u: normalize(u, split.mean, split.std))
@@ -918,7 +927,8 @@ def _move_gain(x, assign, dest, centres, counts):
 
 
 def _fill_empty(x, assign, k):
-    """Give each empty cluster the point whose removal lowers the objective most (one per source cluster)."""
+    """Give each empty cluster the point whose removal lowers the objective most (one per source cluster, never
+    from a singleton): a point moved into an empty cluster always lowers the objective."""
     sums, counts = _cluster_sums(x, assign, k)
     empty = (counts == 0).nonzero().squeeze(1)
     if empty.numel() == 0:

@@ -11,8 +11,9 @@ The contract. model.pt = {"method", "args" (resolved), "model" (state_dict), "me
 names (one of the four next to eval.py) has METHOD, RunError, get_args(argv) (vars(get_args([])): every argument),
 model_from_args(args) (strict load, no download), load_data(args, "test" | "gallery") -> common.Split,
 embeddings(model, args, device) -> {"emb" [N, D], "labels"} in load_data order (isd also "train_emb", "train_labels":
-the gallery), evaluate(model, args, device) -> {metric: percent} (the training loop's own: the logged numbers) and
-(isd) features(model, args, device, split, augment) for the linear probe.
+the gallery, and teacher_*; camd / spkd "logits"), evaluate(model, args, device) -> {metric: percent} (the training
+loop's own: the logged numbers) and (isd) features(model, args, device, split, augment=False) for the linear probe.
+An --export file read back with --embeddings gives the checkpoint's embedding metrics (the scripts' own functions).
 """
 import argparse
 import importlib
@@ -238,14 +239,7 @@ def tiles(split, indices, tile):
     """PIL tile x tile images of split[indices]: tensors (grey -> RGB; whole-factor upscale unblurred) or files."""
     from PIL import Image, ImageOps
     if split.images is None:
-        out = []
-        for path in [split.paths[i] for i in indices.tolist()]:
-            try:
-                with Image.open(path) as im:
-                    out.append(ImageOps.fit(im.convert("RGB"), (tile, tile), Image.BICUBIC))
-            except (OSError, SyntaxError, ValueError) as e:
-                raise common.DatasetError(f"unreadable image {path} ({short(e, 80)}); delete or replace it") from None
-        return out
+        return [ImageOps.fit(common.open_rgb(split.paths[i]), (tile, tile), Image.BICUBIC) for i in indices.tolist()]
     x = split.images[indices].float() / (255 if split.images.dtype == torch.uint8 else 1)
     x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x[:, :3]
     h, w = x.shape[-2:]
@@ -263,7 +257,9 @@ def show_retrievals(ck, out, test, gallery, a, path):
     exclude = gallery is None  # the test set is its own gallery: skip the query itself
     gallery, emb, labels = test if exclude else gallery, out["emb"].cpu(), out["labels"].cpu()
     g_emb, g_labels = (emb, labels) if exclude else (out["train_emb"].cpu(), out["train_labels"].cpu())
-    assert len(emb) == len(test) and len(g_emb) == len(gallery), f"{ck.method}.embeddings: not in load_data order"
+    if len(emb) != len(test) or len(g_emb) != len(gallery):  # a method file that breaks the contract: a bug
+        raise RuntimeError(f"{ck.method}.embeddings: {len(emb)} / {len(g_emb)} rows for {len(test)} test / "
+                           f"{len(gallery)} gallery images (not in load_data order)")
     need(len(g_emb) > exclude, f"{ck.path}: the gallery has no image to retrieve")
     query = torch.randperm(len(emb), generator=torch.Generator().manual_seed(a.seed))[:a.show_retrievals]
     nn = nearest(query, emb, g_emb, a.topk, exclude)
@@ -470,7 +466,8 @@ def get_args(argv):
                       ("seed", 0)):
         if getattr(a, flag) is not None and getattr(a, flag) < low:
             p.error(f"argument --{flag.replace('_', '-')}: must be >= {low}, got {getattr(a, flag)}")
-    modes = [m for m, v in (("CHECKPOINT", a.checkpoint), ("--embeddings", a.embeddings), ("--plot", a.plot)) if v]
+    given = (("CHECKPOINT", a.checkpoint), ("--embeddings", a.embeddings), ("--plot", a.plot))
+    modes = [m for m, v in given if v is not None]
     orphans = [f"--{k.replace('_', '-')}" for k in ("dataset", "data_root", "workers", "export", "show_retrievals",
                                                     "linear_probe", "probe_epochs") if getattr(a, k) is not None]
     allowed = (".png", ".pdf", ".svg", ".jpg", ".jpeg") if a.plot is not None else (".png", ".jpg", ".jpeg")
@@ -506,7 +503,7 @@ def run_checkpoint(a):
     if a.export or a.show_retrievals:
         out = ck.call(ck.module.embeddings)
         need(out, f"{ck.path}: {ck.method}.embeddings gives nothing on {ck.args.dataset} (no labelled test split)")
-        test, gallery = ck.split("test"), ck.split("gallery") if "train_emb" in out else None
+        test, gallery = ck.split("test"), (ck.split("gallery") if "train_emb" in out else None)
     if a.export:  # + image paths of file datasets, class names
         arrays = {k: v.detach().cpu().numpy() for k, v in out.items() if torch.is_tensor(v)}
         for key, split in (("paths", test), ("train_paths", gallery)):

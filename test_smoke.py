@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import zipfile
 
 import numpy as np
 import pytest
@@ -606,6 +607,21 @@ def test_download_checksum_and_extract(tmp_path):
     assert not any(p.name.startswith(".extracting") for p in (tmp_path / "dl").iterdir())
     with pytest.raises(common.DatasetError, match="could not download"):
         common.download_url((tmp_path / "missing.tgz").as_uri(), str(tmp_path / "x.tgz"))
+    with zipfile.ZipFile(tmp_path / "z.zip", "w") as z:  # SOP / Tiny-ImageNet ship zips; '..' inside a name is legal
+        z.writestr("top/a..b.txt", "dots")
+        z.writestr("top/sub/c.txt", "sub")
+    common.extract(str(tmp_path / "z.zip"), str(tmp_path / "dl"), "top")
+    assert (tmp_path / "dl" / "top" / "a..b.txt").read_text() == "dots"
+    assert (tmp_path / "dl" / "top" / "sub" / "c.txt").read_text() == "sub"
+
+
+def test_a_download_never_replaces_a_users_dataset_folder(tmp_path, monkeypatch):
+    (tmp_path / "tiny-imagenet-200").mkdir()
+    (tmp_path / "tiny-imagenet-200" / "notes.txt").write_text("mine")  # an incomplete folder: no wnids.txt
+    monkeypatch.setattr(common, "download_url", lambda *a, **k: pytest.fail("downloaded over an existing folder"))
+    with pytest.raises(common.DatasetError, match="wnids.txt"):
+        common.load_split("tinyimagenet", str(tmp_path), "train", download=True)
+    assert (tmp_path / "tiny-imagenet-200" / "notes.txt").read_text() == "mine"
 
 
 # ------------------------------------------------------------------------------------------------
