@@ -201,24 +201,35 @@ class WRNBlock(nn.Module):
         return out + (x if self.convShortcut is None else self.convShortcut(a))
 
 
+class WRNGroup(nn.Module):
+    """RepDistiller's NetworkBlock: holds the blocks under `.layer` (state_dict keys block1.layer.0.*)."""
+
+    def __init__(self, n, in_planes, out_planes, stride):
+        super().__init__()
+        self.layer = nn.Sequential(*[WRNBlock(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1)
+                                     for i in range(n)])
+
+    def forward(self, x):
+        return self.layer(x)
+
+
 class WideResNet(nn.Module):
-    """WRN-d-k: n = (d-4)/6 blocks per group, widths 16 | 16k/32k/64k, strides 1/2/2, final BN-ReLU, pool, fc. Each
-    group keeps its blocks under "layer" (RepDistiller's NetworkBlock: keys block1.layer.0.*)."""
+    """WRN-d-k: n = (d-4)/6 blocks per group, widths 16 | 16k/32k/64k, strides 1/2/2, final BN-ReLU, pool, fc."""
 
     def __init__(self, depth, widen, num_classes):
         super().__init__()
         n, c = (depth - 4) // 6, [16, 16 * widen, 32 * widen, 64 * widen]
         self.conv1 = nn.Conv2d(3, c[0], 3, 1, 1, bias=False)
-        for g, stride in enumerate((1, 2, 2)):
-            blocks = [WRNBlock(c[g] if i == 0 else c[g + 1], c[g + 1], stride if i == 0 else 1) for i in range(n)]
-            setattr(self, f"block{g + 1}", nn.ModuleDict({"layer": nn.Sequential(*blocks)}))
+        self.block1 = WRNGroup(n, c[0], c[1], 1)
+        self.block2 = WRNGroup(n, c[1], c[2], 2)
+        self.block3 = WRNGroup(n, c[2], c[3], 2)
         self.bn1 = nn.BatchNorm2d(c[3])
         self.fc = nn.Linear(c[3], num_classes)
         repdistiller_init(self)
 
     def forward(self, x, with_features=False):  # group outputs; the last is BEFORE the final BN-ReLU (RepDistiller f3)
-        groups = (self.block1["layer"], self.block2["layer"], self.block3["layer"])
-        return forward_stages(self.conv1(x), groups, lambda x: global_avg_pool(F.relu(self.bn1(x))), self.fc,
+        groups = (self.block1, self.block2, self.block3)
+        return forward_stages(self.conv1(x), groups, lambda out: global_avg_pool(F.relu(self.bn1(out))), self.fc,
                               with_features)
 
 
@@ -257,7 +268,7 @@ class TorchvisionResNet(torchvision.models.ResNet):
     def forward(self, x, with_features=False):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         layers = (self.layer1, self.layer2, self.layer3, self.layer4)
-        return forward_stages(x, layers, lambda x: torch.flatten(self.avgpool(x), 1), self.fc, with_features)
+        return forward_stages(x, layers, lambda out: torch.flatten(self.avgpool(out), 1), self.fc, with_features)
 
 
 CIFAR_ARCHS = {  # name: (class, constructor arguments before num_classes)
@@ -666,9 +677,11 @@ RESUME_MAY_CHANGE = ("resume", "max_steps", "device", "workers", "log_every", "d
 def experiment_args(p):
     g = p.add_argument_group("experiment")
     for flag, kind, text in EXPERIMENT_FLAGS:
-        kw = dict(action=argparse.BooleanOptionalAction) if kind is bool else \
-            dict(choices=kind) if isinstance(kind, list) else dict(type=kind)
-        g.add_argument(flag, help=text + preset(flag[2:].replace("-", "_")), **kw)
+        text += preset(flag[2:].replace("-", "_"))
+        if kind is bool:
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
+        else:
+            g.add_argument(flag, **({"choices": kind} if isinstance(kind, list) else {"type": kind}), help=text)
 
 
 def resolve_args(args):
@@ -745,24 +758,11 @@ def atomic_save(obj, path, text=False):
 
 
 def start_run(args, device, rank):
-    """The run folder (--resume's own, or the first free --save-dir/--run-name[-2, -3, ...]: never another run's),
-    config.json and TensorBoard (rank 0)."""
+    """The run folder (a fresh one under --save-dir, or --resume's own), config.json and TensorBoard (rank 0)."""
     run = dict(dir=None, history=[], tb=None, t0=time.time(), rank=rank)
     if rank != 0:
         return run
-    run["dir"] = base = os.path.dirname(os.path.abspath(args.resume)) if args.resume else \
-        os.path.join(args.save_dir, args.run_name)
-    for i in itertools.count(2) if not args.resume else ():
-        try:
-            os.makedirs(args.save_dir, exist_ok=True)
-            os.mkdir(run["dir"])  # atomic: two runs started at once with one name still get two folders
-            break
-        except FileExistsError:
-            run["dir"] = f"{base}-{i}"
-        except OSError as e:
-            raise RunError(f"--save-dir {args.save_dir}: cannot create a run folder there ({e.strerror})")
-    if run["dir"] != base:
-        print(f"note: {base} holds another run; this run writes to {run['dir']}")
+    run["dir"] = os.path.dirname(os.path.abspath(args.resume)) if args.resume else new_run_folder(args)
     if not os.access(run["dir"], os.W_OK):
         raise RunError(f"cannot write to the run folder {run['dir']}")
     git = shutil.which("git") and subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -780,6 +780,25 @@ def start_run(args, device, rank):
             if args.tensorboard:
                 raise RunError("--tensorboard: the tensorboard package is not installed (pip install tensorboard)")
     return run
+
+
+def new_run_folder(args):
+    """--save-dir/--run-name, or the first free name-2, name-3, ...: never another run's folder."""
+    try:
+        os.makedirs(args.save_dir, exist_ok=True)
+    except OSError as e:  # no permission, or a file or a dangling link in the way
+        raise RunError(f"--save-dir {args.save_dir}: cannot create a run folder there ({e.strerror})")
+    base = os.path.join(args.save_dir, args.run_name)
+    for path in (base if i == 1 else f"{base}-{i}" for i in itertools.count(1)):
+        try:
+            os.mkdir(path)  # atomic: two runs started at once with one name still get two folders
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise RunError(f"--save-dir {args.save_dir}: cannot create a run folder there ({e.strerror})")
+        if path != base:
+            print(f"note: {base} holds another run; this run writes to {path}")
+        return path
 
 
 def load_checkpoint(path, keys=("method", "args", "model", "optimizer", "scheduler", "epoch", "batch", "step")):
@@ -913,8 +932,9 @@ def print_summary(run, meter, references=()):
     best = {k: max((r for r in rows if k in r), key=lambda r: r[k]) for k in names}
     print("best epoch of each metric (chosen on the test set): "
           + "  ".join(f"{k} {best[k][k]:.2f} (epoch {best[k]['epoch']})" for k in names))
-    print(f"throughput {f'{meter.rate:.1f} images/s (steady state)' if meter.rate else 'not measured (too few steps)'}, "
-          f"peak memory {meter.peak_memory()}, wall {time.time() - run['t0']:.1f} s; run folder {run['dir']}")
+    rate = f"{meter.rate:.1f} images/s (steady state)" if meter.rate else "not measured (too few steps)"
+    print(f"throughput {rate}, peak memory {meter.peak_memory()}, wall {time.time() - run['t0']:.1f} s; "
+          f"run folder {run['dir']}")
     if run["tb"]:
         run["tb"].close()
 

@@ -31,8 +31,8 @@ Implementation details (the algorithm: step_losses(); file names: the official c
     run_isd.sh keeps this run commented out): no projection, predictor Linear(512, 512, no bias)-BN-ReLU-Linear(512,
     512), the MoCo-v2 augmentation on both views. r50 (Sec. 3.1 "ResNet-50 experiments", train_isd_plus.py):
     projection MLP(D, 2D, D/4) on BOTH encoders, predictor MLP(D/4, 2D, D/4), a weak teacher and a strong student view
-    (the text; train_isd_plus.py's default --augmentation weak/strong; Table 5's column labels read the other way
-    round). Both: SGD momentum 0.9, wd 1e-4 on all parameters, batch 256, 200 epochs; the rest: RECIPES.
+    (the text; train_isd_plus.py's default --augmentation weak/strong: key weak, query strong; Table 5's column
+    labels read the other way round). Both: SGD momentum 0.9, wd 1e-4 on all parameters, batch 256, 200 epochs; the rest: RECIPES.
  6. MoCo-v2 (notes/isd.md): projection Linear(D, D)-ReLU-Linear(D, 128) without BN, no predictor, logits [q.k, q Q^T]
     / tau with the positive in column 0, the strong view on both sides, wd 1e-4, 200 epochs; the rest: RECIPES.
  7. Views: strong = MoCo-v2 (RRC 0.2-1, jitter 0.4/0.4/0.4/0.1 p 0.8, gray p 0.2, blur p 0.5, flip); weak = RRC +
@@ -200,9 +200,10 @@ def build_backbone(arch, cifar_stem, bn_splits=1):
     def norm(c):
         return SplitBatchNorm(c, bn_splits)
     if arch == "small":  # ours: a ~0.1M-parameter CNN, so the offline demos fit in minutes on 2 CPU cores
-        layers = [m for i, o, s in ((3, 32, 1), (32, 64, 2), (64, 128, 2))
-                  for m in (nn.Conv2d(i, o, 3, s, 1, bias=False), norm(o), nn.ReLU(inplace=True))]
-        return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten()), 128
+        def block(i, o, s):
+            return [nn.Conv2d(i, o, 3, s, 1, bias=False), norm(o), nn.ReLU(inplace=True)]
+        return nn.Sequential(*block(3, 32, 1), *block(32, 64, 2), *block(64, 128, 2), nn.AdaptiveAvgPool2d(1),
+                             nn.Flatten()), 128
     if arch not in ("resnet18", "resnet50"):
         raise RunError(f"unknown --arch {arch} (choose from resnet18, resnet50, small)")
     net = getattr(torchvision.models, arch)(weights=None, norm_layer=norm)  # adaptive avg-pool: any resolution
@@ -215,7 +216,8 @@ def build_backbone(arch, cifar_stem, bn_splits=1):
 
 
 def heads(head, dim):
-    """(projection, predictor, output dim) of details 5, 6 (official get_mlp; MoCo-v2: moco/builder.py --mlp, no BN)."""
+    """(projection, predictor, output dim) of details 5, 6: r18 train_isd.py, r50 train_isd_plus.py (official
+    get_mlp), moco moco/builder.py --mlp (no BN)."""
     def mlp(i, h, o, bias=True):
         return nn.Sequential(nn.Linear(i, h, bias=bias), nn.BatchNorm1d(h), nn.ReLU(inplace=True), nn.Linear(h, o))
     if head == "moco":
@@ -242,7 +244,7 @@ class ISD(nn.Module):
 
     @torch.no_grad()
     def momentum_update(self, m):
-        """Detail 2: theta_t <- m theta_t + (1 - m) theta_s over parameters only."""
+        """Detail 2 (Sec. 2): theta_t <- m theta_t + (1 - m) theta_s over parameters only."""
         student = [*self.student.backbone.parameters(), *self.student.proj.parameters()]
         torch._foreach_mul_(list(self.teacher.parameters()), m)
         torch._foreach_add_(list(self.teacher.parameters()), student, alpha=1.0 - m)
@@ -332,6 +334,9 @@ def read_subset_file(path, root):
         raise RunError(f"--subset-file {path}: not an official D<n>.txt ('class names :' ... 'Train Images:')")
     wnids = lines[lines.index("class names :") + 1:lines.index("Train Images:")]
     files = [line for line in lines[lines.index("Train Images:") + 1:] if line]  # /train/<wnid>/<file>
+    bad = next((f for f in files if len(f.split("/")) < 4 or f.split("/")[2] not in wnids), None)
+    if bad is not None:
+        raise RunError(f"--subset-file {path}: image {bad!r} is not /train/<a listed class>/<file>")
     paths = [os.path.join(root, "imagenet", f.lstrip("/")) for f in files]
     return wnids, paths, [wnids.index(f.split("/")[2]) for f in files]
 
@@ -376,14 +381,17 @@ def train_batches(args, data, epoch, skip, device, rank=0, world=1):
     """This epoch's ((student view, teacher view), labels) on the device from batch `skip` on (a seeded permutation,
     drop_last as the official loader, each rank its slice); batch j seeded by seed_step: a resumed epoch repeats."""
     batches = common.epoch_batches(data["split"].labels, args.batch_size, args.seed, epoch, rank, world, drop_last=True)
-    source = (common.loader_batches(data["loader"], batches[skip:], device, (args.seed, epoch, rank), skip)
-              if "loader" in data else ((b.to(device), None) for b in batches[skip:]))
-    for j, (x, y) in enumerate(source, skip):
+    if "loader" in data:  # image files: both views made by DataLoader workers
+        for j, (views, y) in enumerate(common.loader_batches(data["loader"], batches[skip:], device,
+                                                             (args.seed, epoch, rank), skip), skip):
+            seed_step(args, epoch * len(batches) + j, rank)
+            yield views, y
+        return
+    for j, b in enumerate(batches[skip:], skip):
         seed_step(args, epoch * len(batches) + j, rank)
-        if y is None:  # x: the batch's indices into the uint8 images on the device
-            x, y = data["images"][x], data["labels"][x]
-            x = view(x, args, True, data["split"]), view(x, args, args.teacher_view == "strong", data["split"])
-        yield x, y
+        x = data["images"][b.to(device)]
+        views = view(x, args, True, data["split"]), view(x, args, args.teacher_view == "strong", data["split"])
+        yield views, data["labels"][b.to(device)]
 
 
 def view(x, args, strong, split):
@@ -443,9 +451,9 @@ def evaluate(model, args, device):
     if not out:
         return {}
     metrics = common.knn_metrics(out["train_emb"], out["train_labels"], out["emb"], out["labels"])
-    if args.unbalanced:  # the small classes: fewer than half the largest class's images in a subset file
+    if args.unbalanced:  # k-NN accuracy on the small classes too (Table 4)
         test = load_data(args, "test")
-        if args.subset_file:
+        if args.subset_file:  # small = fewer than half the largest class's images (a listed class with none: small)
             wnids, _, labels = read_subset_file(args.subset_file, args.data_root)
             counts = torch.bincount(torch.tensor(labels), minlength=len(wnids))
             small = [test.classes.index(w) for w, n in zip(wnids, counts) if n < counts.max() / 2]
@@ -564,9 +572,11 @@ RESUME_MAY_CHANGE = ("resume", "max_steps", "device", "workers", "log_every", "d
 def experiment_args(p):
     g = p.add_argument_group("experiment")
     for flag, kind, text in EXPERIMENT_FLAGS:
-        kw = dict(action=argparse.BooleanOptionalAction) if kind is bool else \
-            dict(choices=kind) if isinstance(kind, list) else dict(type=kind)
-        g.add_argument(flag, help=text + preset(flag[2:].replace("-", "_")), **kw)
+        text += preset(flag[2:].replace("-", "_"))
+        if kind is bool:
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
+        else:
+            g.add_argument(flag, **({"choices": kind} if isinstance(kind, list) else {"type": kind}), help=text)
 
 
 def resolve_args(args):
@@ -643,24 +653,11 @@ def atomic_save(obj, path, text=False):
 
 
 def start_run(args, device, rank):
-    """The run folder (--resume's own, or the first free --save-dir/--run-name[-2, -3, ...]: never another run's),
-    config.json and TensorBoard (rank 0)."""
+    """The run folder (a fresh one under --save-dir, or --resume's own), config.json and TensorBoard (rank 0)."""
     run = dict(dir=None, history=[], tb=None, t0=time.time(), rank=rank)
     if rank != 0:
         return run
-    run["dir"] = base = os.path.dirname(os.path.abspath(args.resume)) if args.resume else \
-        os.path.join(args.save_dir, args.run_name)
-    for i in itertools.count(2) if not args.resume else ():
-        try:
-            os.makedirs(args.save_dir, exist_ok=True)
-            os.mkdir(run["dir"])  # atomic: two runs started at once with one name still get two folders
-            break
-        except FileExistsError:
-            run["dir"] = f"{base}-{i}"
-        except OSError as e:
-            raise RunError(f"--save-dir {args.save_dir}: cannot create a run folder there ({e.strerror})")
-    if run["dir"] != base:
-        print(f"note: {base} holds another run; this run writes to {run['dir']}")
+    run["dir"] = os.path.dirname(os.path.abspath(args.resume)) if args.resume else new_run_folder(args)
     if not os.access(run["dir"], os.W_OK):
         raise RunError(f"cannot write to the run folder {run['dir']}")
     git = shutil.which("git") and subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -678,6 +675,25 @@ def start_run(args, device, rank):
             if args.tensorboard:
                 raise RunError("--tensorboard: the tensorboard package is not installed (pip install tensorboard)")
     return run
+
+
+def new_run_folder(args):
+    """--save-dir/--run-name, or the first free name-2, name-3, ...: never another run's folder."""
+    try:
+        os.makedirs(args.save_dir, exist_ok=True)
+    except OSError as e:  # no permission, or a file or a dangling link in the way
+        raise RunError(f"--save-dir {args.save_dir}: cannot create a run folder there ({e.strerror})")
+    base = os.path.join(args.save_dir, args.run_name)
+    for path in (base if i == 1 else f"{base}-{i}" for i in itertools.count(1)):
+        try:
+            os.mkdir(path)  # atomic: two runs started at once with one name still get two folders
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise RunError(f"--save-dir {args.save_dir}: cannot create a run folder there ({e.strerror})")
+        if path != base:
+            print(f"note: {base} holds another run; this run writes to {path}")
+        return path
 
 
 def load_checkpoint(path, keys=("method", "args", "model", "optimizer", "scheduler", "epoch", "batch", "step")):
@@ -811,8 +827,9 @@ def print_summary(run, meter, references=()):
     best = {k: max((r for r in rows if k in r), key=lambda r: r[k]) for k in names}
     print("best epoch of each metric (chosen on the test set): "
           + "  ".join(f"{k} {best[k][k]:.2f} (epoch {best[k]['epoch']})" for k in names))
-    print(f"throughput {f'{meter.rate:.1f} images/s (steady state)' if meter.rate else 'not measured (too few steps)'}, "
-          f"peak memory {meter.peak_memory()}, wall {time.time() - run['t0']:.1f} s; run folder {run['dir']}")
+    rate = f"{meter.rate:.1f} images/s (steady state)" if meter.rate else "not measured (too few steps)"
+    print(f"throughput {rate}, peak memory {meter.peak_memory()}, wall {time.time() - run['t0']:.1f} s; "
+          f"run folder {run['dir']}")
     if run["tb"]:
         run["tb"].close()
 

@@ -40,7 +40,8 @@ Implementation details (notes = shared/notes/s2sd.md, code = the official code):
     runs) an anchor's triplet becomes (a, a, positive): it is pushed from a same-class sample.
 11. Optimisation (code parameters.py): Adam lr 1e-5, coupled weight decay 4e-4 on backbone + embedding only, no
     schedule, 150 epochs, batch 112 = 56 classes x 2 drawn with replacement (common.class_balanced_batches),
-    floor(N / 112) batches per epoch. Betas train at the base lr inside S2SD, at 5e-4 for a plain margin baseline.
+    floor(N / 112) batches per epoch. Betas train at the base lr inside S2SD, at 5e-4 for a plain margin baseline
+    (code criterion.lr).
 12. Evaluation: only z, fp32, test set vs itself (R@1/2/4/8, MAP@R, NMI; shared/notes/metrics.md). Headline = last
     epoch; the papers' convention (each metric's best epoch, chosen on the test set) is printed beside it.
 
@@ -437,9 +438,11 @@ RESUME_MAY_CHANGE = ("resume", "max_steps", "device", "workers", "log_every", "d
 def experiment_args(p):
     g = p.add_argument_group("experiment")
     for flag, kind, text in EXPERIMENT_FLAGS:
-        kw = dict(action=argparse.BooleanOptionalAction) if kind is bool else \
-            dict(choices=kind) if isinstance(kind, list) else dict(type=kind)
-        g.add_argument(flag, help=text + preset(flag[2:].replace("-", "_")), **kw)
+        text += preset(flag[2:].replace("-", "_"))
+        if kind is bool:
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
+        else:
+            g.add_argument(flag, **({"choices": kind} if isinstance(kind, list) else {"type": kind}), help=text)
 
 
 def resolve_args(args):
@@ -516,24 +519,11 @@ def atomic_save(obj, path, text=False):
 
 
 def start_run(args, device, rank):
-    """The run folder (--resume's own, or the first free --save-dir/--run-name[-2, -3, ...]: never another run's),
-    config.json and TensorBoard (rank 0)."""
+    """The run folder (a fresh one under --save-dir, or --resume's own), config.json and TensorBoard (rank 0)."""
     run = dict(dir=None, history=[], tb=None, t0=time.time(), rank=rank)
     if rank != 0:
         return run
-    run["dir"] = base = os.path.dirname(os.path.abspath(args.resume)) if args.resume else \
-        os.path.join(args.save_dir, args.run_name)
-    for i in itertools.count(2) if not args.resume else ():
-        try:
-            os.makedirs(args.save_dir, exist_ok=True)
-            os.mkdir(run["dir"])  # atomic: two runs started at once with one name still get two folders
-            break
-        except FileExistsError:
-            run["dir"] = f"{base}-{i}"
-        except OSError as e:
-            raise RunError(f"--save-dir {args.save_dir}: cannot create a run folder there ({e.strerror})")
-    if run["dir"] != base:
-        print(f"note: {base} holds another run; this run writes to {run['dir']}")
+    run["dir"] = os.path.dirname(os.path.abspath(args.resume)) if args.resume else new_run_folder(args)
     if not os.access(run["dir"], os.W_OK):
         raise RunError(f"cannot write to the run folder {run['dir']}")
     git = shutil.which("git") and subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -551,6 +541,25 @@ def start_run(args, device, rank):
             if args.tensorboard:
                 raise RunError("--tensorboard: the tensorboard package is not installed (pip install tensorboard)")
     return run
+
+
+def new_run_folder(args):
+    """--save-dir/--run-name, or the first free name-2, name-3, ...: never another run's folder."""
+    try:
+        os.makedirs(args.save_dir, exist_ok=True)
+    except OSError as e:  # no permission, or a file or a dangling link in the way
+        raise RunError(f"--save-dir {args.save_dir}: cannot create a run folder there ({e.strerror})")
+    base = os.path.join(args.save_dir, args.run_name)
+    for path in (base if i == 1 else f"{base}-{i}" for i in itertools.count(1)):
+        try:
+            os.mkdir(path)  # atomic: two runs started at once with one name still get two folders
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise RunError(f"--save-dir {args.save_dir}: cannot create a run folder there ({e.strerror})")
+        if path != base:
+            print(f"note: {base} holds another run; this run writes to {path}")
+        return path
 
 
 def load_checkpoint(path, keys=("method", "args", "model", "optimizer", "scheduler", "epoch", "batch", "step")):
@@ -684,8 +693,9 @@ def print_summary(run, meter, references=()):
     best = {k: max((r for r in rows if k in r), key=lambda r: r[k]) for k in names}
     print("best epoch of each metric (chosen on the test set): "
           + "  ".join(f"{k} {best[k][k]:.2f} (epoch {best[k]['epoch']})" for k in names))
-    print(f"throughput {f'{meter.rate:.1f} images/s (steady state)' if meter.rate else 'not measured (too few steps)'}, "
-          f"peak memory {meter.peak_memory()}, wall {time.time() - run['t0']:.1f} s; run folder {run['dir']}")
+    rate = f"{meter.rate:.1f} images/s (steady state)" if meter.rate else "not measured (too few steps)"
+    print(f"throughput {rate}, peak memory {meter.peak_memory()}, wall {time.time() - run['t0']:.1f} s; "
+          f"run folder {run['dir']}")
     if run["tb"]:
         run["tb"].close()
 

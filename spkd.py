@@ -2,18 +2,20 @@
 
 F. Tung and G. Mori, "Similarity-Preserving Knowledge Distillation", ICCV 2019. https://arxiv.org/abs/1907.09682
 Benchmark code: HobbitLong/RepDistiller (distiller_zoo/SP.py, train_student.py).
+
 Idea: inputs with similar teacher activations should get similar student activations. Per batch, the student's
 b x b Gram matrix of flattened activation maps, row-L2-normalised (G, Eq. 2-3), must match the teacher's (Eq. 4).
 Only pairwise similarities transfer, so widths and map sizes may differ. The algorithm: step_losses().
 
 Usage:
-  python spkd.py                                  # digits preset, CPU, ~1 min (the teacher is trained + cached first)
-  python spkd.py --dataset cifar10                # paper Sec. 4.1: WRN-40-2 -> WRN-16-2, gamma 3000
-  python spkd.py --dataset cifar100 --teacher-path resnet32x4_vanilla/ckpt_epoch_240.pth   # RepDistiller pair
-  python spkd.py --dataset cifar100 --sp-weight 0 [--ce-weight 0.1 --kd-weight 0.9]   # the student [KD baseline]
-  python spkd.py --dataset folder --data-root DIR # your images: DIR/train/<class>/, DIR/val/<class>/
-  python spkd.py --dataset synthetic              # throughput, 32 steps (random teacher)
-  python eval.py runs/<run>/model.pt
+    python spkd.py                                  # digits preset, CPU, ~1 min (the teacher is trained + cached first)
+    python spkd.py --dataset cifar10                # paper Sec. 4.1: WRN-40-2 -> WRN-16-2, gamma 3000
+    python spkd.py --dataset cifar100 --teacher-path resnet32x4_vanilla/ckpt_epoch_240.pth   # RepDistiller pair
+    python spkd.py --dataset cifar100 --sp-weight 0 --ce-weight 0.1 --kd-weight 0.9          # the KD baseline
+    python spkd.py --dataset cifar100 --sp-weight 0                                          # the vanilla student
+    python spkd.py --dataset folder --data-root DIR # your images: DIR/train/<class>/, DIR/val/<class>/
+    python spkd.py --dataset synthetic              # throughput, 32 steps (random teacher)
+    python eval.py runs/<run>/model.pt
 
 Implementation details:
  1. L_SP (Eq. 2-4) = sum over layer pairs of ||G_T - G_S||_F^2 / b^2, G = F.normalize(Q Q^T, dim=1) (row-wise, as
@@ -33,6 +35,7 @@ Implementation details:
     start of each milestone epoch (1-indexed epoch milestone + 1, as RepDistiller).
  6. Metrics (CAMD's protocol, so SP and CAMD compare): top-1 (error = 100 - top-1); Rank-1 / Rank-2 on the test
     set (query excluded), the pooled feature averaged over image + flip, L2-normalised; fp32.
+
 Deviations:
  - sp_loss returns a 0-dim tensor (RepDistiller: shape [1]). Seeds are set (RepDistiller set none).
  - KD is the benchmark's weight * T^2 KL, not paper Eq. 1's (1-a) CE + 2a T^2 CE(soft).
@@ -40,6 +43,7 @@ Deviations:
  - RepDistiller's CIFAR-100 lr 0.01 for MobileNet/ShuffleNet students does not apply: not in this zoo.
  - Global pooling over the whole map (== the official AvgPool2d(8) at 32 px; also valid at other sizes).
  - bf16 autocast on CUDA (the papers: fp32; --no-amp). The digits / fashionmnist / folder / synthetic presets are ours.
+
 Paper (Table 2, CIFAR-10, median top-1 error of 5 runs): WRN-16-2 <- WRN-40-2: 5.52 (KD 5.71, student 6.26).
 RepDistiller CIFAR-100 resnet32x4 -> resnet8x4 (as reported by CRD): SP 72.94, KD 73.33, student 72.50.
 Measured here (README "Results"; Fashion-MNIST, resnet20 -> resnet8, 3 seeds, top-1): SP 87.10, KD 86.33,
@@ -197,24 +201,35 @@ class WRNBlock(nn.Module):
         return out + (x if self.convShortcut is None else self.convShortcut(a))
 
 
+class WRNGroup(nn.Module):
+    """RepDistiller's NetworkBlock: holds the blocks under `.layer` (state_dict keys block1.layer.0.*)."""
+
+    def __init__(self, n, in_planes, out_planes, stride):
+        super().__init__()
+        self.layer = nn.Sequential(*[WRNBlock(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1)
+                                     for i in range(n)])
+
+    def forward(self, x):
+        return self.layer(x)
+
+
 class WideResNet(nn.Module):
-    """WRN-d-k: n = (d-4)/6 blocks per group, widths 16 | 16k/32k/64k, strides 1/2/2, final BN-ReLU, pool, fc. Each
-    group keeps its blocks under "layer" (RepDistiller's NetworkBlock: keys block1.layer.0.*)."""
+    """WRN-d-k: n = (d-4)/6 blocks per group, widths 16 | 16k/32k/64k, strides 1/2/2, final BN-ReLU, pool, fc."""
 
     def __init__(self, depth, widen, num_classes):
         super().__init__()
         n, c = (depth - 4) // 6, [16, 16 * widen, 32 * widen, 64 * widen]
         self.conv1 = nn.Conv2d(3, c[0], 3, 1, 1, bias=False)
-        for g, stride in enumerate((1, 2, 2)):
-            blocks = [WRNBlock(c[g] if i == 0 else c[g + 1], c[g + 1], stride if i == 0 else 1) for i in range(n)]
-            setattr(self, f"block{g + 1}", nn.ModuleDict({"layer": nn.Sequential(*blocks)}))
+        self.block1 = WRNGroup(n, c[0], c[1], 1)
+        self.block2 = WRNGroup(n, c[1], c[2], 2)
+        self.block3 = WRNGroup(n, c[2], c[3], 2)
         self.bn1 = nn.BatchNorm2d(c[3])
         self.fc = nn.Linear(c[3], num_classes)
         repdistiller_init(self)
 
     def forward(self, x, with_features=False):  # group outputs; the last is BEFORE the final BN-ReLU (RepDistiller f3)
-        groups = (self.block1["layer"], self.block2["layer"], self.block3["layer"])
-        return forward_stages(self.conv1(x), groups, lambda x: global_avg_pool(F.relu(self.bn1(x))), self.fc,
+        groups = (self.block1, self.block2, self.block3)
+        return forward_stages(self.conv1(x), groups, lambda out: global_avg_pool(F.relu(self.bn1(out))), self.fc,
                               with_features)
 
 
@@ -253,7 +268,7 @@ class TorchvisionResNet(torchvision.models.ResNet):
     def forward(self, x, with_features=False):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         layers = (self.layer1, self.layer2, self.layer3, self.layer4)
-        return forward_stages(x, layers, lambda x: torch.flatten(self.avgpool(x), 1), self.fc, with_features)
+        return forward_stages(x, layers, lambda out: torch.flatten(self.avgpool(out), 1), self.fc, with_features)
 
 
 CIFAR_ARCHS = {  # name: (class, constructor arguments before num_classes)
@@ -489,7 +504,8 @@ def sp_loss(f_s, f_t):
     with torch.autocast(f_s.device.type, enabled=False):  # METHOD: in fp32 (Q Q^T over chw-dim rows overflows fp16)
         b, dt = f_s.shape[0], torch.promote_types(f_s.dtype, torch.float32)  # fp16/bf16 -> fp32, fp64 stays fp64
         q_s, q_t = f_s.reshape(b, -1).to(dt), f_t.reshape(b, -1).to(dt)
-        g_s, g_t = F.normalize(q_s @ q_s.t(), dim=1), F.normalize(q_t @ q_t.t(), dim=1)  # Eq. 3, Eq. 2
+        g_s = F.normalize(q_s @ q_s.t(), dim=1)  # Eq. 3
+        g_t = F.normalize(q_t @ q_t.t(), dim=1)  # Eq. 2
         return (g_t - g_s).pow(2).sum() / (b * b)  # Eq. 4
 
 
@@ -498,7 +514,8 @@ def kd_loss(logits_s, logits_t, T):
     (RepDistiller DistillKL). logits_*: [b, classes]. Returns a 0-dim fp32 (fp64 for fp64 input) tensor."""
     with torch.autocast(logits_s.device.type, enabled=False):
         dt = torch.promote_types(logits_s.dtype, torch.float32)
-        log_p_s, log_p_t = (F.log_softmax(z.to(dt) / T, dim=1) for z in (logits_s, logits_t))
+        log_p_s = F.log_softmax(logits_s.to(dt) / T, dim=1)
+        log_p_t = F.log_softmax(logits_t.to(dt) / T, dim=1)
         return (log_p_t.exp() * (log_p_t - log_p_s)).sum(1).mean() * T * T
 
 
@@ -580,9 +597,11 @@ RESUME_MAY_CHANGE = ("resume", "max_steps", "device", "workers", "log_every", "d
 def experiment_args(p):
     g = p.add_argument_group("experiment")
     for flag, kind, text in EXPERIMENT_FLAGS:
-        kw = dict(action=argparse.BooleanOptionalAction) if kind is bool else \
-            dict(choices=kind) if isinstance(kind, list) else dict(type=kind)
-        g.add_argument(flag, help=text + preset(flag[2:].replace("-", "_")), **kw)
+        text += preset(flag[2:].replace("-", "_"))
+        if kind is bool:
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
+        else:
+            g.add_argument(flag, **({"choices": kind} if isinstance(kind, list) else {"type": kind}), help=text)
 
 
 def resolve_args(args):
@@ -659,24 +678,11 @@ def atomic_save(obj, path, text=False):
 
 
 def start_run(args, device, rank):
-    """The run folder (--resume's own, or the first free --save-dir/--run-name[-2, -3, ...]: never another run's),
-    config.json and TensorBoard (rank 0)."""
+    """The run folder (a fresh one under --save-dir, or --resume's own), config.json and TensorBoard (rank 0)."""
     run = dict(dir=None, history=[], tb=None, t0=time.time(), rank=rank)
     if rank != 0:
         return run
-    run["dir"] = base = os.path.dirname(os.path.abspath(args.resume)) if args.resume else \
-        os.path.join(args.save_dir, args.run_name)
-    for i in itertools.count(2) if not args.resume else ():
-        try:
-            os.makedirs(args.save_dir, exist_ok=True)
-            os.mkdir(run["dir"])  # atomic: two runs started at once with one name still get two folders
-            break
-        except FileExistsError:
-            run["dir"] = f"{base}-{i}"
-        except OSError as e:
-            raise RunError(f"--save-dir {args.save_dir}: cannot create a run folder there ({e.strerror})")
-    if run["dir"] != base:
-        print(f"note: {base} holds another run; this run writes to {run['dir']}")
+    run["dir"] = os.path.dirname(os.path.abspath(args.resume)) if args.resume else new_run_folder(args)
     if not os.access(run["dir"], os.W_OK):
         raise RunError(f"cannot write to the run folder {run['dir']}")
     git = shutil.which("git") and subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -694,6 +700,25 @@ def start_run(args, device, rank):
             if args.tensorboard:
                 raise RunError("--tensorboard: the tensorboard package is not installed (pip install tensorboard)")
     return run
+
+
+def new_run_folder(args):
+    """--save-dir/--run-name, or the first free name-2, name-3, ...: never another run's folder."""
+    try:
+        os.makedirs(args.save_dir, exist_ok=True)
+    except OSError as e:  # no permission, or a file or a dangling link in the way
+        raise RunError(f"--save-dir {args.save_dir}: cannot create a run folder there ({e.strerror})")
+    base = os.path.join(args.save_dir, args.run_name)
+    for path in (base if i == 1 else f"{base}-{i}" for i in itertools.count(1)):
+        try:
+            os.mkdir(path)  # atomic: two runs started at once with one name still get two folders
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise RunError(f"--save-dir {args.save_dir}: cannot create a run folder there ({e.strerror})")
+        if path != base:
+            print(f"note: {base} holds another run; this run writes to {path}")
+        return path
 
 
 def load_checkpoint(path, keys=("method", "args", "model", "optimizer", "scheduler", "epoch", "batch", "step")):
@@ -827,8 +852,9 @@ def print_summary(run, meter, references=()):
     best = {k: max((r for r in rows if k in r), key=lambda r: r[k]) for k in names}
     print("best epoch of each metric (chosen on the test set): "
           + "  ".join(f"{k} {best[k][k]:.2f} (epoch {best[k]['epoch']})" for k in names))
-    print(f"throughput {f'{meter.rate:.1f} images/s (steady state)' if meter.rate else 'not measured (too few steps)'}, "
-          f"peak memory {meter.peak_memory()}, wall {time.time() - run['t0']:.1f} s; run folder {run['dir']}")
+    rate = f"{meter.rate:.1f} images/s (steady state)" if meter.rate else "not measured (too few steps)"
+    print(f"throughput {rate}, peak memory {meter.peak_memory()}, wall {time.time() - run['t0']:.1f} s; "
+          f"run folder {run['dir']}")
     if run["tb"]:
         run["tb"].close()
 

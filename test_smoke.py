@@ -1300,7 +1300,9 @@ def _bad_input_cases(tmp):
     (tmp / "junk.pt").write_bytes(os.urandom(300))
     torch.save({"method": "s2sd", "args": {}, "model": {}, "metrics": {}}, tmp / "model_like.pt")
     torch.save({"method": "someone_else", "args": {}, "model": {}}, tmp / "foreign.pt")
-    cases = [(["--batch-size", "0"], "--batch-size"), (["--batch-size", "1"], "--batch-size"),
+    os.symlink(tmp / "nowhere", tmp / "dangling")  # a --save-dir that is a broken link: once an endless loop
+    cases = [(["--save-dir", str(tmp / "dangling")], "--save-dir"), (["--batch-size", "0"], "--batch-size"),
+             (["--batch-size", "1"], "--batch-size"),
              (["--epochs", "0"], "--epochs"), (["--epochs", "-3"], "--epochs"), (["--log-every", "0"], "--log-every"),
              (["--max-steps", "0"], "--max-steps"), (["--workers", "-1"], "--workers"),
              (["--eval-every", "-1"], "--eval-every"), (["--lr", "0"], "--lr"), (["--lr", "nan"], "--lr"),
@@ -1858,6 +1860,10 @@ def test_isd_official_subset_file(tmp_path):
     (tmp_path / "bad.txt").write_text("nothing\n")
     with pytest.raises(isd.RunError, match="D<n>.txt"):
         isd.read_subset_file(str(tmp_path / "bad.txt"), str(tmp_path))
+    for line in ("/train/n09/n09_0.JPEG", "n01_0.JPEG"):  # an unlisted class; not a /train/<wnid>/<file> path
+        (tmp_path / "bad.txt").write_text("\n".join(["class names :", "n01", "Train Images:", line]) + "\n")
+        with pytest.raises(isd.RunError, match="not /train/<a listed class>"):
+            isd.read_subset_file(str(tmp_path / "bad.txt"), str(tmp_path))
     # a list whose wnids are not sorted: labels are the dataset's class numbers, looked up by name
     (tmp_path / "D2.txt").write_text("\n".join(["class names :", "n03", "n01", "Train Images:", "/train/n03/n03_0.JPEG",
                                                 "/train/n01/n01_0.JPEG", "/train/n01/n01_1.JPEG"]) + "\n")
