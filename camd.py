@@ -116,6 +116,162 @@ def get_args(argv=None):
     return args
 
 
+# ------------------------------------------------------------------------------------------------ METHOD: networks, losses
+def feat_dim(model):  # width of the pooled backbone feature = in_features of the last Linear (the classifier)
+    return [m for m in model.modules() if isinstance(m, nn.Linear)][-1].in_features
+
+
+class CAMDNet(nn.Module):
+    """Student (backbone f^s + baseline classifier z^b) and, if branch, the embedding block e with its classifier z^m
+    (Sec. III-B.4). forward(x) -> (f^s [B, d_s], z^b [B, C], e [B, d_t] or None, z^m [B, C] or None)."""
+
+    def __init__(self, student, d_t, num_classes, branch):
+        super().__init__()
+        self.student = student
+        d_s = feat_dim(student)
+        self.embed = nn.Sequential(nn.Linear(d_s, d_t), nn.BatchNorm1d(d_t), nn.ReLU()) if branch else None
+        self.head = nn.Linear(d_t, num_classes) if branch else None
+
+    def forward(self, x):
+        _, f, z_b = self.student(x, with_features=True)
+        e = None if self.embed is None else self.embed(f)
+        return f, z_b, e, None if e is None else self.head(e)
+
+
+def amd_loss(t_feat, s_emb, labels, gamma, weights="adaptive", mining="hard", detach_weights=True):
+    """Adaptive metric distillation, Eq. 2-4. t_feat [N, D] teacher features (anchors), s_emb [N, D] student embeddings
+    (unnormalised; L2-normalised here), labels [N] -> scalar: mean over anchors with a negative of softplus(gamma
+    (a^p d^p - a^n d^n)), 0 if none. weights="fixed": a = 1; mining="all": mean over all (i, j, k) (Table VII)."""
+    dtype = torch.promote_types(torch.promote_types(t_feat.dtype, s_emb.dtype), torch.float32)  # >= fp32 (autocast)
+    t, s = F.normalize(t_feat.to(dtype), dim=1), F.normalize(s_emb.to(dtype), dim=1)
+    # METHOD: d_ij = ||t_i - s_j||, teacher templates D(t_i, t_j); direct cdist: exact, zero (not NaN) gradient at 0
+    d = torch.cdist(t[None], s[None], compute_mode="donot_use_mm_for_euclid_dist")[0]
+    d_tt = torch.cdist(t[None], t[None], compute_mode="donot_use_mm_for_euclid_dist")[0].detach()
+    same = labels[:, None] == labels[None, :]
+    has_neg = (~same).any(1)
+    if not has_neg.any():
+        return s.sum() * 0.0
+    if mining == "hard":  # Eq. 2: hardest positive (j = i allowed) and hardest negative per teacher anchor
+        d_p, j = d.masked_fill(~same, -math.inf).max(1)
+        d_n, k = d.masked_fill(same, math.inf).min(1)
+        t_p, t_n = d_tt.gather(1, j[:, None])[:, 0], d_tt.gather(1, k[:, None])[:, 0]
+    else:  # batch all: a weight per pair, then every (i, j, k) combination
+        d_p, d_n, t_p, t_n = d, d, d_tt, d_tt
+    a_p, a_n = (d_p - t_p).clamp_min(0), (t_n - d_n).clamp_min(0)  # Eq. 4, "cut-off at zero"
+    if weights == "fixed":
+        a_p, a_n = torch.ones_like(a_p), torch.ones_like(a_n)
+    elif detach_weights:
+        a_p, a_n = a_p.detach(), a_n.detach()
+    if mining == "hard":
+        return F.softplus(gamma * (a_p * d_p - a_n * d_n))[has_neg].mean()  # Eq. 3
+    x = gamma * ((a_p * d_p)[:, :, None] - (a_n * d_n)[:, None, :])  # [anchor i, positive j, negative k]
+    return F.softplus(x)[same[:, :, None] & ~same[:, None, :]].mean()
+
+
+def collaborative_kl(z_m, z_b, tau, stopgrad=True):
+    """Collaborative loss, Eq. 6-7: tau^2 * batch-mean KL(softmax(z_m/tau) || softmax(z_b/tau)) with no gradient into
+    z_m (stopgrad=False: Eq. 6). z_m, z_b [N, C] logits, computed in fp32. With z_m = teacher logits: Hinton KD."""
+    dtype = torch.promote_types(torch.promote_types(z_m.dtype, z_b.dtype), torch.float32)  # >= fp32, fp64 stays
+    z_m = z_m.detach() if stopgrad else z_m
+    log_p_m, log_p_b = F.log_softmax(z_m.to(dtype) / tau, dim=1), F.log_softmax(z_b.to(dtype) / tau, dim=1)
+    return tau ** 2 * F.kl_div(log_p_b, log_p_m, reduction="batchmean", log_target=True)
+
+
+def step_losses(net, teacher, x, y, args, world=1):
+    """The algorithm of one step: {name: term}; their sum is args.variant's objective (Eq. 8 for camd). Under DDP the
+    hardest pairs are mined over the global batch (teacher features, embeddings with their gradient, labels)."""
+    f, z_b, e, z_m = net(x)
+    out = {"ce": F.cross_entropy(z_b.float(), y) * (1 - args.kd_alpha if args.variant == "kd" else 1.0)}  # L_b
+    if args.variant == "ce":
+        return out
+    with torch.no_grad():
+        _, t_feat, z_t = teacher(x, with_features=True)
+    if args.variant in ("kd", "camd_kd"):  # Hinton KD on the baseline logits
+        out["kd"] = (args.kd_alpha if args.variant == "kd" else args.kd_beta) * collaborative_kl(z_t, z_b, args.tau)
+    if args.variant != "kd":  # METHOD: L_amd (Eq. 2-4) on the embedding (amd_b: on the backbone feature)
+        out["amd"] = amd_loss(gather(t_feat, world), gather(f if e is None else e, world, grad=True), gather(y, world),
+                              args.gamma, args.weights, args.mining, args.detach_weights)
+    if e is not None:  # L_m = CE(z^m) + L_amd (Eq. 5)
+        out["ce_m"] = F.cross_entropy(z_m.float(), y)
+    if args.variant in ("camd", "camd_kd"):  # L_c, Eq. 7: the branch teaches the baseline classifier
+        out["col"] = collaborative_kl(z_m, z_b, args.tau, stopgrad=args.stopgrad)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ training
+def run(args):
+    device, rank, world = setup(args)
+    if args.batch_size % world:
+        raise RunError(f"--batch-size {args.batch_size} does not divide into {world} processes")
+    split = load_data(args, "train")
+    load_data(args, "test")  # a missing test split fails now, not after the first epoch
+    args.num_classes = split.num_classes
+    if len(split) < args.batch_size:
+        raise RunError(f"--batch-size {args.batch_size} is larger than the {len(split)} training images")
+    d_t, d_s = (feat_dim(build_model(arch, args.num_classes)) for arch in (args.teacher_arch, args.student_arch))
+    if args.variant == "amd_b" and d_s != d_t:
+        raise RunError(f"--variant amd_b needs equal feature widths, but student {args.student_arch} has {d_s} and "
+                       f"teacher {args.teacher_arch} {d_t}; use amd_e or camd (they add the embedding block)")
+    teacher = get_teacher(args, device, rank, world) if args.variant != "ce" else None
+    run_ = start_run(args, device, rank)
+    references = [(f"teacher {args.teacher_arch}", evaluate(teacher, args, device))] if teacher and rank == 0 else []
+    torch.manual_seed(args.seed)  # the student's initial weights do not depend on how the teacher was obtained
+    try:
+        student = build_model(args.student_arch, args.num_classes, pretrained=args.pretrained and not args.resume)
+    except OSError as e:  # the ImageNet weights cannot be downloaded (offline machine)
+        raise RunError(f"cannot download the ImageNet weights ({e}); use --no-pretrained")
+    model = CAMDNet(student, d_t, args.num_classes, branch=args.variant in ("amd_e", "camd", "camd_kd"))
+    model = model.to(device, memory_format=memory_format(args, device))
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, nesterov=args.nesterov,
+                                weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=args.lr_milestones, gamma=args.lr_decay)
+    epoch, batch, step = resume(args, run_, model, optimizer, scheduler)
+    net = data_parallel(torch.compile(model) if args.compile else model, device, world)
+    with finish_step_on_ctrl_c():
+        meter = train(args, model, net, teacher, optimizer, scheduler, train_data(args, split, device), run_, device,
+                      epoch, batch, step, rank, world)
+    if rank == 0:
+        save_checkpoint(args, run_, "model.pt", model.student, metrics=final_metrics(run_), references=dict(references))
+        print_summary(run_, meter, references)
+    if world > 1:
+        dist.barrier()  # the other ranks wait for rank 0's last evaluation
+
+
+def train(args, model, net, teacher, optimizer, scheduler, data, run, device, epoch, batch, step, rank, world):
+    steps_per_epoch = epoch_length(len(data["split"]), args.batch_size, world)[0]
+    total = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
+    meter = Meter(args, run, device, step, total)
+    while epoch < args.epochs and step < total:
+        model.train()
+        for x, y in train_batches(args, data, epoch, batch, device, rank, world):
+            with autocast(args, device):
+                losses = step_losses(net, teacher, x.contiguous(memory_format=memory_format(args, device)), y, args,
+                                     world)  # METHOD
+            optimizer.zero_grad(set_to_none=True)
+            sum(losses.values()).backward()
+            optimizer.step()
+            step, batch = step + 1, batch + 1
+            meter.add(losses, len(y) * world, epoch, step, optimizer.param_groups[0]["lr"])
+            if step >= total or STOP[0]:
+                break
+        meter.check()
+        if batch == steps_per_epoch:  # the epoch is complete
+            epoch, batch = epoch + 1, 0
+            scheduler.step()
+            if rank == 0 and ((args.eval_every and epoch % args.eval_every == 0) or epoch == args.epochs or step >= total):
+                with meter.paused():  # the other ranks wait in their next collective
+                    log_eval(run, meter, epoch, step, evaluate(model.student, args, device))
+        with meter.paused():
+            save_checkpoint(args, run, "last.pt", model, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                            epoch=epoch, batch=batch, step=step)
+        if STOP[0]:
+            last = os.path.join(run["dir"] or ".", "last.pt")
+            raise KeyboardInterrupt(f"wrote {last} after step {step}; continue with --resume {last}")
+    if rank == 0 and (not run["history"] or run["history"][-1]["step"] != step):  # stopped inside an epoch, or resumed
+        log_eval(run, meter, epoch + 1 if batch else epoch, step, evaluate(model.student, args, device))
+    return meter
+
+
 # ================================================================================================ zoo, data, teacher
 # The same text in camd.py and spkd.py (test_smoke.py checks): edit both copies together.
 # The CIFAR zoo follows HobbitLong/RepDistiller models/{resnet,wrn,vgg}.py in module names, shapes, init and
@@ -494,88 +650,6 @@ def get_teacher(args, device, rank, world):
         model = load_teacher(os.path.join(folder, "model.pt"), args.teacher_arch, args.num_classes)
     return model.to(device, memory_format=memory_format(args, device)).eval().requires_grad_(False)
 # ================================================================================================ end of zoo, data, teacher
-
-
-# ------------------------------------------------------------------------------------------------ METHOD: networks, losses
-def feat_dim(model):  # width of the pooled backbone feature = in_features of the last Linear (the classifier)
-    return [m for m in model.modules() if isinstance(m, nn.Linear)][-1].in_features
-
-
-class CAMDNet(nn.Module):
-    """Student (backbone f^s + baseline classifier z^b) and, if branch, the embedding block e with its classifier z^m
-    (Sec. III-B.4). forward(x) -> (f^s [B, d_s], z^b [B, C], e [B, d_t] or None, z^m [B, C] or None)."""
-
-    def __init__(self, student, d_t, num_classes, branch):
-        super().__init__()
-        self.student = student
-        d_s = feat_dim(student)
-        self.embed = nn.Sequential(nn.Linear(d_s, d_t), nn.BatchNorm1d(d_t), nn.ReLU()) if branch else None
-        self.head = nn.Linear(d_t, num_classes) if branch else None
-
-    def forward(self, x):
-        _, f, z_b = self.student(x, with_features=True)
-        e = None if self.embed is None else self.embed(f)
-        return f, z_b, e, None if e is None else self.head(e)
-
-
-def amd_loss(t_feat, s_emb, labels, gamma, weights="adaptive", mining="hard", detach_weights=True):
-    """Adaptive metric distillation, Eq. 2-4. t_feat [N, D] teacher features (anchors), s_emb [N, D] student embeddings
-    (unnormalised; L2-normalised here), labels [N] -> scalar: mean over anchors with a negative of softplus(gamma
-    (a^p d^p - a^n d^n)), 0 if none. weights="fixed": a = 1; mining="all": mean over all (i, j, k) (Table VII)."""
-    dtype = torch.promote_types(torch.promote_types(t_feat.dtype, s_emb.dtype), torch.float32)  # >= fp32 (autocast)
-    t, s = F.normalize(t_feat.to(dtype), dim=1), F.normalize(s_emb.to(dtype), dim=1)
-    # METHOD: d_ij = ||t_i - s_j||, teacher templates D(t_i, t_j); direct cdist: exact, zero (not NaN) gradient at 0
-    d = torch.cdist(t[None], s[None], compute_mode="donot_use_mm_for_euclid_dist")[0]
-    d_tt = torch.cdist(t[None], t[None], compute_mode="donot_use_mm_for_euclid_dist")[0].detach()
-    same = labels[:, None] == labels[None, :]
-    has_neg = (~same).any(1)
-    if not has_neg.any():
-        return s.sum() * 0.0
-    if mining == "hard":  # Eq. 2: hardest positive (j = i allowed) and hardest negative per teacher anchor
-        d_p, j = d.masked_fill(~same, -math.inf).max(1)
-        d_n, k = d.masked_fill(same, math.inf).min(1)
-        t_p, t_n = d_tt.gather(1, j[:, None])[:, 0], d_tt.gather(1, k[:, None])[:, 0]
-    else:  # batch all: a weight per pair, then every (i, j, k) combination
-        d_p, d_n, t_p, t_n = d, d, d_tt, d_tt
-    a_p, a_n = (d_p - t_p).clamp_min(0), (t_n - d_n).clamp_min(0)  # Eq. 4, "cut-off at zero"
-    if weights == "fixed":
-        a_p, a_n = torch.ones_like(a_p), torch.ones_like(a_n)
-    elif detach_weights:
-        a_p, a_n = a_p.detach(), a_n.detach()
-    if mining == "hard":
-        return F.softplus(gamma * (a_p * d_p - a_n * d_n))[has_neg].mean()  # Eq. 3
-    x = gamma * ((a_p * d_p)[:, :, None] - (a_n * d_n)[:, None, :])  # [anchor i, positive j, negative k]
-    return F.softplus(x)[same[:, :, None] & ~same[:, None, :]].mean()
-
-
-def collaborative_kl(z_m, z_b, tau, stopgrad=True):
-    """Collaborative loss, Eq. 6-7: tau^2 * batch-mean KL(softmax(z_m/tau) || softmax(z_b/tau)) with no gradient into
-    z_m (stopgrad=False: Eq. 6). z_m, z_b [N, C] logits, computed in fp32. With z_m = teacher logits: Hinton KD."""
-    dtype = torch.promote_types(torch.promote_types(z_m.dtype, z_b.dtype), torch.float32)  # >= fp32, fp64 stays
-    z_m = z_m.detach() if stopgrad else z_m
-    log_p_m, log_p_b = F.log_softmax(z_m.to(dtype) / tau, dim=1), F.log_softmax(z_b.to(dtype) / tau, dim=1)
-    return tau ** 2 * F.kl_div(log_p_b, log_p_m, reduction="batchmean", log_target=True)
-
-
-def step_losses(net, teacher, x, y, args, world=1):
-    """The algorithm of one step: {name: term}; their sum is args.variant's objective (Eq. 8 for camd). Under DDP the
-    hardest pairs are mined over the global batch (teacher features, embeddings with their gradient, labels)."""
-    f, z_b, e, z_m = net(x)
-    out = {"ce": F.cross_entropy(z_b.float(), y) * (1 - args.kd_alpha if args.variant == "kd" else 1.0)}  # L_b
-    if args.variant == "ce":
-        return out
-    with torch.no_grad():
-        _, t_feat, z_t = teacher(x, with_features=True)
-    if args.variant in ("kd", "camd_kd"):  # Hinton KD on the baseline logits
-        out["kd"] = (args.kd_alpha if args.variant == "kd" else args.kd_beta) * collaborative_kl(z_t, z_b, args.tau)
-    if args.variant != "kd":  # METHOD: L_amd (Eq. 2-4) on the embedding (amd_b: on the backbone feature)
-        out["amd"] = amd_loss(gather(t_feat, world), gather(f if e is None else e, world, grad=True), gather(y, world),
-                              args.gamma, args.weights, args.mining, args.detach_weights)
-    if e is not None:  # L_m = CE(z^m) + L_amd (Eq. 5)
-        out["ce_m"] = F.cross_entropy(z_m.float(), y)
-    if args.variant in ("camd", "camd_kd"):  # L_c, Eq. 7: the branch teaches the baseline classifier
-        out["col"] = collaborative_kl(z_m, z_b, args.tau, stopgrad=args.stopgrad)
-    return out
 
 
 # ================================================================================================ data parallel
@@ -972,80 +1046,6 @@ def main(argv=None):
         if dist.is_initialized():
             dist.destroy_process_group()
 # ================================================================================================ end of bookkeeping
-
-
-# ------------------------------------------------------------------------------------------------ training
-def run(args):
-    device, rank, world = setup(args)
-    if args.batch_size % world:
-        raise RunError(f"--batch-size {args.batch_size} does not divide into {world} processes")
-    split = load_data(args, "train")
-    load_data(args, "test")  # a missing test split fails now, not after the first epoch
-    args.num_classes = split.num_classes
-    if len(split) < args.batch_size:
-        raise RunError(f"--batch-size {args.batch_size} is larger than the {len(split)} training images")
-    d_t, d_s = (feat_dim(build_model(arch, args.num_classes)) for arch in (args.teacher_arch, args.student_arch))
-    if args.variant == "amd_b" and d_s != d_t:
-        raise RunError(f"--variant amd_b needs equal feature widths, but student {args.student_arch} has {d_s} and "
-                       f"teacher {args.teacher_arch} {d_t}; use amd_e or camd (they add the embedding block)")
-    teacher = get_teacher(args, device, rank, world) if args.variant != "ce" else None
-    run_ = start_run(args, device, rank)
-    references = [(f"teacher {args.teacher_arch}", evaluate(teacher, args, device))] if teacher and rank == 0 else []
-    torch.manual_seed(args.seed)  # the student's initial weights do not depend on how the teacher was obtained
-    try:
-        student = build_model(args.student_arch, args.num_classes, pretrained=args.pretrained and not args.resume)
-    except OSError as e:  # the ImageNet weights cannot be downloaded (offline machine)
-        raise RunError(f"cannot download the ImageNet weights ({e}); use --no-pretrained")
-    model = CAMDNet(student, d_t, args.num_classes, branch=args.variant in ("amd_e", "camd", "camd_kd"))
-    model = model.to(device, memory_format=memory_format(args, device))
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, nesterov=args.nesterov,
-                                weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=args.lr_milestones, gamma=args.lr_decay)
-    epoch, batch, step = resume(args, run_, model, optimizer, scheduler)
-    net = data_parallel(torch.compile(model) if args.compile else model, device, world)
-    with finish_step_on_ctrl_c():
-        meter = train(args, model, net, teacher, optimizer, scheduler, train_data(args, split, device), run_, device,
-                      epoch, batch, step, rank, world)
-    if rank == 0:
-        save_checkpoint(args, run_, "model.pt", model.student, metrics=final_metrics(run_), references=dict(references))
-        print_summary(run_, meter, references)
-    if world > 1:
-        dist.barrier()  # the other ranks wait for rank 0's last evaluation
-
-
-def train(args, model, net, teacher, optimizer, scheduler, data, run, device, epoch, batch, step, rank, world):
-    steps_per_epoch = epoch_length(len(data["split"]), args.batch_size, world)[0]
-    total = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
-    meter = Meter(args, run, device, step, total)
-    while epoch < args.epochs and step < total:
-        model.train()
-        for x, y in train_batches(args, data, epoch, batch, device, rank, world):
-            with autocast(args, device):
-                losses = step_losses(net, teacher, x.contiguous(memory_format=memory_format(args, device)), y, args,
-                                     world)  # METHOD
-            optimizer.zero_grad(set_to_none=True)
-            sum(losses.values()).backward()
-            optimizer.step()
-            step, batch = step + 1, batch + 1
-            meter.add(losses, len(y) * world, epoch, step, optimizer.param_groups[0]["lr"])
-            if step >= total or STOP[0]:
-                break
-        meter.check()
-        if batch == steps_per_epoch:  # the epoch is complete
-            epoch, batch = epoch + 1, 0
-            scheduler.step()
-            if rank == 0 and ((args.eval_every and epoch % args.eval_every == 0) or epoch == args.epochs or step >= total):
-                with meter.paused():  # the other ranks wait in their next collective
-                    log_eval(run, meter, epoch, step, evaluate(model.student, args, device))
-        with meter.paused():
-            save_checkpoint(args, run, "last.pt", model, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                            epoch=epoch, batch=batch, step=step)
-        if STOP[0]:
-            last = os.path.join(run["dir"] or ".", "last.pt")
-            raise KeyboardInterrupt(f"wrote {last} after step {step}; continue with --resume {last}")
-    if rank == 0 and (not run["history"] or run["history"][-1]["step"] != step):  # stopped inside an epoch, or resumed
-        log_eval(run, meter, epoch + 1 if batch else epoch, step, evaluate(model.student, args, device))
-    return meter
 
 
 if __name__ == "__main__":

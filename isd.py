@@ -473,6 +473,75 @@ def evaluate(model, args, device):
     return metrics
 
 
+# ------------------------------------------------------------------------------------------------ training
+def run(args):
+    device, rank, world = setup(args)
+    if args.batch_size % world:
+        raise RunError(f"--batch-size {args.batch_size} does not divide into {world} processes")
+    split = load_data(args, "train")
+    load_data(args, "test")  # a missing test split fails now, not after the first epoch
+    if len(split) < args.batch_size:
+        raise RunError(f"--batch-size {args.batch_size} is larger than the {len(split)} training images")
+    if split.images is not None:  # small images live on the device as uint8; views are made there
+        data = dict(split=split, images=split.images.to(device), labels=split.labels.to(device))
+    else:  # image files: the two views (student strong, teacher strong or weak) in DataLoader workers
+        views = common.TwoViews(common.moco_v2_transform(args.image_size, True, (args.min_scale, 1.0)),
+                                common.moco_v2_transform(args.image_size, args.teacher_view == "strong", (args.min_scale, 1.0)))
+        data = dict(split=split, loader=common.make_loader(common.ImageFiles(split.paths, split.labels, views), args.workers))
+    run_ = start_run(args, device, rank)
+    model = ISD(args).to(device, memory_format=memory_format(args, device))  # identical on every rank (same seed)
+    optimizer = torch.optim.SGD(model.student.parameters(), lr=args.lr, momentum=0.9,  # Sec. 3: SGD 0.9, wd on all
+                                weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: lr_factor(args, epoch))
+    epoch, batch, step = resume(args, run_, model, optimizer, scheduler)
+    net = data_parallel(torch.compile(model.student) if args.compile else model.student, device, world)
+    with finish_step_on_ctrl_c():
+        meter = train(args, model, net, optimizer, scheduler, data, run_, device, epoch, batch, step, rank, world)
+    if rank == 0:
+        save_checkpoint(args, run_, "model.pt", model, metrics=final_metrics(run_))
+        print_summary(run_, meter)
+    if world > 1:
+        dist.barrier()  # the other ranks wait for rank 0's last evaluation
+
+
+def train(args, model, net, optimizer, scheduler, data, run, device, epoch, batch, step, rank, world):
+    steps_per_epoch = len(data["split"]) // args.batch_size  # drop_last (official loader)
+    total = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
+    meter = Meter(args, run, device, step, total)
+    if step == 0 and args.eval_every and rank == 0:  # METHOD: the untrained network's k-NN (Fig. 4 starts there)
+        log_eval(run, meter, 0, 0, evaluate(model, args, device))
+    while epoch < args.epochs and step < total:
+        model.train()
+        for views, y in train_batches(args, data, epoch, batch, device, rank, world):
+            with autocast(args, device):
+                views = [v.contiguous(memory_format=memory_format(args, device)) for v in views]
+                losses, keys = step_losses(net, model, views, step, args, world)  # METHOD
+            optimizer.zero_grad(set_to_none=True)
+            sum(losses.values()).backward()
+            optimizer.step()
+            enqueue(model, gather(keys, world), gather(y, world))  # METHOD: after the loss, keys of all ranks (Sec. 2)
+            step, batch = step + 1, batch + 1
+            meter.add(losses, len(y) * world, epoch, step, optimizer.param_groups[0]["lr"])
+            if step >= total or STOP[0]:
+                break
+        meter.check()
+        if batch == steps_per_epoch:  # the epoch is complete
+            epoch, batch = epoch + 1, 0
+            scheduler.step()
+            if rank == 0 and ((args.eval_every and epoch % args.eval_every == 0) or epoch == args.epochs or step >= total):
+                with meter.paused():  # the other ranks wait in their next collective
+                    log_eval(run, meter, epoch, step, evaluate(model, args, device))
+        with meter.paused():
+            save_checkpoint(args, run, "last.pt", model, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                            epoch=epoch, batch=batch, step=step)
+        if STOP[0]:
+            last = os.path.join(run["dir"] or ".", "last.pt")
+            raise KeyboardInterrupt(f"wrote {last} after step {step}; continue with --resume {last}")
+    if rank == 0 and (not run["history"] or run["history"][-1]["step"] != step):  # stopped inside an epoch, or resumed
+        log_eval(run, meter, epoch + 1 if batch else epoch, step, evaluate(model, args, device))
+    return meter
+
+
 # ================================================================================================ data parallel
 # The same text in camd.py and isd.py (test_smoke.py checks): edit both copies together.
 class GatherWithGrad(torch.autograd.Function):
@@ -867,75 +936,6 @@ def main(argv=None):
         if dist.is_initialized():
             dist.destroy_process_group()
 # ================================================================================================ end of bookkeeping
-
-
-# ------------------------------------------------------------------------------------------------ training
-def run(args):
-    device, rank, world = setup(args)
-    if args.batch_size % world:
-        raise RunError(f"--batch-size {args.batch_size} does not divide into {world} processes")
-    split = load_data(args, "train")
-    load_data(args, "test")  # a missing test split fails now, not after the first epoch
-    if len(split) < args.batch_size:
-        raise RunError(f"--batch-size {args.batch_size} is larger than the {len(split)} training images")
-    if split.images is not None:  # small images live on the device as uint8; views are made there
-        data = dict(split=split, images=split.images.to(device), labels=split.labels.to(device))
-    else:  # image files: the two views (student strong, teacher strong or weak) in DataLoader workers
-        views = common.TwoViews(common.moco_v2_transform(args.image_size, True, (args.min_scale, 1.0)),
-                                common.moco_v2_transform(args.image_size, args.teacher_view == "strong", (args.min_scale, 1.0)))
-        data = dict(split=split, loader=common.make_loader(common.ImageFiles(split.paths, split.labels, views), args.workers))
-    run_ = start_run(args, device, rank)
-    model = ISD(args).to(device, memory_format=memory_format(args, device))  # identical on every rank (same seed)
-    optimizer = torch.optim.SGD(model.student.parameters(), lr=args.lr, momentum=0.9,  # Sec. 3: SGD 0.9, wd on all
-                                weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: lr_factor(args, epoch))
-    epoch, batch, step = resume(args, run_, model, optimizer, scheduler)
-    net = data_parallel(torch.compile(model.student) if args.compile else model.student, device, world)
-    with finish_step_on_ctrl_c():
-        meter = train(args, model, net, optimizer, scheduler, data, run_, device, epoch, batch, step, rank, world)
-    if rank == 0:
-        save_checkpoint(args, run_, "model.pt", model, metrics=final_metrics(run_))
-        print_summary(run_, meter)
-    if world > 1:
-        dist.barrier()  # the other ranks wait for rank 0's last evaluation
-
-
-def train(args, model, net, optimizer, scheduler, data, run, device, epoch, batch, step, rank, world):
-    steps_per_epoch = len(data["split"]) // args.batch_size  # drop_last (official loader)
-    total = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
-    meter = Meter(args, run, device, step, total)
-    if step == 0 and args.eval_every and rank == 0:  # METHOD: the untrained network's k-NN (Fig. 4 starts there)
-        log_eval(run, meter, 0, 0, evaluate(model, args, device))
-    while epoch < args.epochs and step < total:
-        model.train()
-        for views, y in train_batches(args, data, epoch, batch, device, rank, world):
-            with autocast(args, device):
-                views = [v.contiguous(memory_format=memory_format(args, device)) for v in views]
-                losses, keys = step_losses(net, model, views, step, args, world)  # METHOD
-            optimizer.zero_grad(set_to_none=True)
-            sum(losses.values()).backward()
-            optimizer.step()
-            enqueue(model, gather(keys, world), gather(y, world))  # METHOD: after the loss, keys of all ranks (Sec. 2)
-            step, batch = step + 1, batch + 1
-            meter.add(losses, len(y) * world, epoch, step, optimizer.param_groups[0]["lr"])
-            if step >= total or STOP[0]:
-                break
-        meter.check()
-        if batch == steps_per_epoch:  # the epoch is complete
-            epoch, batch = epoch + 1, 0
-            scheduler.step()
-            if rank == 0 and ((args.eval_every and epoch % args.eval_every == 0) or epoch == args.epochs or step >= total):
-                with meter.paused():  # the other ranks wait in their next collective
-                    log_eval(run, meter, epoch, step, evaluate(model, args, device))
-        with meter.paused():
-            save_checkpoint(args, run, "last.pt", model, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                            epoch=epoch, batch=batch, step=step)
-        if STOP[0]:
-            last = os.path.join(run["dir"] or ".", "last.pt")
-            raise KeyboardInterrupt(f"wrote {last} after step {step}; continue with --resume {last}")
-    if rank == 0 and (not run["history"] or run["history"][-1]["step"] != step):  # stopped inside an epoch, or resumed
-        log_eval(run, meter, epoch + 1 if batch else epoch, step, evaluate(model, args, device))
-    return meter
 
 
 if __name__ == "__main__":

@@ -377,6 +377,73 @@ def evaluate(model, args, device):
     return common.retrieval_metrics(out["emb"], out["labels"])
 
 
+# ------------------------------------------------------------------------------------------------ training
+def run(args):
+    device, rank, world = setup(args)
+    split = load_data(args, "train")
+    load_data(args, "test")  # a missing test split fails now, not after the first epoch
+    args.in_channels, args.num_classes = (split.images.shape[1] if split.images is not None else 3), split.num_classes
+    if len(split) < args.batch_size:
+        raise RunError(f"--batch-size {args.batch_size} is larger than the {len(split)} training images")
+    if split.images is not None:  # small images live on the device as uint8; batches are augmented there
+        data = dict(split=split, images=split.images.to(device), labels=split.labels.to(device))
+    else:
+        data = dict(split=split, loader=common.make_loader(common.ImageFiles(
+            split.paths, split.labels, common.dml_train_transform(args.image_size, args.crop_scale)), args.workers))
+    run_ = start_run(args, device, rank)
+    try:
+        model = EmbeddingNet(args, pretrained=args.pretrained and not args.resume)
+    except OSError as e:  # the ImageNet weights cannot be downloaded (offline machine)
+        raise RunError(f"cannot download the ResNet-50 ImageNet weights ({e}); use --no-pretrained")
+    model = model.to(device, memory_format=memory_format(args, device))
+    # code: backbone + embedding with weight decay; aux heads and loss parameters without (Sec. 4.2)
+    optimizer = torch.optim.Adam([g for g in (
+        dict(params=[*model.body.parameters(), *model.embed.parameters()], weight_decay=args.weight_decay),
+        dict(params=list(model.aux.parameters()), weight_decay=0.0),
+        dict(params=list(model.betas.parameters()), lr=args.beta_lr, weight_decay=0.0)) if g["params"]], lr=args.lr)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[])  # constant lr (code)
+    epoch, batch, step = resume(args, run_, model, optimizer, scheduler)
+    net = torch.compile(model) if args.compile else model
+    with finish_step_on_ctrl_c():
+        meter = train(args, model, net, optimizer, scheduler, data, run_, device, epoch, batch, step)
+    save_checkpoint(args, run_, "model.pt", model, metrics=final_metrics(run_))
+    print_summary(run_, meter)
+
+
+def train(args, model, net, optimizer, scheduler, data, run, device, epoch, batch, step):
+    steps_per_epoch = len(data["split"]) // args.batch_size  # the released sampler: floor(N / B) batches
+    total = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
+    meter = Meter(args, run, device, step, total)
+    while epoch < args.epochs and step < total:
+        model.train()
+        for x, y in train_batches(args, data, epoch, batch, device):
+            with autocast(args, device):
+                losses = step_losses(net, x.contiguous(memory_format=memory_format(args, device)), y, step, args)  # METHOD
+            optimizer.zero_grad(set_to_none=True)
+            sum(losses.values()).backward()
+            optimizer.step()
+            step, batch = step + 1, batch + 1
+            meter.add(losses, len(y), epoch, step, optimizer.param_groups[0]["lr"])
+            if step >= total or STOP[0]:
+                break
+        meter.check()
+        if batch == steps_per_epoch:  # the epoch is complete
+            epoch, batch = epoch + 1, 0
+            scheduler.step()
+            if (args.eval_every and epoch % args.eval_every == 0) or epoch == args.epochs or step >= total:
+                with meter.paused():
+                    log_eval(run, meter, epoch, step, evaluate(model, args, device))
+        with meter.paused():
+            save_checkpoint(args, run, "last.pt", model, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                            epoch=epoch, batch=batch, step=step)
+        if STOP[0]:
+            last = os.path.join(run["dir"], "last.pt")
+            raise KeyboardInterrupt(f"wrote {last} after step {step}; continue with --resume {last}")
+    if not run["history"] or run["history"][-1]["step"] != step:  # stopped inside an epoch, or resumed a finished run
+        log_eval(run, meter, epoch + 1 if batch else epoch, step, evaluate(model, args, device))
+    return meter
+
+
 # ================================================================================================ run bookkeeping
 # The same text in s2sd.py, camd.py, spkd.py and isd.py (test_smoke.py checks): edit the four copies together.
 class RunError(Exception):
@@ -733,73 +800,6 @@ def main(argv=None):
         if dist.is_initialized():
             dist.destroy_process_group()
 # ================================================================================================ end of bookkeeping
-
-
-# ------------------------------------------------------------------------------------------------ training
-def run(args):
-    device, rank, world = setup(args)
-    split = load_data(args, "train")
-    load_data(args, "test")  # a missing test split fails now, not after the first epoch
-    args.in_channels, args.num_classes = (split.images.shape[1] if split.images is not None else 3), split.num_classes
-    if len(split) < args.batch_size:
-        raise RunError(f"--batch-size {args.batch_size} is larger than the {len(split)} training images")
-    if split.images is not None:  # small images live on the device as uint8; batches are augmented there
-        data = dict(split=split, images=split.images.to(device), labels=split.labels.to(device))
-    else:
-        data = dict(split=split, loader=common.make_loader(common.ImageFiles(
-            split.paths, split.labels, common.dml_train_transform(args.image_size, args.crop_scale)), args.workers))
-    run_ = start_run(args, device, rank)
-    try:
-        model = EmbeddingNet(args, pretrained=args.pretrained and not args.resume)
-    except OSError as e:  # the ImageNet weights cannot be downloaded (offline machine)
-        raise RunError(f"cannot download the ResNet-50 ImageNet weights ({e}); use --no-pretrained")
-    model = model.to(device, memory_format=memory_format(args, device))
-    # code: backbone + embedding with weight decay; aux heads and loss parameters without (Sec. 4.2)
-    optimizer = torch.optim.Adam([g for g in (
-        dict(params=[*model.body.parameters(), *model.embed.parameters()], weight_decay=args.weight_decay),
-        dict(params=list(model.aux.parameters()), weight_decay=0.0),
-        dict(params=list(model.betas.parameters()), lr=args.beta_lr, weight_decay=0.0)) if g["params"]], lr=args.lr)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[])  # constant lr (code)
-    epoch, batch, step = resume(args, run_, model, optimizer, scheduler)
-    net = torch.compile(model) if args.compile else model
-    with finish_step_on_ctrl_c():
-        meter = train(args, model, net, optimizer, scheduler, data, run_, device, epoch, batch, step)
-    save_checkpoint(args, run_, "model.pt", model, metrics=final_metrics(run_))
-    print_summary(run_, meter)
-
-
-def train(args, model, net, optimizer, scheduler, data, run, device, epoch, batch, step):
-    steps_per_epoch = len(data["split"]) // args.batch_size  # the released sampler: floor(N / B) batches
-    total = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
-    meter = Meter(args, run, device, step, total)
-    while epoch < args.epochs and step < total:
-        model.train()
-        for x, y in train_batches(args, data, epoch, batch, device):
-            with autocast(args, device):
-                losses = step_losses(net, x.contiguous(memory_format=memory_format(args, device)), y, step, args)  # METHOD
-            optimizer.zero_grad(set_to_none=True)
-            sum(losses.values()).backward()
-            optimizer.step()
-            step, batch = step + 1, batch + 1
-            meter.add(losses, len(y), epoch, step, optimizer.param_groups[0]["lr"])
-            if step >= total or STOP[0]:
-                break
-        meter.check()
-        if batch == steps_per_epoch:  # the epoch is complete
-            epoch, batch = epoch + 1, 0
-            scheduler.step()
-            if (args.eval_every and epoch % args.eval_every == 0) or epoch == args.epochs or step >= total:
-                with meter.paused():
-                    log_eval(run, meter, epoch, step, evaluate(model, args, device))
-        with meter.paused():
-            save_checkpoint(args, run, "last.pt", model, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                            epoch=epoch, batch=batch, step=step)
-        if STOP[0]:
-            last = os.path.join(run["dir"], "last.pt")
-            raise KeyboardInterrupt(f"wrote {last} after step {step}; continue with --resume {last}")
-    if not run["history"] or run["history"][-1]["step"] != step:  # stopped inside an epoch, or resumed a finished run
-        log_eval(run, meter, epoch + 1 if batch else epoch, step, evaluate(model, args, device))
-    return meter
 
 
 if __name__ == "__main__":

@@ -116,6 +116,115 @@ def get_args(argv=None):
     return args
 
 
+# ------------------------------------------------------------------------------------------------ METHOD: losses
+def sp_loss(f_s, f_t):
+    """Similarity-preserving loss, Eq. 2-4 for one layer pair (RepDistiller Similarity.similarity_loss).
+    f_s, f_t: [b, ...] student / teacher activations (any trailing shapes). Returns the 0-dim ||G_t - G_s||_F^2 / b^2,
+    G = row-L2-normalised Q Q^T, Q = A.reshape(b, -1), in fp32 (fp64 for fp64 input)."""
+    with torch.autocast(f_s.device.type, enabled=False):  # METHOD: in fp32 (Q Q^T over chw-dim rows overflows fp16)
+        b, dt = f_s.shape[0], torch.promote_types(f_s.dtype, torch.float32)  # fp16/bf16 -> fp32, fp64 stays fp64
+        q_s, q_t = f_s.reshape(b, -1).to(dt), f_t.reshape(b, -1).to(dt)
+        g_s = F.normalize(q_s @ q_s.t(), dim=1)  # Eq. 3
+        g_t = F.normalize(q_t @ q_t.t(), dim=1)  # Eq. 2
+        return (g_t - g_s).pow(2).sum() / (b * b)  # Eq. 4
+
+
+def kd_loss(logits_s, logits_t, T):
+    """Hinton KD term T^2 * KL(softmax(z_t/T) || softmax(z_s/T)), summed over classes, mean over the batch
+    (RepDistiller DistillKL). logits_*: [b, classes]. Returns a 0-dim fp32 (fp64 for fp64 input) tensor."""
+    with torch.autocast(logits_s.device.type, enabled=False):
+        dt = torch.promote_types(logits_s.dtype, torch.float32)
+        log_p_s = F.log_softmax(logits_s.to(dt) / T, dim=1)
+        log_p_t = F.log_softmax(logits_t.to(dt) / T, dim=1)
+        return (log_p_t.exp() * (log_p_t - log_p_s)).sum(1).mean() * T * T
+
+
+def step_losses(student, teacher, x, y, args):
+    """The algorithm of one step: {"ce", "kd", "sp"} weighted terms (only those with a weight); their sum is Eq. 5
+    plus the optional Hinton term. teacher None: the vanilla student (CE only)."""
+    feats_s, _, logits_s = student(x, with_features=True)
+    out = {"ce": args.ce_weight * F.cross_entropy(logits_s.float(), y)}
+    if teacher is None:
+        return out
+    with torch.no_grad():
+        feats_t, _, logits_t = teacher(x, with_features=True)
+    if args.kd_weight:
+        out["kd"] = args.kd_weight * kd_loss(logits_s, logits_t, args.kd_T)
+    if args.sp_weight:  # METHOD: Eq. 5, gamma * sum over the layer pairs of L_SP
+        pairs = [(feats_s[-1], feats_t[-1])] if args.sp_layers == "last" else zip(feats_s, feats_t)
+        out["sp"] = args.sp_weight * sum(sp_loss(f_s, f_t) for f_s, f_t in pairs)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ training
+def run(args):
+    device, rank, world = setup(args)
+    split = load_data(args, "train")
+    load_data(args, "test")  # a missing test split fails now, not after the first epoch
+    args.num_classes = split.num_classes
+    if len(split) < args.batch_size:
+        raise RunError(f"--batch-size {args.batch_size} is larger than the {len(split)} training images")
+    teacher = get_teacher(args, device, rank, world) if args.kd_weight or args.sp_weight else None
+    if teacher is not None and args.sp_layers == "all":
+        probe = torch.zeros(2, 3, args.image_size, args.image_size, device=device)
+        stages = [len(m.to(device)(probe, with_features=True)[0]) for m in (build_model(args.student_arch, 2), teacher)]
+        if stages[0] != stages[1]:
+            raise RunError(f"--sp-layers all needs equal stage counts ({args.student_arch} {stages[0]}, "
+                           f"{args.teacher_arch} {stages[1]})")
+    run_ = start_run(args, device, rank)
+    references = [(f"teacher {args.teacher_arch}", evaluate(teacher, args, device))] if teacher is not None else []
+    torch.manual_seed(args.seed)  # the student's initial weights do not depend on how the teacher was obtained
+    try:
+        model = build_model(args.student_arch, args.num_classes, pretrained=args.pretrained and not args.resume)
+    except OSError as e:  # the ImageNet weights cannot be downloaded (offline machine)
+        raise RunError(f"cannot download the ImageNet weights ({e}); use --no-pretrained")
+    model = model.to(device, memory_format=memory_format(args, device))
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, nesterov=args.nesterov,
+                                weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=args.lr_milestones, gamma=args.lr_decay)
+    epoch, batch, step = resume(args, run_, model, optimizer, scheduler)
+    net = torch.compile(model) if args.compile else model
+    with finish_step_on_ctrl_c():
+        meter = train(args, model, net, teacher, optimizer, scheduler, train_data(args, split, device), run_, device,
+                      epoch, batch, step)
+    save_checkpoint(args, run_, "model.pt", model, metrics=final_metrics(run_), references=dict(references))
+    print_summary(run_, meter, references)
+
+
+def train(args, model, net, teacher, optimizer, scheduler, data, run, device, epoch, batch, step):
+    steps_per_epoch = epoch_length(len(data["split"]), args.batch_size)[0]
+    total = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
+    meter = Meter(args, run, device, step, total)
+    while epoch < args.epochs and step < total:
+        model.train()
+        for x, y in train_batches(args, data, epoch, batch, device):
+            with autocast(args, device):
+                losses = step_losses(net, teacher, x.contiguous(memory_format=memory_format(args, device)), y, args)  # METHOD
+            optimizer.zero_grad(set_to_none=True)
+            sum(losses.values()).backward()
+            optimizer.step()
+            step, batch = step + 1, batch + 1
+            meter.add(losses, len(y), epoch, step, optimizer.param_groups[0]["lr"])
+            if step >= total or STOP[0]:
+                break
+        meter.check()
+        if batch == steps_per_epoch:  # the epoch is complete
+            epoch, batch = epoch + 1, 0
+            scheduler.step()
+            if (args.eval_every and epoch % args.eval_every == 0) or epoch == args.epochs or step >= total:
+                with meter.paused():
+                    log_eval(run, meter, epoch, step, evaluate(model, args, device))
+        with meter.paused():
+            save_checkpoint(args, run, "last.pt", model, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                            epoch=epoch, batch=batch, step=step)
+        if STOP[0]:
+            last = os.path.join(run["dir"], "last.pt")
+            raise KeyboardInterrupt(f"wrote {last} after step {step}; continue with --resume {last}")
+    if not run["history"] or run["history"][-1]["step"] != step:  # stopped inside an epoch, or resumed a finished run
+        log_eval(run, meter, epoch + 1 if batch else epoch, step, evaluate(model, args, device))
+    return meter
+
+
 # ================================================================================================ zoo, data, teacher
 # The same text in camd.py and spkd.py (test_smoke.py checks): edit both copies together.
 # The CIFAR zoo follows HobbitLong/RepDistiller models/{resnet,wrn,vgg}.py in module names, shapes, init and
@@ -496,46 +605,6 @@ def get_teacher(args, device, rank, world):
 # ================================================================================================ end of zoo, data, teacher
 
 
-# ------------------------------------------------------------------------------------------------ METHOD: losses
-def sp_loss(f_s, f_t):
-    """Similarity-preserving loss, Eq. 2-4 for one layer pair (RepDistiller Similarity.similarity_loss).
-    f_s, f_t: [b, ...] student / teacher activations (any trailing shapes). Returns the 0-dim ||G_t - G_s||_F^2 / b^2,
-    G = row-L2-normalised Q Q^T, Q = A.reshape(b, -1), in fp32 (fp64 for fp64 input)."""
-    with torch.autocast(f_s.device.type, enabled=False):  # METHOD: in fp32 (Q Q^T over chw-dim rows overflows fp16)
-        b, dt = f_s.shape[0], torch.promote_types(f_s.dtype, torch.float32)  # fp16/bf16 -> fp32, fp64 stays fp64
-        q_s, q_t = f_s.reshape(b, -1).to(dt), f_t.reshape(b, -1).to(dt)
-        g_s = F.normalize(q_s @ q_s.t(), dim=1)  # Eq. 3
-        g_t = F.normalize(q_t @ q_t.t(), dim=1)  # Eq. 2
-        return (g_t - g_s).pow(2).sum() / (b * b)  # Eq. 4
-
-
-def kd_loss(logits_s, logits_t, T):
-    """Hinton KD term T^2 * KL(softmax(z_t/T) || softmax(z_s/T)), summed over classes, mean over the batch
-    (RepDistiller DistillKL). logits_*: [b, classes]. Returns a 0-dim fp32 (fp64 for fp64 input) tensor."""
-    with torch.autocast(logits_s.device.type, enabled=False):
-        dt = torch.promote_types(logits_s.dtype, torch.float32)
-        log_p_s = F.log_softmax(logits_s.to(dt) / T, dim=1)
-        log_p_t = F.log_softmax(logits_t.to(dt) / T, dim=1)
-        return (log_p_t.exp() * (log_p_t - log_p_s)).sum(1).mean() * T * T
-
-
-def step_losses(student, teacher, x, y, args):
-    """The algorithm of one step: {"ce", "kd", "sp"} weighted terms (only those with a weight); their sum is Eq. 5
-    plus the optional Hinton term. teacher None: the vanilla student (CE only)."""
-    feats_s, _, logits_s = student(x, with_features=True)
-    out = {"ce": args.ce_weight * F.cross_entropy(logits_s.float(), y)}
-    if teacher is None:
-        return out
-    with torch.no_grad():
-        feats_t, _, logits_t = teacher(x, with_features=True)
-    if args.kd_weight:
-        out["kd"] = args.kd_weight * kd_loss(logits_s, logits_t, args.kd_T)
-    if args.sp_weight:  # METHOD: Eq. 5, gamma * sum over the layer pairs of L_SP
-        pairs = [(feats_s[-1], feats_t[-1])] if args.sp_layers == "last" else zip(feats_s, feats_t)
-        out["sp"] = args.sp_weight * sum(sp_loss(f_s, f_t) for f_s, f_t in pairs)
-    return out
-
-
 # ================================================================================================ run bookkeeping
 # The same text in s2sd.py, camd.py, spkd.py and isd.py (test_smoke.py checks): edit the four copies together.
 class RunError(Exception):
@@ -892,75 +961,6 @@ def main(argv=None):
         if dist.is_initialized():
             dist.destroy_process_group()
 # ================================================================================================ end of bookkeeping
-
-
-# ------------------------------------------------------------------------------------------------ training
-def run(args):
-    device, rank, world = setup(args)
-    split = load_data(args, "train")
-    load_data(args, "test")  # a missing test split fails now, not after the first epoch
-    args.num_classes = split.num_classes
-    if len(split) < args.batch_size:
-        raise RunError(f"--batch-size {args.batch_size} is larger than the {len(split)} training images")
-    teacher = get_teacher(args, device, rank, world) if args.kd_weight or args.sp_weight else None
-    if teacher is not None and args.sp_layers == "all":
-        probe = torch.zeros(2, 3, args.image_size, args.image_size, device=device)
-        stages = [len(m.to(device)(probe, with_features=True)[0]) for m in (build_model(args.student_arch, 2), teacher)]
-        if stages[0] != stages[1]:
-            raise RunError(f"--sp-layers all needs equal stage counts ({args.student_arch} {stages[0]}, "
-                           f"{args.teacher_arch} {stages[1]})")
-    run_ = start_run(args, device, rank)
-    references = [(f"teacher {args.teacher_arch}", evaluate(teacher, args, device))] if teacher is not None else []
-    torch.manual_seed(args.seed)  # the student's initial weights do not depend on how the teacher was obtained
-    try:
-        model = build_model(args.student_arch, args.num_classes, pretrained=args.pretrained and not args.resume)
-    except OSError as e:  # the ImageNet weights cannot be downloaded (offline machine)
-        raise RunError(f"cannot download the ImageNet weights ({e}); use --no-pretrained")
-    model = model.to(device, memory_format=memory_format(args, device))
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, nesterov=args.nesterov,
-                                weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=args.lr_milestones, gamma=args.lr_decay)
-    epoch, batch, step = resume(args, run_, model, optimizer, scheduler)
-    net = torch.compile(model) if args.compile else model
-    with finish_step_on_ctrl_c():
-        meter = train(args, model, net, teacher, optimizer, scheduler, train_data(args, split, device), run_, device,
-                      epoch, batch, step)
-    save_checkpoint(args, run_, "model.pt", model, metrics=final_metrics(run_), references=dict(references))
-    print_summary(run_, meter, references)
-
-
-def train(args, model, net, teacher, optimizer, scheduler, data, run, device, epoch, batch, step):
-    steps_per_epoch = epoch_length(len(data["split"]), args.batch_size)[0]
-    total = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
-    meter = Meter(args, run, device, step, total)
-    while epoch < args.epochs and step < total:
-        model.train()
-        for x, y in train_batches(args, data, epoch, batch, device):
-            with autocast(args, device):
-                losses = step_losses(net, teacher, x.contiguous(memory_format=memory_format(args, device)), y, args)  # METHOD
-            optimizer.zero_grad(set_to_none=True)
-            sum(losses.values()).backward()
-            optimizer.step()
-            step, batch = step + 1, batch + 1
-            meter.add(losses, len(y), epoch, step, optimizer.param_groups[0]["lr"])
-            if step >= total or STOP[0]:
-                break
-        meter.check()
-        if batch == steps_per_epoch:  # the epoch is complete
-            epoch, batch = epoch + 1, 0
-            scheduler.step()
-            if (args.eval_every and epoch % args.eval_every == 0) or epoch == args.epochs or step >= total:
-                with meter.paused():
-                    log_eval(run, meter, epoch, step, evaluate(model, args, device))
-        with meter.paused():
-            save_checkpoint(args, run, "last.pt", model, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                            epoch=epoch, batch=batch, step=step)
-        if STOP[0]:
-            last = os.path.join(run["dir"], "last.pt")
-            raise KeyboardInterrupt(f"wrote {last} after step {step}; continue with --resume {last}")
-    if not run["history"] or run["history"][-1]["step"] != step:  # stopped inside an epoch, or resumed a finished run
-        log_eval(run, meter, epoch + 1 if batch else epoch, step, evaluate(model, args, device))
-    return meter
 
 
 if __name__ == "__main__":
