@@ -76,6 +76,9 @@ import subprocess
 import sys
 import time
 
+if __name__ == "__main__":  # Ctrl-C while torch imports: exit 130, no traceback (then main() takes over)
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -495,7 +498,7 @@ def run(args):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: lr_factor(args, epoch))
     epoch, batch, step = resume(args, run_, model, optimizer, scheduler)
     net = data_parallel(torch.compile(model.student) if args.compile else model.student, device, world)
-    with finish_step_on_ctrl_c():
+    with training():  # a first SIGINT / SIGTERM stops after the step in flight, with a last.pt
         meter = train(args, model, net, optimizer, scheduler, data, run_, device, epoch, batch, step, rank, world)
     if rank == 0:
         save_checkpoint(args, run_, "model.pt", model, metrics=final_metrics(run_))
@@ -522,7 +525,7 @@ def train(args, model, net, optimizer, scheduler, data, run, device, epoch, batc
             enqueue(model, gather(keys, world), gather(y, world))  # METHOD: after the loss, keys of all ranks (Sec. 2)
             step, batch = step + 1, batch + 1
             meter.add(losses, len(y) * world, epoch, step, optimizer.param_groups[0]["lr"])
-            if step >= total or STOP[0]:
+            if step >= total or stop_requested(world):
                 break
         meter.check()
         if batch == steps_per_epoch:  # the epoch is complete
@@ -534,10 +537,9 @@ def train(args, model, net, optimizer, scheduler, data, run, device, epoch, batc
         with meter.paused():
             save_checkpoint(args, run, "last.pt", model, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                             epoch=epoch, batch=batch, step=step)
-        if STOP[0]:
-            last = os.path.join(run["dir"] or ".", "last.pt")
-            raise KeyboardInterrupt(f"wrote {last} after step {step}; continue with --resume {last}")
-    if rank == 0 and (not run["history"] or run["history"][-1]["step"] != step):  # stopped inside an epoch, or resumed
+        if stop_requested(world) and step < total:  # all ranks take the same decision
+            stop(run, step, world)
+    if rank == 0 and (not run["history"] or run["history"][-1]["step"] != step):  # stopped in an epoch
         log_eval(run, meter, epoch + 1 if batch else epoch, step, evaluate(model, args, device))
     return meter
 
@@ -582,6 +584,7 @@ def data_parallel(model, device, world):
 
 # ================================================================================================ run bookkeeping
 # The same text in s2sd.py, camd.py, spkd.py and isd.py (test_smoke.py checks): edit the four copies together.
+# As cleanRL says of its shared blocks: try not to modify it. What the method does is all above this line.
 class RunError(Exception):
     """Bad input, or a run that cannot go on: main() prints the message as one line and exits with 2."""
 
@@ -632,10 +635,12 @@ EXPERIMENT_FLAGS = [  # flag, argparse type (bool: --x/--no-x), help; none has a
     ("--run-name", str, "run folder under --save-dir (default from the flags; a taken name gets -2, -3, ...)"),
     ("--max-steps", number(int, 1), "stop after N optimizer steps in all (smoke tests, benchmarks; default none)"),
     ("--deterministic", bool, "deterministic kernels and no cudnn.benchmark (default off)"),
-    ("--resume", str, "a run's last.pt: continue that run in its folder; flags not given are taken from it"),
+    ("--resume", str, "a run's last.pt: continue it in its folder, flags not given taken from it (rerunning the same "
+                      "command continues its unfinished run by itself)"),
     ("--tensorboard", bool, "TensorBoard logs in the run folder (default: on when tensorboard is installed)")]
-RESUME_MAY_CHANGE = ("resume", "max_steps", "device", "workers", "log_every", "data_root", "save_dir", "run_name",
-                     "tensorboard", "compile", "amp")  # amp: a CUDA run resumed on a CPU may take --no-amp
+RESUME_MAY_CHANGE = ("resume", "max_steps", "device", "workers", "log_every", "data_root", "tensorboard", "compile",
+                     "amp")  # amp: a CUDA run resumed on a CPU may take --no-amp
+STATE = dict(signal=0, training=False, group=None, locks=[])  # the stop signal; torchrun's CPU group; folder locks
 
 
 def experiment_args(p):
@@ -649,12 +654,17 @@ def experiment_args(p):
 
 
 def resolve_args(args):
-    """Fill each flag not given from --resume's checkpoint, else the --dataset preset, else DEFAULTS; refuse a
-    given flag that contradicts the checkpoint, and paths that cannot work."""
+    """Fill each flag not given from --resume's checkpoint (its step budget too), else the --dataset preset, else
+    DEFAULTS; refuse a given flag that contradicts the checkpoint, and resuming a finished run."""
     if args.resume is not None:
+        if args.run_name is not None or args.save_dir is not None:
+            raise RunError("--run-name and --save-dir do not go with --resume: a resumed run stays in its own folder")
+        if os.path.isfile(os.path.join(os.path.dirname(os.path.abspath(args.resume)), "model.pt")):
+            raise RunError(f"--resume {args.resume}: that run is finished (it has a model.pt) and is never trained "
+                           "further or overwritten; to train longer, start a new run (e.g. with a larger --epochs)")
         for key, saved in load_checkpoint(args.resume)["args"].items():
             given = getattr(args, key, None)
-            if given is None and key not in ("max_steps", "run_name"):  # a resumed run goes on to the end
+            if given is None:
                 setattr(args, key, saved)
             elif key not in RESUME_MAY_CHANGE and json.dumps(given) != json.dumps(saved):
                 raise RunError(f"--resume {args.resume} was trained with --{key.replace('_', '-')} {saved}, not "
@@ -664,9 +674,6 @@ def resolve_args(args):
             setattr(args, key, json.loads(json.dumps(value)))  # a copy: presets hold lists
     if args.run_name is not None and (os.path.basename(args.run_name) != args.run_name or args.run_name in ("", ".", "..")):
         raise RunError(f"--run-name {args.run_name}: must be a plain folder name (it is created inside --save-dir)")
-    for flag, path in (("--save-dir", args.save_dir), ("--data-root", args.data_root)):
-        if os.path.exists(path) and not os.path.isdir(path):
-            raise RunError(f"{flag} {path} is a file, not a folder")
     return args
 
 
@@ -680,12 +687,13 @@ def setup(args):
     if (kind == "cuda" and not torch.cuda.is_available()) or (kind == "mps" and not torch.backends.mps.is_available()):
         raise RunError(f"--device {kind}: there is no such device on this machine; use --device cpu (or auto)")
     device = torch.device(f"cuda:{local}" if kind == "cuda" else kind)
-    if kind == "cuda":  # TF32 stays off (PyTorch's default): --no-amp is the papers' fp32, evaluation exact fp32
+    if kind == "cuda":  # no TF32 (cuDNN's default is on): --no-amp is the papers' fp32 and evaluation exact fp32
         torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = not args.deterministic
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32 = not args.deterministic, False
     torch.use_deterministic_algorithms(args.deterministic, warn_only=True)
     if world > 1 and not dist.is_initialized():  # (a teacher trained first runs setup twice)
         dist.init_process_group("nccl" if kind == "cuda" else "gloo", timeout=datetime.timedelta(hours=2))
+        STATE["group"] = dist.new_group(backend="gloo")  # for the stop flag: its all-reduce never waits for a GPU
     args.amp = kind == "cuda" if args.amp is None else args.amp
     torch.manual_seed(args.seed)
     return device, rank, world
@@ -711,24 +719,37 @@ def why(error):
 
 
 def atomic_save(obj, path, text=False):
-    """Write to a temporary file, then rename: a crash never leaves a half-written file (text: a str)."""
+    """Write a temporary file, then rename: the previous file stays intact whatever happens (text: obj is a str)."""
     tmp = f"{path}.tmp{os.getpid()}"
-    if text:
-        with open(tmp, "w") as f:
-            f.write(obj)
-    else:
-        torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        if text:
+            with open(tmp, "w") as f:
+                f.write(obj)
+        else:
+            torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # a full disk (torch.save: RuntimeError "file write failed"), no permission
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        free = shutil.disk_usage(os.path.dirname(path)).free / 2**20
+        raise RunError(f"cannot write {path} ({why(e)}; {free:.0f} MiB free there); the previous one is intact") from None
 
 
 def start_run(args, device, rank):
-    """The run folder (a fresh one under --save-dir, or --resume's own), config.json and TensorBoard (rank 0)."""
+    """The run folder (rank 0; --resume's own or run_folder's), locked against a second process; config.json and
+    TensorBoard there."""
     run = dict(dir=None, history=[], tb=None, t0=time.time(), rank=rank)
+    if rank == 0:
+        run["dir"] = lock(os.path.dirname(os.path.abspath(args.resume))) if args.resume else run_folder(args)
+    if dist.is_initialized():  # every rank resumes what rank 0 chose
+        chosen = [args.resume]
+        dist.broadcast_object_list(chosen, group=STATE["group"])
+        args.resume = chosen[0]
     if rank != 0:
         return run
-    run["dir"] = os.path.dirname(os.path.abspath(args.resume)) if args.resume else new_run_folder(args)
-    if not os.access(run["dir"], os.W_OK):
-        raise RunError(f"cannot write to the run folder {run['dir']}")
+    for name in os.listdir(run["dir"]):  # what a process killed while writing left behind (kill -9, a full disk)
+        if name.rpartition(".tmp")[2].isdigit():
+            os.remove(os.path.join(run["dir"], name))
     git = shutil.which("git") and subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                                                  cwd=os.path.dirname(os.path.abspath(__file__)))
     config = dict(vars(args), method=METHOD, torch=torch.__version__, torchvision=torchvision.__version__,
@@ -746,23 +767,45 @@ def start_run(args, device, rank):
     return run
 
 
-def new_run_folder(args):
-    """--save-dir/--run-name, or the first free name-2, name-3, ...: never another run's folder."""
-    try:
-        os.makedirs(args.save_dir, exist_ok=True)
-    except OSError as e:  # no permission, or a file or a dangling link in the way
-        raise RunError(f"--save-dir {args.save_dir}: cannot create a run folder there ({e.strerror})")
+def run_folder(args):
+    """The first of --run-name, name-2, name-3, ... under --save-dir that is new (then created) or holds an unfinished
+    run of these same arguments (then continued: rerunning a preempted command goes on where it stopped); never a
+    finished run's folder nor one another process holds."""
     base = os.path.join(args.save_dir, args.run_name)
     for path in (base if i == 1 else f"{base}-{i}" for i in itertools.count(1)):
         try:
-            os.mkdir(path)  # atomic: two runs started at once with one name still get two folders
+            os.makedirs(path)  # atomic: two runs started at once with one name still get two folders
         except FileExistsError:
+            try:  # an unfinished run: last.pt, no model.pt, a config.json of these arguments (--resume's changeable aside)
+                with open(os.path.join(path, "config.json")) as f:
+                    saved = json.load(f)
+                if os.path.isfile(os.path.join(path, "last.pt")) and not os.path.isfile(os.path.join(path, "model.pt")) \
+                        and all(json.dumps(v) == json.dumps(saved.get(k)) for k, v in vars(args).items()
+                                if k not in RESUME_MAY_CHANGE):
+                    args.resume = os.path.join(lock(path), "last.pt")  # RunError if another process runs it
+                    print(f"continuing the unfinished run in {path} (same arguments; --run-name NAME starts a new one)")
+                    return path
+            except (OSError, ValueError, RunError):
+                pass
             continue
-        except OSError as e:
-            raise RunError(f"--save-dir {args.save_dir}: cannot create a run folder there ({e.strerror})")
+        except OSError as e:  # no permission, or a file or a dangling link in the way
+            raise RunError(f"--save-dir {args.save_dir}: cannot create a run folder there ({e.strerror})") from None
         if path != base:
             print(f"note: {base} holds another run; this run writes to {path}")
-        return path
+        return lock(path)
+
+
+def lock(path):
+    """path, once this process holds path/.lock (until it ends); RunError if another one does. (No lock on Windows.)"""
+    try:
+        import fcntl
+        STATE["locks"].append(open(os.path.join(path, ".lock"), "a"))
+        fcntl.flock(STATE["locks"][-1], fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:
+        pass
+    except OSError as e:  # BlockingIOError: locked; or no permission
+        raise RunError(f"{path} is in use by another process ({why(e)}); wait for it to finish") from None
+    return path
 
 
 def load_checkpoint(path, keys=("method", "args", "model", "optimizer", "scheduler", "epoch", "batch", "step")):
@@ -810,10 +853,9 @@ def save_checkpoint(args, run, name, model, **state):
 
 
 class Meter:
-    """What the loop measures without a host sync inside a step: loss sums stay on the device and are read every
-    --log-every steps and before each checkpoint, where a non-finite component is reported with its 1-based step.
-    images/s (.rate) is the steady state: images after the warm-up steps over their time up to the last log step,
-    evaluation excluded by paused(); the same number on stdout, in metrics.jsonl and in TensorBoard."""
+    """Loss sums stay on the device, read at log steps and checkpoints (a non-finite term: named with its 1-based
+    step); images/s (.rate) = images after the warm-up steps over their time up to the last log step, paused() (eval,
+    checkpoints) excluded: the one number on stdout, in metrics.jsonl and in TensorBoard."""
 
     def __init__(self, args, run, device, step, total):
         self.args, self.run, self.device, self.total = args, run, device, total
@@ -855,7 +897,9 @@ class Meter:
         """Host sync: RunError at the first non-finite loss component, naming it and its 1-based step."""
         if self.bad is not None and bool((self.bad >= 0).any()):
             step, name = min((s, n) for s, n in zip(self.bad.tolist(), self.names) if s >= 0)
-            raise RunError(f"non-finite {name} loss at step {step:.0f}; stopped (last.pt holds the last finished epoch)")
+            last = os.path.join(self.run["dir"] or ".", "last.pt")
+            kept = f"{last} holds the last good checkpoint" if os.path.isfile(last) else "no checkpoint was written yet"
+            raise RunError(f"non-finite {name} loss at step {step:.0f}; stopped ({kept})")
 
     @contextlib.contextmanager
     def paused(self):
@@ -863,11 +907,6 @@ class Meter:
         start = self.sync()
         yield
         self.t_paused += self.sync() - start
-
-    def peak_memory(self):
-        if self.device.type == "cuda":
-            return f"{torch.cuda.max_memory_allocated(self.device) / 2**30:.2f} GiB (CUDA, max allocated)"
-        return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (max RSS)"
 
 
 def tensorboard(run, prefix, values, step):
@@ -879,7 +918,8 @@ def log_eval(run, meter, epoch, step, metrics):
     """One evaluation (1-based epoch): a line on stdout, a row in metrics.jsonl (rewritten atomically), TensorBoard."""
     run["history"].append(dict(epoch=epoch, step=step, **metrics, elapsed_s=round(time.time() - run["t0"], 1),
                                images_per_s=None if meter.rate is None else round(meter.rate, 1)))
-    print(f"eval  epoch {epoch} step {step} | " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()), flush=True)
+    if metrics:  # (none: unlabelled data)
+        print(f"eval  epoch {epoch} step {step} | " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()), flush=True)
     if run["dir"] is not None:
         atomic_save("".join(json.dumps(r) + "\n" for r in run["history"]), os.path.join(run["dir"], "metrics.jsonl"),
                     text=True)
@@ -892,47 +932,80 @@ def print_summary(run, meter, references=()):
     for label, metrics in references:
         print(f"{label}: " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
     print(f"final (last epoch {last['epoch']}, step {last['step']}; the headline): "
-          + "  ".join(f"{k} {last[k]:.2f}" for k in names))
+          + ("  ".join(f"{k} {last[k]:.2f}" for k in names) or "no metrics (no labelled test data)"))
     best = {k: max((r for r in rows if k in r), key=lambda r: r[k]) for k in names}
-    print("best epoch of each metric (chosen on the test set): "
-          + "  ".join(f"{k} {best[k][k]:.2f} (epoch {best[k]['epoch']})" for k in names))
+    if best:
+        print("best epoch of each metric (chosen on the test set): "
+              + "  ".join(f"{k} {best[k][k]:.2f} (epoch {best[k]['epoch']})" for k in names))
+    memory = (f"{torch.cuda.max_memory_allocated(meter.device) / 2**30:.2f} GiB (CUDA, max allocated)" if
+              meter.device.type == "cuda" else f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (max RSS)")
     rate = f"{meter.rate:.1f} images/s (steady state)" if meter.rate else "not measured (too few steps)"
-    print(f"throughput {rate}, peak memory {meter.peak_memory()}, wall {time.time() - run['t0']:.1f} s; "
-          f"run folder {run['dir']}")
+    print(f"throughput {rate}, peak memory {memory}, wall {time.time() - run['t0']:.1f} s; run folder {run['dir']}")
     if run["tb"]:
         run["tb"].close()
 
 
-STOP = [False]  # set by a first Ctrl-C during training; the loop stops once the step in flight is done
+def on_signal(signum, frame):
+    """SIGINT (Ctrl-C) or SIGTERM (a scheduler's preemption, timeout, docker stop). Inside training(), the first one
+    lets the step in flight finish and last.pt be written (stop_requested); else, or the second time, the run stops at
+    once. main() exits with 128 + the signal: 130 / 143."""
+    if torch.utils.data.get_worker_info() is not None or (STATE["signal"] and not STATE["training"]):
+        return  # DataLoader workers inherit this handler (the main process decides); a stopping run ignores repeats
+    if STATE["training"] and not STATE["signal"]:
+        STATE["signal"] = signum
+        print(f"\n{signal.Signals(signum).name}: stopping after the step in flight (again: at once)", file=sys.stderr)
+        return
+    STATE["signal"] = STATE["signal"] or signum
+    raise KeyboardInterrupt(f"a second {signal.Signals(signum).name}: stopped at once" if STATE["training"] else "")
 
 
 @contextlib.contextmanager
-def finish_step_on_ctrl_c():
-    """A first Ctrl-C lets the current step finish, so last.pt is exact; a second one stops at once."""
-    def handler(signum, frame):
-        if STOP[0]:
-            raise KeyboardInterrupt("second Ctrl-C: stopped without writing last.pt")
-        STOP[0] = True
-    previous = signal.signal(signal.SIGINT, handler)
+def training():
+    STATE["training"] = True
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-        STOP[0] = False
+        STATE["training"] = False
+
+
+def stop_requested(world):
+    """Whether to stop after this step. Under torchrun every rank gets the same answer at the same step (one
+    all-reduce of the flag on a CPU group), so all stop together and rank 0 writes one consistent last.pt."""
+    if world > 1:
+        flag = torch.tensor(STATE["signal"])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=STATE["group"])
+        STATE["signal"] = int(flag)
+    return STATE["signal"] != 0
+
+
+def stop(run, step, world):
+    """After last.pt is written on a stop signal: the ranks wait for rank 0's file, then the run ends (ignoring later
+    signals, such as torchrun's to the other ranks once one has exited)."""
+    STATE["training"] = False
+    if world > 1:
+        dist.barrier(group=STATE["group"])
+    last = os.path.join(run["dir"] or ".", "last.pt")
+    raise KeyboardInterrupt(f"wrote {last} after step {step}; the same command again continues it (or --resume {last})")
 
 
 def main(argv=None):
-    """Bad input: one line, exit 2. Ctrl-C: exit 130 (with a resumable last.pt once training has begun)."""
+    """Bad input: one line, exit 2. SIGINT / SIGTERM: exit 130 / 143 (a resumable last.pt once training has begun)."""
+    STATE["signal"], previous = 0, [signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)]
     try:
         run(get_args(argv))
     except (RunError, common.DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as e:
-        print(f"interrupted: {str(e) or 'outside a training step (a last.pt in the run folder, if any, resumes it)'}",
-              file=sys.stderr)
-        sys.exit(130)
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"interrupted: {str(e) or 'outside a training step (a last.pt in the run folder, if any, resumes it)'}",
+                  file=sys.stderr)
+        sys.exit(128 + (STATE["signal"] or signal.SIGINT))
     finally:
+        for s, h in zip((signal.SIGINT, signal.SIGTERM), previous):
+            signal.signal(s, h)
+        while STATE["locks"]:
+            STATE["locks"].pop().close()
         if dist.is_initialized():
             dist.destroy_process_group()
 # ================================================================================================ end of bookkeeping

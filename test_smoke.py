@@ -1163,18 +1163,25 @@ def test_contract_log_lines_are_one_based(name, save_dir, digits_runs):
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
-def test_contract_resume_inside_an_epoch_equals_uninterrupted(name, save_dir, digits_runs):
+def test_contract_resume_inside_an_epoch_equals_uninterrupted(name, save_dir, digits_runs, monkeypatch):
     total = STEPS_PER_EPOCH[name] + 3  # across an epoch end (and its evaluation)
-    assert main_of(SCRIPTS[name], tiny(name, save_dir, "--run-name", f"{name}_full", "--max-steps", str(total)))[0] == 0
-    assert main_of(SCRIPTS[name], tiny(name, save_dir, "--run-name", f"{name}_part", "--max-steps", "5"))[0] == 0
-    assert load(save_dir / f"{name}_part" / "last.pt")["batch"] == 5
-    code, out, err = main_of(SCRIPTS[name], ["--resume", str(save_dir / f"{name}_part" / "last.pt"),
-                                             "--max-steps", str(total)])
-    assert code == 0, err
+    full, part = (tiny(name, save_dir, "--run-name", f"{name}_{k}", "--max-steps", str(total)) for k in ("full", "part"))
+    assert main_of(SCRIPTS[name], full)[0] == 0
+    stop_requested, calls = SCRIPTS[name].stop_requested, []
+    monkeypatch.setattr(SCRIPTS[name], "stop_requested", lambda world: calls.append(1) or len(calls) >= 5)
+    code, _, err = main_of(SCRIPTS[name], part)  # stopped after step 5 as by a first Ctrl-C (a preempted job)
+    assert code == 130 and "the same command again continues it" in err, err
+    monkeypatch.setattr(SCRIPTS[name], "stop_requested", stop_requested)
+    last = save_dir / f"{name}_part" / "last.pt"
+    assert (load(last)["batch"], load(last)["step"]) == (5, 5)
+    code, out, err = main_of(SCRIPTS[name], part)  # the same command: continues that run, its step budget too
+    assert code == 0 and f"continuing the unfinished run in {save_dir / (name + '_part')}" in out, err
     a, b = load(save_dir / f"{name}_full" / "model.pt"), load(save_dir / f"{name}_part" / "model.pt")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), name
     strip = lambda rows: [{k: v for k, v in r.items() if k not in ("elapsed_s", "images_per_s")} for r in rows]  # noqa
-    assert strip(a["history"]) == strip(b["history"])
+    assert strip(a["history"]) == strip(b["history"]) and b["history"][-1]["step"] == total
+    code, _, err = main_of(SCRIPTS[name], ["--resume", str(last)])  # a finished run is never trained further
+    assert code == 2 and "finished" in err and "start a new run" in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
@@ -1197,23 +1204,147 @@ def test_contract_non_finite_loss_stops_with_component_and_step(name, save_dir, 
     assert not (save_dir / f"{name}_nan" / "model.pt").exists()
 
 
-@pytest.mark.parametrize("name", SCRIPTS)
-def test_contract_ctrl_c_writes_a_resumable_last_pt_and_exits_130(name, save_dir, digits_runs):
-    argv = [f"{name}.py", *tiny(name, save_dir, "--run-name", f"{name}_int", "--epochs", "100", "--log-every", "1")]
+@pytest.mark.parametrize("name,sig", [(n, signal.SIGINT) for n in SCRIPTS] + [(n, signal.SIGTERM) for n in SCRIPTS])
+def test_contract_ctrl_c_and_sigterm_write_a_resumable_last_pt(name, sig, save_dir, digits_runs):
+    argv = [f"{name}.py", *tiny(name, save_dir, "--run-name", f"{name}_{sig.name}", "--epochs", "100",
+                                "--log-every", "1")]
     proc = subprocess.Popen([sys.executable, *argv], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"))
     for line in proc.stdout:  # the first training log line of this run
         if re.match(r"epoch \d+ step \d+/", line):
             break
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)  # SIGTERM: what a scheduler sends on preemption (also timeout, docker stop, kill)
     out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 130, err[-2000:]
-    last = save_dir / f"{name}_int" / "last.pt"
-    assert f"--resume {last}" in err and "Traceback" not in err
+    assert proc.returncode == 128 + sig, err[-2000:]  # 130 / 143
+    last = save_dir / f"{name}_{sig.name}" / "last.pt"
+    assert f"--resume {last}" in err and f"{sig.name}: stopping after the step in flight" in err
+    assert "Traceback" not in err
     step = load(last)["step"]
     code, _, err = main_of(SCRIPTS[name], ["--resume", str(last), "--max-steps", str(step + 2)])
     assert code == 0, err
     assert load(last)["step"] == step + 2
+
+
+def test_camd_sigterm_while_the_teacher_trains_leaves_a_resumable_teacher(tmp_path):
+    argv = ["camd.py", "--teacher-arch", "resnet8", "--teacher-epochs", "100", "--image-size", "16", "--log-every", "1",
+            "--save-dir", str(tmp_path)]
+    proc = subprocess.Popen([sys.executable, *argv], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"))
+    for line in proc.stdout:  # the teacher's first log line
+        if re.match(r"epoch \d+ step \d+/", line):
+            break
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143 and "Traceback" not in err, err[-2000:]
+    (teacher,) = (tmp_path / "teachers").iterdir()
+    assert load(teacher / "last.pt")["step"] >= 1 and not (teacher / "model.pt").exists()
+
+
+def test_contract_ctrl_c_while_the_imports_run_exits_130_quietly():
+    proc = subprocess.Popen([sys.executable, "s2sd.py", "--max-steps", "1"], cwd=HERE, stderr=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    time.sleep(0.3)  # torch's import takes seconds
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+
+
+def test_contract_a_second_signal_stops_at_once_as_does_one_outside_training():
+    s2sd.STATE.update(signal=0, training=True)
+    try:
+        s2sd.on_signal(signal.SIGTERM, None)  # the first: noted, the step in flight goes on
+        assert s2sd.STATE["signal"] == signal.SIGTERM
+        with pytest.raises(KeyboardInterrupt, match="a second SIGINT"):
+            s2sd.on_signal(signal.SIGINT, None)
+        s2sd.STATE.update(signal=0, training=False)
+        with pytest.raises(KeyboardInterrupt):  # outside training: at once
+            s2sd.on_signal(signal.SIGTERM, None)
+        assert s2sd.STATE["signal"] == signal.SIGTERM
+        assert s2sd.on_signal(signal.SIGTERM, None) is None  # a run already stopping ignores repeats (torchrun's)
+    finally:
+        s2sd.STATE.update(signal=0, training=False)
+
+
+def test_contract_resume_keeps_the_step_budget_and_a_signal_in_the_final_evaluation_is_answered(save_dir, monkeypatch):
+    argv = tiny("s2sd", save_dir, "--run-name", "s2sd_budget", "--max-steps", "30")
+    stop_requested, calls = s2sd.stop_requested, []
+    monkeypatch.setattr(s2sd, "stop_requested", lambda world: calls.append(1) or len(calls) >= 3)
+    assert main_of(s2sd, argv)[0] == 130
+    monkeypatch.setattr(s2sd, "stop_requested", stop_requested)
+    evaluate, seen = s2sd.evaluate, []
+
+    def evaluate_then_ctrl_c(*args):  # a Ctrl-C during the final evaluation (after epoch 1's): said, the run finishes
+        out = evaluate(*args)
+        if len(seen) == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        seen.append(1)
+        return out
+    monkeypatch.setattr(s2sd, "evaluate", evaluate_then_ctrl_c)
+    code, out, err = main_of(s2sd, ["--resume", str(save_dir / "s2sd_budget" / "last.pt")])  # no --max-steps given
+    assert code == 0 and "SIGINT: stopping after the step in flight" in err, err
+    assert load(save_dir / "s2sd_budget" / "model.pt")["history"][-1]["step"] == 30  # not the preset's 6 epochs
+
+
+def test_contract_one_process_per_run_folder_and_stale_temporary_files(save_dir, monkeypatch):
+    import fcntl
+    argv = tiny("s2sd", save_dir, "--run-name", "s2sd_lock", "--max-steps", "30")
+    stop_requested, calls = s2sd.stop_requested, []
+    monkeypatch.setattr(s2sd, "stop_requested", lambda world: calls.append(1) or len(calls) >= 3)
+    assert main_of(s2sd, argv)[0] == 130
+    monkeypatch.setattr(s2sd, "stop_requested", stop_requested)
+    folder = save_dir / "s2sd_lock"
+    (folder / "last.pt.tmp99999").write_bytes(b"half a file")  # left by a process killed while writing
+    with open(folder / ".lock", "a") as held:  # another process is training this run right now
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        code, _, err = main_of(s2sd, ["--resume", str(folder / "last.pt")])
+        assert code == 2 and f"{folder} is in use by another process" in err
+        code, out, err = main_of(s2sd, argv)  # the same command: not this folder (taken), a fresh one
+        assert code == 0 and f"this run writes to {folder}-2" in out, err
+    code, out, err = main_of(s2sd, argv)  # released: the same command continues the unfinished run
+    assert code == 0 and f"continuing the unfinished run in {folder}" in out, err
+    assert not (folder / "last.pt.tmp99999").exists() and (folder / "model.pt").exists()
+
+
+def test_atomic_save_on_a_full_disk_is_one_line_and_keeps_the_previous_file(tmp_path):
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    path = tmp_path / "last.pt"
+    torch.save({"step": 1}, path)
+    for text in (False, True):
+        os.symlink("/dev/full", f"{path}.tmp{os.getpid()}")  # every write there fails with ENOSPC
+        with pytest.raises(s2sd.RunError, match=r"cannot write .*last.pt .*MiB free there\); the previous one is intact"):
+            s2sd.atomic_save("text" if text else {"step": 2, "x": torch.zeros(10000)}, str(path), text=text)
+        assert not os.path.lexists(f"{path}.tmp{os.getpid()}") and load(path) == {"step": 1}
+
+
+def test_isd_two_process_stop_is_agreed_by_all_ranks(tmp_path):
+    """SIGTERM to rank 1 alone: both ranks stop after the same step, rank 0 writes last.pt, nobody hangs; the same
+    command then continues the run."""
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "isd.py",
+            "--batch-size", "64", "--queue-size", "256", "--epochs", "100", "--eval-every", "0", "--log-every", "1",
+            "--save-dir", str(tmp_path), "--run-name", "ddp"]
+    proc = subprocess.Popen(argv, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
+    for line in proc.stdout:
+        if re.match(r"epoch \d+ step \d+/", line):
+            break
+    ranks = {}
+    for pid in os.listdir("/proc"):  # torchrun's workers: RANK in their environment
+        try:
+            env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if str(tmp_path).encode() in open(f"/proc/{pid}/cmdline", "rb").read() and b"TORCHELASTIC_RUN_ID" in b"".join(env):
+            ranks.update({int(e[5:]): int(pid) for e in env if e.startswith(b"RANK=")})
+    os.kill(ranks[1], signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    step = load(tmp_path / "ddp" / "last.pt")["step"]
+    assert f"wrote {tmp_path / 'ddp' / 'last.pt'} after step {step}" in err, err[-3000:]
+    assert 'isd.py", line' not in err  # no traceback of ours (torchrun prints its own on a worker's exit code 143)
+    r = subprocess.run(argv + ["--max-steps", str(step + 2)], cwd=HERE, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0 and "continuing the unfinished run" in r.stdout, r.stderr[-3000:]
+    assert load(tmp_path / "ddp" / "last.pt")["step"] == step + 2
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
@@ -1313,6 +1444,7 @@ def _bad_input_cases(tmp):
              (["--run-name", str(tmp / "abs")], "--run-name"), (["--resume", str(tmp / "missing.pt")], "no such file"),
              (["--resume", str(tmp)], "a folder; give the last.pt"), (["--resume", str(tmp / "empty.pt")], "not a readable"),
              (["--resume", str(tmp / "junk.pt")], "not a readable"), (["--resume", str(tmp / "foreign.pt")], "not a checkpoint of"),
+             (["--resume", str(tmp / "junk.pt"), "--run-name", "x"], "do not go with --resume"),
              (["--epochs"], "--epochs"), (["--no-such-flag"], "unrecognized")]
     if not torch.cuda.is_available():
         cases.append((["--device", "cuda"], "--device cuda"))
@@ -1322,7 +1454,8 @@ def _bad_input_cases(tmp):
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_contract_bad_input_is_one_line_and_exit_2(name, tmp_path):
     for flags, needle in _bad_input_cases(tmp_path):
-        code, out, err = main_of(SCRIPTS[name], ["--save-dir", str(tmp_path / "runs"), *flags])
+        where = [] if "--resume" in flags or "--save-dir" in flags else ["--save-dir", str(tmp_path / "runs")]
+        code, out, err = main_of(SCRIPTS[name], [*where, *flags])
         assert code == 2, (flags, err)
         assert err.startswith("error:") and len(err.strip().splitlines()) == 1 and "Traceback" not in err, (flags, err)
         assert needle in err, (flags, needle, err)
