@@ -12,8 +12,8 @@ Usage:
     python isd.py                                          # digits, CPU, well under a minute
     python isd.py --dataset cifar10 [--variant moco]       # ResNet-18 (CIFAR stem)
     python isd.py --dataset imagenet --data-root /data --recipe r18   # (or r50) the paper's two recipes
-    python isd.py --dataset fashionmnist --unbalanced      # Table 4's long-tailed study, at a CPU's scale
-    python isd.py --dataset folder --data-root /my/images  # your own images (DIR/train [+ DIR/val], or DIR itself)
+    python isd.py --dataset imagenet --subset-file D1.txt [--variant moco]   # Table 4 (detail 9)
+    python isd.py --dataset folder --data-root DIR         # your own images (detail 11)
     torchrun --nproc_per_node=4 isd.py --dataset imagenet ...;  python eval.py runs/<run>/model.pt --linear-probe
 
 Implementation details (the algorithm: step_losses(); file names: the official code):
@@ -24,41 +24,43 @@ Implementation details (the algorithm: step_losses(); file names: the official c
     theta_t + (1 - m) theta_s over parameters only; BN statistics stay separate; both in train mode.
  3. Queue (MoCo's memory bank): K x D random L2-normalised rows; a ring buffer (K need not divide B) fed AFTER the loss
     with the keys of all ranks; registered buffers, so last.pt and model.pt carry it.
- 4. ShuffleBN (MoCo builder.py; ISD shuffles through DataParallel): the key batch is shuffled across the ranks before
-    the teacher and put back after; on one process both backbones use split BatchNorm (--bn-splits groups, the MoCo
-    CIFAR demo) across which the keys are shuffled. BN statistics so never pair a key with its query.
- 5. Recipe r18 (Sec. 3.1 "ResNet-18 experiments"; m 0.999 is train_isd.py's default --momentum; the released
-    run_isd.sh keeps this run commented out): no projection, predictor Linear(512, 512, no bias)-BN-ReLU-Linear(512,
-    512), the MoCo-v2 augmentation on both views. r50 (Sec. 3.1 "ResNet-50 experiments", train_isd_plus.py):
-    projection MLP(D, 2D, D/4) on BOTH encoders, predictor MLP(D/4, 2D, D/4), a weak teacher and a strong student view
-    (the text; train_isd_plus.py's default --augmentation weak/strong: key weak, query strong; Table 5's column
-    labels read the other way round). Both: SGD momentum 0.9, wd 1e-4 on all parameters, batch 256, 200 epochs; the rest: RECIPES.
+ 4. ShuffleBN (MoCo builder.py; ISD: DataParallel): keys shuffled across ranks (one process: the --bn-splits BN groups
+    of both backbones) and back: BN never pairs a key with its query. Group = images per GPU of the official runs (batch
+    256): r18 128 (2 GPUs, README), r50 64 (4, run_isd_plus.sh), MoCo 32 (8); small presets: 8 groups (MoCo CIFAR demo).
+ 5. r18 (Sec. 3.1 "ResNet-18 experiments": tau_s = tau_t 0.02, K 128K, m 0.999, lr 0.01 x0.2 at 140, 180): no
+    projection, predictor Linear(512, 512, no bias)-BN-ReLU-Linear(512, 512), MoCo-v2 views. r50 (Sec. 3.1 "ResNet-50
+    experiments", train_isd_plus.py): projection MLP(D, 2D, D/4) on BOTH encoders, predictor MLP(D/4, 2D, D/4), teacher
+    view weak, student strong (text; code default weak/strong = key/query; Table 5's best row, 59.2 / 62.0 as Table 1,
+    is labelled the other way). Both: SGD momentum 0.9, wd 1e-4 on all parameters, batch 256, 200 epochs; RECIPES.
  6. MoCo-v2 (notes/isd.md): projection Linear(D, D)-ReLU-Linear(D, 128) without BN, no predictor, logits [q.k, q Q^T]
-    / tau with the positive in column 0, the strong view on both sides, wd 1e-4, 200 epochs; the rest: RECIPES.
+    / tau, positive in column 0, both views strong; RECIPES. Refused: --tau-t, --head r18 / r50, --teacher-view weak.
  7. Views: strong = MoCo-v2 (RRC 0.2-1, jitter 0.4/0.4/0.4/0.1 p 0.8, gray p 0.2, blur p 0.5, flip); weak = RRC +
-    flip. Image files: common.moco_v2_transform in DataLoader workers; in-memory datasets: common's batched on-device
-    ops at any size (no blur).
+    flip. Image files: common.moco_v2_transform in DataLoader workers, >= 12 px (the 23-px blur kernel pads 11 px by
+    reflection); in-memory datasets: common's batched on-device ops at any size (no blur).
  8. Evaluation (fp32, eval mode, unaugmented L2-normalised backbone features, no heads; gallery = the train split):
     1-NN / 20-NN majority vote (the paper's tables), weighted 200-NN; the teacher as eval_knn.py builds it (teacher
     weights, the STUDENT's BN statistics); purity (train_isd_plus.py): the share of a teacher key's top-5 queue anchors
     with its label, over a fixed 1,024 gallery images. Linear probe (eval_linear.py): eval.py --linear-probe.
- 9. Unbalanced data (Sec. 3.2, Table 4): --unbalanced trains on a long-tailed subset (8 of 38 classes keep all their
-    images, the rest 100 / 1300 of them; scaled to the dataset, classes seeded by --seed) or --subset-file (the
-    official unbalanced_dataset/D1..D10.txt); NN accuracy on the balanced test set with the FULL balanced train data
-    of those classes as gallery, for all classes and the small ones (knn1_small).
-10. Multi-GPU: DDP on the student, the teacher updated identically on every rank, keys and labels all-gathered before
-    enqueueing (MoCo); --batch-size is global; rank 0 logs and saves.
+ 9. Unbalanced (Sec. 3.2, Table 4): --unbalanced trains on a long-tailed subset (8 of 38 classes keep all images, the
+    rest 100 / 1300; scaled to the dataset, classes seeded by --seed) or --subset-file (official D1..D10.txt, 12,872-
+    13,400 images); NN on the balanced test set against ALL train images of those classes, all and small (knn1_small)
+    classes. Recipe (ISD and MoCo, ResNet-18, "400 epochs with a memory bank size of 8192 and cosine learning
+    schedule"): 2x the preset's epochs, cosine, K 8192 on ImageNet, else 8192 N / 13,400 for N images (digits ~375 ->
+    ~229, Fashion-MNIST 15,696 -> 9,596); explicit flags win. lr, tau, m: not stated (code: lists, no script): RECIPES.
+10. torchrun: DDP student, the same teacher update on every rank, keys and labels all-gathered (MoCo), global batch.
+11. --dataset folder, DIR = --data-root: DIR/train + DIR/test (or val): gallery + queries; DIR/train or DIR/<class>/:
+    SSL on all, k-NN queries a fixed (seed 0) fifth of each class, gallery the rest; flat DIR: no labels, no k-NN.
 
 Deviations:
  - Queue init rows L2-normalised as train_isd_plus.py (train_isd.py normalises columns; gone after K/B steps).
- - One process: split BN in both backbones only (the heads' BatchNorm1d sees the whole batch).
+ - One process: split BN in both backbones only (the heads' BatchNorm1d sees the batch; DataParallel splits them).
  - ResNet-50 uses adaptive average pooling (official: a 7x7 pool, 224 px only). bf16 autocast on CUDA (--no-amp).
  - ImageNet-100 / folder / CIFAR / STL-10 / digits / fashionmnist settings are ours (the paper has none): PRESETS.
    On digits / fashionmnist ISD and MoCo share the preset's lr and momentum (tuned for few steps per epoch).
-Paper (Table 1, ImageNet, 200 ep.; linear / 1-NN / 20-NN): ResNet-18 53.8 / 41.5 / 46.6; ResNet-50 69.8 / 59.2 /
-62.0 (MoCo-v2 ResNet-50 200 ep.: 67.5 linear). Measured here (README "Results"; Fashion-MNIST, small CNN, 8 epochs,
-3 seeds, 1-NN / 20-NN / linear): ISD 77.78 / 79.11 / 70.23, MoCo-v2 80.71 / 81.92 / 75.39: MoCo-v2 ahead at this
-scale. ImageNet: not yet measured.
+Paper (ImageNet, 200 epochs, linear / 1-NN / 20-NN; Table 1 rows "ISD" and "MoCo-V2 [20] [11] 256 200"): ResNet-18
+ISD 53.8 / 41.5 / 46.6, MoCo-v2 51.0 / 37.7 / 42.1; ResNet-50 ISD 69.8 / 59.2 / 62.0, MoCo-v2 67.5 linear. Table 4
+"Mean" (NN, D1-D10): all 38 classes ISD 58.03, MoCo 57.12; the 30 rare ISD 56.33, MoCo 53.75. Measured: README
+"Results" (Fashion-MNIST, 3 seeds: MoCo-v2 ahead at this scale, 1-NN 80.71 vs ISD 77.78). ImageNet: not measured.
 """
 import argparse
 import collections
@@ -106,7 +108,7 @@ PRESETS = {
     # ours: ResNet-18 with the CIFAR stem, the r50 recipe (weak/strong, like ReSSL), wd 5e-4, K 4096 (ReSSL CIFAR).
     "cifar10": dict(_SMALL, queue_size=4096), "cifar100": dict(_SMALL, queue_size=4096),
     "stl10": dict(_SMALL, image_size=96, queue_size=16384),  # ours: SSL on train+unlabeled (105K images, 96 px)
-    "folder": dict(_BIG, queue_size=16384, workers=8),  # ours; k-NN monitor when DIR/val has labels
+    "folder": dict(_BIG, queue_size=16384, workers=8),  # ours; the k-NN monitor: detail 11
     # ours, the offline demo: K 512 (well below the 1,437 images), m 0.9 (11 steps per epoch: 0.99 makes the teacher
     # ~9 epochs old), crops >= 80% of an 8x8 digit; the probe scaled to 10 epochs.
     "digits": dict(_SMALL, arch="small", image_size=16, epochs=15, batch_size=128, lr=0.05, ema=0.9, queue_size=512,
@@ -128,11 +130,9 @@ def get_args(argv=None):
     experiment_args(p)
     add = p.add_argument_group("method").add_argument
     add("--variant", choices=["isd", "moco"], help="isd, or moco = MoCo-v2 with its own settings (default isd)")
-    add("--recipe", choices=["r18", "r50"], help="Sec. 3.1's ResNet-18 / ResNet-50 settings (default: by --arch)"
-        + preset("recipe"))
+    add("--recipe", choices=["r18", "r50"], help="Sec. 3.1's R18 / R50 recipe (default: by --arch)" + preset("recipe"))
     add("--arch", choices=["resnet18", "resnet50", "small"], help="backbone (default: by --recipe)" + preset("arch"))
-    add("--cifar-stem", action=argparse.BooleanOptionalAction, help="3x3 stride-1 conv1, no max-pool (default: on at "
-        "<= 96 px)")
+    add("--cifar-stem", action=argparse.BooleanOptionalAction, help="3x3 stride-1 conv1, no max-pool (default <=96 px)")
     add("--head", choices=["r18", "r50", "moco"], help="projection / predictor heads (default: the recipe's)")
     add("--tau-s", type=number(float, 0, low_open=True), help="student temperature (MoCo: tau; recipe)")
     add("--tau-t", type=number(float, 0, low_open=True), help="teacher temperature (recipe)")
@@ -140,37 +140,57 @@ def get_args(argv=None):
     add("--queue-size", type=number(int, 1), help="K anchors (recipe)" + preset("queue_size"))
     add("--teacher-view", choices=["strong", "weak"], help="teacher augmentation (recipe)")
     add("--lr-schedule", choices=["step", "cosine"], help="recipe: step = x0.2 at the milestones")
-    add("--lr-milestones", type=number(int, 1), nargs="*", help="step schedule epochs (default: 0.7 and 0.9 of "
-        "--epochs, i.e. 140, 180 of 200)")
+    add("--lr-milestones", type=number(int, 1), nargs="*", help="step schedule epochs (default: 0.7, 0.9 x --epochs)")
     add("--min-scale", type=number(float, 0, 1, low_open=True), help="RandomResizedCrop min scale (default 0.2, "
         "MoCo-v2)" + preset("min_scale"))
-    add("--bn-splits", type=number(int, 1), help="one process: split-BN groups for ShuffleBN (default 8, the MoCo "
-        "CIFAR demo; 1 under torchrun, where the ranks are the groups)")
+    add("--bn-splits", type=number(int, 1), help="one process: ShuffleBN's split-BN groups (default: batch / 128 r18, "
+        "/ 64 r50, / 32 moco as the official runs; 8 small-image presets, MoCo's CIFAR demo; 1 under torchrun)")
     add("--train-subset", type=number(int, 1), help="train on a fixed random N images" + preset("train_subset"))
-    add("--unbalanced", action=argparse.BooleanOptionalAction, help="Table 4: a long-tailed training subset (few large "
-        "classes, many small; seeded) of a labelled dataset (default off)")
-    add("--subset-file", help="imagenet: an official unbalanced_dataset/D<n>.txt class and image list")
-    add("--probe-epochs", type=number(int, 1), help="eval.py --linear-probe epochs (x0.1 at 3/8 and 3/4)"
-        + preset("probe_epochs"))
+    add("--unbalanced", action=argparse.BooleanOptionalAction, help="Table 4: a seeded long-tailed subset of labelled "
+        "data, and Table 4's recipe: 2x the epochs, K 8192 (off ImageNet scaled to the subset), cosine (default off)")
+    add("--subset-file", help="imagenet: an official unbalanced_dataset/D<n>.txt class and image list (+ --unbalanced)")
+    add("--probe-epochs", type=number(int, 1), help="eval.py probe epochs (x0.1 at 3/8, 3/4)" + preset("probe_epochs"))
     add("--synthetic-n", type=number(int, 4), help="synthetic: images per split" + preset("synthetic_n"))
-    args, world = resolve_args(p.parse_args(argv)), int(os.environ.get("WORLD_SIZE", 1))
+    args, world = p.parse_args(argv), int(os.environ.get("WORLD_SIZE", 1))
+    given = {k for k, v in vars(args).items() if v is not None}  # typed by the user (presets and recipes fill later)
+    args = resolve_args(args)
     if args.resume is None:  # the recipe's values for what neither the flags nor the dataset preset set
         args.arch = args.arch or ("resnet50" if args.recipe == "r50" else "resnet18")
         args.recipe = "moco" if args.variant == "moco" else args.recipe or ("r50" if args.arch == "resnet50" else "r18")
         args.variant = args.variant or "isd"
         vars(args).update({k: v for k, v in RECIPES[args.recipe].items() if getattr(args, k) is None})
-    args.min_scale = 0.2 if args.min_scale is None else args.min_scale
-    args.cifar_stem = args.image_size <= 96 if args.cifar_stem is None else args.cifar_stem
-    args.bn_splits = args.bn_splits or (1 if world > 1 else 8)  # each process's share of the batch is split in groups
-    args.lr_milestones = args.lr_milestones or [round(0.7 * args.epochs), round(0.9 * args.epochs)]
-    args.unbalanced = bool(args.unbalanced or args.subset_file)
+    for key, fits, why in (("tau_t", None, "MoCo-v2 has one temperature, --tau-s"),
+                           ("head", "moco", "ISD's heads hold its predictor; MoCo-v2 has its own (--head moco)"),
+                           ("teacher_view", "strong", "MoCo-v2 augments the query and the key alike (strong)")):
+        if args.variant == "moco" and key in given and getattr(args, key) != fits:
+            raise RunError(f"--{key.replace('_', '-')} {getattr(args, key)} does not apply to --variant moco: {why}")
+    if args.dataset not in TENSOR_FORM and args.image_size < 12:  # detail 7 (in memory: no blur, any size runs)
+        raise RunError(f"--image-size {args.image_size}: image files get MoCo-v2's 23-px GaussianBlur: use >= 12")
     if args.dataset not in TENSOR_FORM and args.arch == "small":
         raise RunError("--arch small is for the small-image datasets (digits, fashionmnist, synthetic, cifar, stl10)")
     if args.subset_file and (args.dataset != "imagenet" or not os.path.isfile(args.subset_file)):
         raise RunError(f"--subset-file {args.subset_file}: needs --dataset imagenet and an existing D<n>.txt file")
+    args.min_scale = 0.2 if args.min_scale is None else args.min_scale
+    args.cifar_stem = args.image_size <= 96 if args.cifar_stem is None else args.cifar_stem
+    args.unbalanced = bool(args.unbalanced or args.subset_file)
+    if args.unbalanced and args.resume is None:  # detail 9: Table 4's recipe where no flag sets it
+        args.epochs = args.epochs if "epochs" in given else 2 * args.epochs  # 400 = 2 x the recipes' 200
+        args.lr_schedule = args.lr_schedule if "lr_schedule" in given else "cosine"
+        if "queue_size" not in given:  # ImageNet: 8192; elsewhere K / N = 8192 / 13,400 (one key per image at most)
+            args.queue_size = 8192 if args.dataset in ("imagenet", "imagenet100") else max(
+                args.batch_size, round(8192 * len(load_data(args, "train")) / 13400))
+    args.lr_milestones = args.lr_milestones or [round(0.7 * args.epochs), round(0.9 * args.epochs)]
+    group = {"r18": 128, "r50": 64, "moco": 32}[args.recipe]  # detail 4: the official runs' images per GPU
+    args.bn_splits = args.bn_splits or (1 if world > 1 else 8 if args.dataset in TENSOR_FORM else
+                                        math.gcd(args.batch_size, max(1, args.batch_size // group)))
     if args.batch_size % (world * args.bn_splits) or args.batch_size > args.queue_size:
         raise RunError(f"--batch-size {args.batch_size} must divide by {world} process(es) x --bn-splits "
                        f"{args.bn_splits} and be at most --queue-size {args.queue_size}")
+    query = folder_layout(args.data_root)[1] if args.dataset == "folder" else "test"
+    if query != "test" and int(os.environ.get("RANK", 0)) == 0:  # detail 11, said once at the start
+        print(f"note: {args.data_root}: " + ("no test/ or val/ folder: k-NN queries = a fixed fifth of each class "
+              "(seed 0), gallery = the rest; SSL on all, labels unused" if query else "no class folders, so no k-NN"))
+    args.eval_every = args.eval_every if query else 0  # no labels: only the closing evaluation (empty)
     tag = "_unbalanced" if args.unbalanced else ""
     args.run_name = args.run_name or f"isd_{args.dataset}_{args.variant}{tag}_s{args.seed}"
     return args
@@ -344,21 +364,36 @@ def read_subset_file(path, root):
     return wnids, paths, [wnids.index(f.split("/")[2]) for f in files]
 
 
+def folder_layout(root):
+    """--dataset folder (detail 11) -> (training split, k-NN queries): DIR/train + DIR/test or val: ('train', 'test');
+    DIR/train alone or DIR/<class>/: ('train' or 'all', 'holdout'); a flat DIR (no labels): ('all', None)."""
+    found = [d for d in ("train", "test", "val") if os.path.isdir(os.path.join(root, d))]
+    if "train" in found:
+        return "train", "test" if len(found) > 1 else "holdout"
+    return "all", "holdout" if os.path.isdir(root) and any(e.is_dir() for e in os.scandir(root)) else None
+
+
 def load_data(args, split):
     """'train' (what SSL trains on), 'gallery' (the balanced k-NN gallery) or 'test' (k-NN queries) as a common.Split;
-    None without a labelled split. Detail 9: --unbalanced / --subset-file restrict all three to the study's classes,
-    and 'train' to the large classes' every image and the small ones' 100 / 1300 of theirs."""
+    None without labels. Detail 9: --unbalanced / --subset-file restrict all three to the study's classes, and
+    'train' to the large classes' every image and the small ones' 100 / 1300 of theirs."""
     base, query = "train", {"imagenet": "val", "imagenet100": "val"}.get(args.dataset, "test")
-    if args.dataset == "folder":  # DIR/train [+ DIR/test or DIR/val: labelled k-NN queries], or DIR itself
-        found = [d for d in ("train", "test", "val") if os.path.isdir(os.path.join(args.data_root, d))]
-        base, query = ("train", "test" if len(found) > 1 else None) if "train" in found else ("all", None)
-    name = {"train": "train+unlabeled" if args.dataset == "stl10" else base, "gallery": base, "test": query}[split]
+    if args.dataset == "folder":
+        base, query = folder_layout(args.data_root)
+    name = {"train": "train+unlabeled" if args.dataset == "stl10" else base, "gallery": base,
+            "test": base if query == "holdout" else query}[split]
     if name is None:
         return None
     kw = dict(image_size=args.image_size, channels=3) if args.dataset in TENSOR_FORM else {}
     if args.dataset == "synthetic":
         kw["synthetic_size"] = (args.synthetic_n // (4 if split == "test" else 1), 10, args.image_size)
     out = common.load_split(args.dataset, args.data_root, name, **kw)
+    if query == "holdout" and split != "train":  # detail 11: a fixed fifth of each class (>= 1 left in the gallery)
+        g, test = torch.Generator().manual_seed(0), torch.zeros(len(out), dtype=torch.bool)
+        for c in range(out.num_classes):
+            idx = torch.nonzero(out.labels == c).squeeze(1)
+            test[idx[torch.randperm(len(idx), generator=g)[:min(len(idx) - 1, round(len(idx) / 5))]]] = True
+        out = out.subset(torch.nonzero(test == (split == "test")).squeeze(1))
     if args.subset_file:
         wnids, paths, labels = read_subset_file(args.subset_file, args.data_root)
         missing = sorted(set(wnids) - set(out.classes))

@@ -2064,6 +2064,99 @@ def test_isd_bad_inputs():
             isd.get_args(["--bn-splits", "8", "--batch-size", "40"])
 
 
+def test_isd_unbalanced_runs_take_table4_recipe_unless_flags_say_otherwise(tmp_path):
+    (tmp_path / "D1.txt").write_text("class names :\nn01\nTrain Images:\n/train/n01/n01_0.JPEG\n")
+    for flags in (["--subset-file", str(tmp_path / "D1.txt")], ["--unbalanced"]):  # Sec. 3.2: 400 ep., K 8192, cosine
+        a = isd.get_args(["--dataset", "imagenet", *flags])
+        assert (a.epochs, a.queue_size, a.lr_schedule, a.unbalanced) == (400, 8192, "cosine", True)
+        assert (a.recipe, a.arch, a.lr, a.tau_s, a.tau_t, a.ema, a.head) == ("r18", "resnet18", 0.01, 0.02, 0.02, 0.999, "r18")
+        m = isd.get_args(["--dataset", "imagenet", "--variant", "moco", *flags])
+        assert (m.epochs, m.queue_size, m.lr_schedule, m.lr, m.tau_s, m.head) == (400, 8192, "cosine", 0.03, 0.2, "moco")
+        own = isd.get_args(["--dataset", "imagenet", *flags, "--epochs", "100", "--queue-size", "4096",
+                            "--lr-schedule", "step"])  # explicit flags win
+        assert (own.epochs, own.queue_size, own.lr_schedule, own.lr_milestones) == (100, 4096, "step", [70, 90])
+    assert isd.get_args(["--dataset", "imagenet"]).epochs == 200  # the balanced recipe is untouched
+    for variant in ("isd", "moco"):  # small presets: 2x the epochs, K / N = 8192 / 13,400 on the subset's N images
+        a = isd.get_args(["--unbalanced", "--variant", variant])
+        n = len(isd.load_data(a, "train"))
+        assert (a.epochs, a.lr_schedule, a.queue_size) == (2 * isd.PRESETS["digits"]["epochs"], "cosine",
+                                                           round(8192 * n / 13400)) and a.batch_size <= a.queue_size < n
+    assert isd.get_args(["--unbalanced", "--queue-size", "300"]).queue_size == 300
+
+
+def test_isd_bn_groups_follow_the_official_gpu_counts(monkeypatch):
+    def splits(*flags):
+        return isd.get_args(["--dataset", "imagenet", *flags]).bn_splits
+    # batch 256 over 2 GPUs (train_isd.py, README), 4 (run_isd_plus.sh), 8 (MoCo): groups of 128, 64, 32 images
+    assert (splits("--recipe", "r18"), splits("--recipe", "r50"), splits("--variant", "moco")) == (2, 4, 8)
+    assert splits("--recipe", "r50", "--batch-size", "512") == 8 and splits("--recipe", "r18", "--batch-size", "64") == 1
+    assert splits("--recipe", "r50", "--batch-size", "250") == 1  # 250 / 64 -> 3 groups do not divide 250: one group
+    assert splits("--recipe", "r50", "--bn-splits", "2") == 2  # the flag wins
+    assert isd.get_args(["--dataset", "cifar10"]).bn_splits == isd.get_args([]).bn_splits == 8  # the MoCo CIFAR demo
+    model = isd.ISD(isd.get_args(["--dataset", "imagenet", "--recipe", "r50"]))
+    assert {m.splits for m in model.student.backbone.modules() if isinstance(m, isd.SplitBatchNorm)} == {4}
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun: each rank's share is one group
+    assert splits("--recipe", "r50") == 1
+
+
+def test_isd_folder_without_test_folder_holds_out_a_fifth_of_each_class(tmp_path):
+    sizes = {"a": 10, "b": 7, "c": 2}
+    for name, n in sizes.items():
+        for i in range(n):
+            write_image(str(tmp_path / "lab" / name / f"{i}.png"), i, size=16)
+    code, out, err = main_of(isd, ["--dataset", "folder", "--data-root", str(tmp_path / "lab"), "--image-size", "12",
+                                   "--batch-size", "8", "--queue-size", "16", "--workers", "0", "--epochs", "1",
+                                   "--save-dir", str(tmp_path), "--run-name", "h", "--arch", "resnet18"])
+    assert code == 0, err
+    assert out.count("note:") == 1 and "a fixed fifth of each class" in out
+    assert {"knn1", "knn20", "teacher/knn1"} <= set(load(tmp_path / "h" / "model.pt")["metrics"])
+    args = isd.get_args(["--dataset", "folder", "--data-root", str(tmp_path / "lab")])
+    train, gallery, test = (isd.load_data(args, s) for s in ("train", "gallery", "test"))
+    assert len(train) == 19 and sorted(gallery.paths + test.paths) == sorted(train.paths)  # a partition of all images
+    assert torch.bincount(test.labels, minlength=3).tolist() == [2, 1, 0]  # round(n / 5), one left in the gallery
+    again = isd.load_data(isd.get_args(["--dataset", "folder", "--data-root", str(tmp_path / "lab"), "--seed", "5"]),
+                          "test")
+    assert again.paths == test.paths  # a fixed split (seed 0), whatever the run's seed
+    os.rename(tmp_path / "lab", tmp_path / "only_train")  # DIR/train alone: the same split of DIR/train
+    os.makedirs(tmp_path / "lab")
+    os.rename(tmp_path / "only_train", tmp_path / "lab" / "train")
+    common.load_split.cache_clear()
+    assert [os.path.basename(p) for p in isd.load_data(args, "test").paths] == [os.path.basename(p) for p in test.paths]
+    for i in range(10):
+        write_image(str(tmp_path / "flat" / f"{i}.png"), i, size=16)
+    code, out, err = main_of(isd, ["--dataset", "folder", "--data-root", str(tmp_path / "flat"), "--image-size", "12",
+                                   "--batch-size", "8", "--queue-size", "16", "--workers", "0", "--epochs", "2",
+                                   "--eval-every", "1", "--save-dir", str(tmp_path), "--run-name", "f"])
+    assert code == 0, err
+    assert "no class folders, so no k-NN" in out and out.count("eval ") == 1  # only the closing evaluation
+    assert load(tmp_path / "f" / "model.pt")["args"]["eval_every"] == 0
+
+
+def test_isd_image_size_floor_and_flags_moco_cannot_use(tmp_path):
+    from PIL import Image
+    image = Image.new("RGB", (40, 40))
+    with pytest.raises(RuntimeError):  # the real bound: MoCo-v2's 23-px blur pads 11 px by reflection
+        torch.manual_seed(0)
+        [common.moco_v2_transform(11)(image) for _ in range(20)]
+    assert common.moco_v2_transform(12)(image).shape == (3, 12, 12)
+    write_folder_dataset(tmp_path / "data")
+    for size, code_wanted in (("11", 2), ("12", 0)):
+        code, _, err = main_of(isd, ["--dataset", "folder", "--data-root", str(tmp_path / "data"), "--image-size", size,
+                                     "--batch-size", "4", "--queue-size", "8", "--workers", "0", "--max-steps", "1",
+                                     "--eval-every", "0", "--save-dir", str(tmp_path), "--run-name", f"s{size}"])
+        assert code == code_wanted and (code == 0 or ("--image-size 11" in err and len(err.strip().splitlines()) == 1))
+    code, _, err = main_of(isd, ["--image-size", "8", "--max-steps", "1", "--eval-every", "0", "--save-dir",
+                                 str(tmp_path), "--run-name", "d8"])  # in memory: no blur, the flag's floor runs
+    assert code == 0, err
+    for flags, name in ((["--tau-t", "0.2"], "--tau-t"), (["--head", "r18"], "--head"), (["--head", "r50"], "--head"),
+                        (["--teacher-view", "weak"], "--teacher-view")):
+        code, _, err = main_of(isd, ["--variant", "moco", *flags])
+        assert code == 2 and name in err and "--variant moco" in err and len(err.strip().splitlines()) == 1, err
+    a = isd.get_args(["--variant", "moco", "--head", "moco", "--teacher-view", "strong"])  # MoCo-v2's own values
+    assert (a.head, a.teacher_view, a.tau_t) == ("moco", "strong", 0.2)  # tau_t from the recipe: not refused
+    assert isd.get_args(["--tau-t", "0.05", "--head", "moco"]).tau_t == 0.05  # ISD may use them (and MoCo's head)
+
+
 # ------------------------------------------------------------------------------------------------
 # eval.py: reproduces every script's metrics, exports embeddings, draws retrievals and curves, the ISD linear
 # probe, and one line with exit code 2 for every bad checkpoint, embeddings file or flag
