@@ -39,9 +39,9 @@ Implementation details (notes = shared/notes/s2sd.md, code = the official code):
     triplets with an active hinge. R-Margin: with probability p (0.4 CUB, 0.35 CARS, 0.15 SOP; the Revisiting-DML
     runs) an anchor's triplet becomes (a, a, positive): it is pushed from a same-class sample.
 11. Optimisation (code parameters.py): Adam lr 1e-5, coupled weight decay 4e-4 on backbone + embedding only, no
-    schedule, 150 epochs, batch 112 = 56 classes x 2 drawn with replacement (common.class_balanced_batches),
-    floor(N / 112) batches per epoch. Betas train at the base lr inside S2SD, at 5e-4 for a plain margin baseline
-    (code criterion.lr).
+    schedule, 150 epochs (an SOP baseline 100: Revisiting-DML's runs behind Table 1's baseline rows), batch 112 = 56
+    classes x 2 drawn with replacement (common.class_balanced_batches), floor(N / 112) batches per epoch. Betas train
+    at the base lr inside S2SD, at 5e-4 for a plain margin baseline (code criterion.lr).
 12. Evaluation: only z, fp32, test set vs itself (R@1/2/4/8, MAP@R, NMI; shared/notes/metrics.md). Headline = last
     epoch; the papers' convention (each metric's best epoch, chosen on the test set) is printed beside it.
 
@@ -148,11 +148,19 @@ def get_args(argv=None):
         "scale + flip (no value: no augmentation)" + preset("crop_scale"))
     add("--train-subset", type=number(int, 1), help="train on a fixed random N images" + preset("train_subset"))
     args = p.parse_args(argv)
-    explicit_dims = args.target_dims
+    given = {k for k, v in vars(args).items() if v is not None}  # typed by the user (not a preset's or a resume's)
     args = resolve_args(args)
+    no_s2sd, no_f, no_margin = args.variant == "baseline", "msdf" not in args.variant, args.loss == "multisimilarity"
+    no_effect = dict(distill_weight=no_s2sd, temperature=no_s2sd, target_dims=no_s2sd, feat_weight=no_f,
+                     feat_delay=no_f, margin_beta=no_margin, beta_lr=no_margin, rho_p=args.loss != "rmargin")
+    unused = [k for k in sorted(given) if no_effect.get(k)]
+    if unused and args.resume is None:
+        raise RunError(f"--{unused[0].replace('_', '-')} does nothing with --variant {args.variant} --loss {args.loss}")
+    if args.dataset == "sop" and args.variant == "baseline" and "epochs" not in given and args.resume is None:
+        args.epochs = 100  # Table 1's baseline rows: Revisiting-DML's SOP runs (ICML2020_RevisitDML_SampleRuns.sh)
     if args.batch_size % args.samples_per_class:
         raise RunError(f"--batch-size {args.batch_size} is not a multiple of --samples-per-class {args.samples_per_class}")
-    if args.variant == "dsd" and explicit_dims and len(explicit_dims) > 1:
+    if args.variant == "dsd" and "target_dims" in given and len(args.target_dims) > 1:
         raise RunError("--variant dsd takes exactly one --target-dims value")
     args.target_dims = [] if args.variant == "baseline" else [max(args.target_dims)] if args.variant == "dsd" \
         else args.target_dims  # Sec. 4.2: DSD = one branch of d = 2048
