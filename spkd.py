@@ -995,12 +995,13 @@ def training():
 
 def stop_requested(world):
     """Whether to stop after this step. Under torchrun every rank gets the same answer at the same step (one
-    all-reduce of the flag on a CPU group), so all stop together and rank 0 writes one consistent last.pt."""
-    if world > 1:
-        flag = torch.tensor(STATE["signal"])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=STATE["group"])
-        STATE["signal"] = int(flag)
-    return STATE["signal"] != 0
+    all-reduce of the flags on a CPU group), so all stop together and rank 0 writes one consistent last.pt."""
+    if world == 1:
+        return STATE["signal"] != 0
+    flag = torch.tensor(STATE["signal"])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=STATE["group"])
+    STATE["signal"] = STATE["signal"] or int(flag)  # (a signal that came during the all-reduce counts next time)
+    return int(flag) != 0
 
 
 def stop(run, step, world):
