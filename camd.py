@@ -794,8 +794,8 @@ def check_teacher_student_args(args, given):
     """Resolve the shared flags after resolve_args (`given`: the argument names on the command line); refuse a
     teacher's last.pt given to --resume, and given flags that would do nothing."""
     if getattr(args, "cached_teacher", False):  # saved by get_teacher: resumed alone, it would end as the headline
-        raise RunError(f"--resume {args.resume} is an interrupted cached teacher: run the student's command again "
-                       "(without --resume): it continues this teacher, then trains the student")
+        raise RunError(f"--resume {args.resume} is a cached teacher's checkpoint: run the student's command again "
+                       "(without --resume): it continues an unfinished teacher, then trains the student")
     args.teacher_epochs = args.epochs if args.teacher_epochs is None else args.teacher_epochs
     args.pretrained = bool(args.pretrained)
     if args.teacher_path and not os.path.isfile(args.teacher_path):
