@@ -531,8 +531,9 @@ class CifarMobileNetV2(nn.Module):
                 c_in = int(c * width)
             groups.append(nn.Sequential(*blocks))
         self.blocks = nn.ModuleList(groups)
-        self.conv2 = nn.Sequential(*conv_bn(c_in, 1280, 1), nn.ReLU(inplace=True))  # 1280 unless width > 1
-        self.classifier = nn.Sequential(nn.Linear(1280, num_classes))
+        last = int(1280 * width) if width > 1 else 1280
+        self.conv2 = nn.Sequential(*conv_bn(c_in, last, 1), nn.ReLU(inplace=True))
+        self.classifier = nn.Sequential(nn.Linear(last, num_classes))
         repdistiller_init(self, linear_std=0.01)
 
     def forward(self, x, with_features=False):
