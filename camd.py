@@ -10,6 +10,8 @@ The algorithm: step_losses().
 Usage:
   python camd.py                       # digits on CPU (the teacher is CE-trained and cached first)
   python camd.py --dataset cifar100 --teacher-path cifar_teachers/resnet32x4_vanilla/ckpt_epoch_240.pth [--variant kd]
+  python camd.py --dataset cifar100 --teacher-arch ResNet50 --student-arch MobileNetV2   # Table II (student lr 0.01)
+  python camd.py --dataset tinyimagenet                # Table III: vgg13 -> vgg8 at 64 px
   torchrun --nproc_per_node=8 camd.py --dataset imagenet --data-root /data   # ResNet-34 -> ResNet-18, DDP
   python camd.py --dataset folder --data-root DIR     # your images: DIR/train/<class>/, DIR/val/<class>/
   python camd.py --dataset synthetic --variant {camd,kd,ce}   # 32 steps: images/s, ms/step, peak memory
@@ -17,7 +19,8 @@ Usage:
 Implementation details:
  1. Teacher frozen (eval, no grad); feature = pooled penultimate vector. --teacher-path: this repo's model.pt, a
     RepDistiller ckpt ({"model": sd}, trusted pickle) or a state_dict, strict; else CE-trained with the same recipe
-    and cached under a name spkd.py shares; ImageNet: torchvision's ResNet-34 weights (Sec. IV-A).
+    and cached under a name spkd.py shares; ImageNet: torchvision's ResNet-34 weights (Sec. IV-A). The CIFAR zoo is
+    RepDistiller's, its names included (ResNet50, MobileNetV2, ShuffleV1, ShuffleV2 of Tables II-III).
  2. Embedding block e = Linear(d_s -> d_t) -> BatchNorm1d -> ReLU + classifier z^m (Sec. III-B.4, Table V).
  3. L_amd (Eq. 2-4, Alg. 1), vectorised: normalised features, d_ij = ||t_i - s_j||; per teacher anchor the hardest
     positive (y_j = y_i, j = i included) and negative; constants a^p = [d^p - D(t_i, t_j)]_+, a^n = [D(t_i, t_k) -
@@ -25,24 +28,29 @@ Implementation details:
  4. camd = CE(z^b) + [CE(z^m) + L_amd] (Eq. 5) + tau^2 KL(stopgrad(p^m) || p^b) (Eq. 7) = Eq. 8. amd_b = CE(z^b) +
     L_amd on the backbone feature (d_s = d_t); amd_e = no KL; camd_kd = Eq. 8 + kd_beta KD; kd = 0.1 CE + 0.9 KD;
     ce: vanilla student. Table VII: --weights fixed (a = 1), --mining all (mean over (i, j, k)), --no-stopgrad (Eq. 6).
- 5. Sec. IV-A: the RepDistiller recipe (SGD 0.9, wd 5e-4, 240 epochs, batch 64, lr 0.05, x0.1 at 150/180/210,
-    pad-crop + flip), gamma 80, tau 4; ImageNet: "the standard 100 epoch training of ImageNet on PyTorch" (lr 0.1,
+ 5. Sec. IV-A: the RepDistiller recipe (SGD 0.9, wd 5e-4, 240 epochs, batch 64, lr 0.05 (0.01 for a MobileNetV2 /
+    ShuffleV1 / ShuffleV2 student, or teacher trained here, unless --lr is given), x0.1 at 150/180/210, pad-crop +
+    flip), gamma 80, tau 4; ImageNet: "the standard 100 epoch training of ImageNet on PyTorch" (lr 0.1,
     wd 1e-4, batch 256, x0.1 at 30/60/90), gamma 30. Metrics: top-1 of z^b (the only test head); Rank-1/2 on the
     test set vs itself (query excluded), the backbone feature averaged over image + flip, L2-normalised; fp32.
  6. torchrun DDP: --batch-size is global, each rank takes its slice of the seeded epoch order; L_amd mines the
     hardest pairs over the GLOBAL batch (teacher features, student embeddings with their gradient, and labels
     gathered), so several GPUs optimise the single-device objective.
 Deviations: batch means where Eq. 5/6 sum; the stop-gradient on a^p, a^n is our reading (--no-detach-weights);
-kd_beta = 1 is ours; TinyImageNet pads crops by 8 (size / 8); BatchNorm statistics stay per rank under DDP; bf16
-autocast on CUDA (--no-amp = fp32). The digits / fashionmnist / folder / synthetic presets (and their gamma) are ours.
-Paper Table I (CIFAR-100, resnet32x4 -> resnet8x4, mean of 3 runs; top-1 / Rank-1 / Rank-2): student 72.80 / 60.04 /
-70.75, CAMD 76.58 / 68.01 / 76.51. Measured here (README "Results"; Fashion-MNIST, resnet20 -> resnet8, 3 seeds,
-top-1 / Rank-1): CAMD gamma 1 86.88 / 86.12, gamma 80 79.70 / 82.36, KD 86.33 / 86.41, CE 85.17 / 84.70. CIFAR-100
-and ImageNet: not yet measured.
+kd_beta = 1 is ours; TinyImageNet pads crops by 8 (size / 8); global pooling (RepDistiller's fixed pools of its
+MobileNetV2 / ShuffleNets / ResNets do not run at 64 px); BatchNorm statistics stay per rank under DDP; bf16 autocast
+on CUDA (--no-amp = fp32). The digits / fashionmnist / folder / synthetic presets (and their gamma) are ours. Flags
+that do nothing with the chosen variant (e.g. --gamma with kd or ce) are refused.
+Paper (mean of 3 runs; top-1 / Rank-1 / Rank-2 of the rows Student and CAMD): Table I resnet32x4 -> resnet8x4 72.80 /
+60.04 / 70.75 -> 76.58 / 68.01 / 76.51; Table II ResNet50 -> MobileNetV2 64.60 / 53.60 / 64.61 -> 70.10 / 63.48 /
+71.96; Table III (TinyImageNet) vgg13 -> vgg8 56.94 / 38.27 / 48.95 -> 62.97 / 50.46 / 60.17. Measured here
+(README "Results"; Fashion-MNIST, resnet20 -> resnet8, 3 seeds, top-1 / Rank-1): CAMD gamma 1 86.88 / 86.12, gamma 80
+79.70 / 82.36, KD 86.33 / 86.41, CE 85.17 / 84.70. CIFAR-100 and ImageNet: not yet measured.
 """
 import argparse
 import contextlib
 import datetime
+import functools
 import hashlib
 import itertools
 import json
@@ -76,7 +84,8 @@ _RD = dict(teacher_arch="resnet32x4", student_arch="resnet8x4", image_size=32, e
            kd_alpha=0.9, kd_beta=1.0, workers=0, eval_every=1, log_every=100)  # RepDistiller KD 0.9; kd_beta ours
 PRESETS = {
     "cifar100": _RD,
-    "tinyimagenet": dict(_RD, image_size=64, crop_padding=8),  # Sec. IV-A: the CIFAR-100 recipe on 64-px images
+    "tinyimagenet": dict(_RD, teacher_arch="vgg13", student_arch="vgg8", image_size=64,  # Table III, first pair;
+                         crop_padding=8),  # Sec. IV-A: the CIFAR-100 recipe on 64-px images
     "imagenet": dict(_RD, teacher_arch="resnet34", student_arch="resnet18", image_size=224, epochs=100,  # Table IV;
                      batch_size=256, lr=0.1, weight_decay=1e-4, lr_milestones=[30, 60, 90], gamma=30.0,  # torchvision
                      workers=8, log_every=100),  # references/classification 100-epoch recipe; gamma 30 (Sec. IV-A)
@@ -112,8 +121,23 @@ def get_args(argv=None):
                    + preset("detach_weights"))
     m.add_argument("--kd-alpha", type=number(float, 0, 1), help="kd: (1 - a) CE + a KD" + preset("kd_alpha"))
     m.add_argument("--kd-beta", type=number(float, 0), help="camd_kd: the KD weight" + preset("kd_beta"))
-    args = resolve_args(p.parse_args(argv))
-    check_teacher_student_args(args)
+    parsed = p.parse_args(argv)
+    given = {k for k, v in vars(parsed).items() if v is not None}  # on the command line (not preset, not --resume)
+    args = resolve_args(parsed)
+    check_teacher_student_args(args, given)
+    v = args.variant  # refuse what would do nothing with this variant
+    if v in ("kd", "ce"):
+        refuse_unused(given, ("gamma", "weights", "mining", "detach_weights"), f"with --variant {v} (no L_amd)")
+    if v not in ("camd", "camd_kd", "kd"):
+        refuse_unused(given, ("tau",), f"with --variant {v} (no KL term)")
+    if v not in ("camd", "camd_kd"):
+        refuse_unused(given, ("stopgrad",), f"with --variant {v} (no L_c)")
+    refuse_unused(given, ("kd_beta",) if v != "camd_kd" else (), f"with --variant {v} (camd_kd only)")
+    refuse_unused(given, ("kd_alpha",) if v != "kd" else (), f"with --variant {v} (kd only)")
+    if v == "ce":
+        refuse_unused(given, ("teacher_arch", "teacher_path", "teacher_epochs"), "with --variant ce (no teacher)")
+    if args.weights == "fixed":
+        refuse_unused(given, ("detach_weights",), "with --weights fixed (a^p = a^n = 1)")
     if not args.run_name:
         args.run_name = f"{args.dataset}_{args.variant}_{args.teacher_arch}_{args.student_arch}_s{args.seed}"
     return args
@@ -276,16 +300,20 @@ def train(args, model, net, teacher, optimizer, scheduler, data, run, device, ep
 
 # ================================================================================================ zoo, data, teacher
 # The same text in camd.py and spkd.py (test_smoke.py checks): edit both copies together.
-# The CIFAR zoo follows HobbitLong/RepDistiller models/{resnet,wrn,vgg}.py in module names, shapes, init and
-# forward, so the benchmark's teachers (<arch>_vanilla/ckpt_epoch_240.pth) load strictly and give the same
-# logits. model(x) -> logits; model(x, with_features=True) -> (stage outputs, pooled feature, logits): the last
-# stage output is the map SP uses (RepDistiller feat[-2]), the pooled vector the retrieval / CAMD feature.
+# The CIFAR zoo is HobbitLong/RepDistiller's models/ (resnet, resnetv2, wrn, vgg, mobilenetv2, ShuffleNetv1/v2) under
+# its own model_dict names, with its module names, shapes, init and forward, so the benchmark's teachers
+# (<arch>_vanilla/ckpt_epoch_240.pth) load strictly and give the same logits. model(x) -> logits; model(x,
+# with_features=True) -> (stage outputs, pooled feature, logits): the stage outputs are RepDistiller's feat[1:-1] (what
+# AT uses), the last of them its feat[-2] (what SP uses), the pooled vector its feat[-1] (the retrieval / CAMD
+# feature). Every network pools globally: RepDistiller's fixed AvgPool2d(8) / avg_pool2d(4) / AvgPool2d(2) equal that
+# at 32 px; at 64 px (TinyImageNet) only its VGG and ResNet50 (adaptive pools) would fit their classifiers.
 BasicBlock = torchvision.models.resnet.BasicBlock  # = RepDistiller resnet.py's BasicBlock in keys and forward
+channel_shuffle = torchvision.models.shufflenetv2.channel_shuffle  # = RepDistiller's ShuffleBlock
 
 
 def repdistiller_init(model, linear_std=None):
-    """RepDistiller wrn.py / vgg.py init, in module order: conv N(0, sqrt(2 / (k k out))), BN weight 1, every bias 0
-    (and, for vgg, Linear weight N(0, linear_std))."""
+    """RepDistiller wrn.py / vgg.py / mobilenetv2.py init, in module order: conv N(0, sqrt(2 / (k k out))), BN weight
+    1, every bias 0 (and, for vgg / mobilenetv2, Linear weight N(0, linear_std))."""
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             m.weight.data.normal_(0, math.sqrt(2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)))
@@ -295,6 +323,16 @@ def repdistiller_init(model, linear_std=None):
             m.weight.data.normal_(0, linear_std)
         if isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.Linear)) and m.bias is not None:
             m.bias.data.zero_()
+
+
+def kaiming_init(model):
+    """RepDistiller resnet.py / resnetv2.py init: Kaiming normal (fan_out) convs, BN 1/0, Linear left at default."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.constant_(m.weight, 1)
+            nn.init.constant_(m.bias, 0)
 
 
 def forward_stages(x, stages, pool, classifier, with_features):
@@ -308,8 +346,12 @@ def forward_stages(x, stages, pool, classifier, with_features):
     return (feats, pooled, logits) if with_features else logits
 
 
-def global_avg_pool(x):  # == RepDistiller's AvgPool2d(8) on the 8x8 map of 32-px input
+def global_avg_pool(x):  # == RepDistiller's AvgPool2d(8) on the 8x8 map of 32-px input (and its other fixed pools)
     return F.avg_pool2d(x, x.shape[-2:]).flatten(1)
+
+
+def conv_bn(c_in, c_out, kernel, stride=1, groups=1):  # an unnamed-index conv + BN pair, as RepDistiller's Sequentials
+    return [nn.Conv2d(c_in, c_out, kernel, stride, kernel // 2, groups=groups, bias=False), nn.BatchNorm2d(c_out)]
 
 
 class CifarResNet(nn.Module):
@@ -325,20 +367,55 @@ class CifarResNet(nn.Module):
             # 1x1 conv + BN shortcut whenever the shape changes (also layer1 of the x4 nets: 32 -> 64, stride 1)
             down = None
             if stride != 1 or inplanes != planes:
-                down = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+                down = nn.Sequential(*conv_bn(inplanes, planes, 1, stride))
             blocks = [BasicBlock(inplanes, planes, stride, down)] + [BasicBlock(planes, planes) for _ in range(n - 1)]
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
         self.fc = nn.Linear(widths[3], num_classes)
-        for m in self.modules():  # RepDistiller init: Kaiming normal fan_out, BN 1/0, Linear default
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.constant_(m.weight, 1)
-                nn.init.constant_(m.bias, 0)
+        kaiming_init(self)
 
     def forward(self, x, with_features=False):  # post-ReLU stage outputs (RepDistiller f1, f2, f3 with preact=False)
         x = F.relu(self.bn1(self.conv1(x)))
         return forward_stages(x, (self.layer1, self.layer2, self.layer3), global_avg_pool, self.fc, with_features)
+
+
+class Bottleneck(nn.Module):
+    """RepDistiller resnetv2.py Bottleneck: 1x1 -> 3x3 (the stride) -> 1x1 (4x wide) convs, BN after each, ReLU after
+    the first two and after the sum; a 1x1 conv + BN `shortcut` when the shape changes. (torchvision's Bottleneck
+    computes the same but names the shortcut `downsample`, so RepDistiller's checkpoints would not load.)"""
+
+    def __init__(self, in_planes, planes, stride):
+        super().__init__()
+        self.conv1, self.bn1 = conv_bn(in_planes, planes, 1)
+        self.conv2, self.bn2 = conv_bn(planes, planes, 3, stride)
+        self.conv3, self.bn3 = conv_bn(planes, 4 * planes, 1)
+        changes = stride != 1 or in_planes != 4 * planes
+        self.shortcut = nn.Sequential(*(conv_bn(in_planes, 4 * planes, 1, stride) if changes else []))
+
+    def forward(self, x):
+        out = F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
+        return F.relu(self.bn3(self.conv3(out)) + self.shortcut(x))
+
+
+class CifarResNet50(nn.Module):
+    """RepDistiller resnetv2.py ResNet50 (CAMD Tables II-III's teacher): a 3x3 stride-1 stem (64) without max-pool,
+    Bottleneck stages of 3/4/6/3 blocks at widths 64/128/256/512 (x4 out), strides 1/2/2/2, pool, `linear`."""
+
+    def __init__(self, num_classes):
+        super().__init__()
+        self.conv1, self.bn1 = conv_bn(3, 64, 3)
+        in_planes = 64
+        for i, (planes, n, stride) in enumerate(zip((64, 128, 256, 512), (3, 4, 6, 3), (1, 2, 2, 2))):
+            blocks = []
+            for s in [stride] + [1] * (n - 1):
+                blocks.append(Bottleneck(in_planes, planes, s))
+                in_planes = 4 * planes
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+        self.linear = nn.Linear(2048, num_classes)
+        kaiming_init(self)
+
+    def forward(self, x, with_features=False):  # post-ReLU layer1-4 outputs (RepDistiller f1-f4)
+        layers = (self.layer1, self.layer2, self.layer3, self.layer4)
+        return forward_stages(F.relu(self.bn1(self.conv1(x))), layers, global_avg_pool, self.linear, with_features)
 
 
 class WRNBlock(nn.Module):
@@ -414,49 +491,277 @@ class CifarVGG(nn.Module):
             if i in (1, 2, 3) or (i == 4 and h == 64):  # pool0..pool2 always, pool3 only at 64 px (official quirk)
                 x = F.max_pool2d(x, 2, 2)
             x = F.relu(block(x))
-            feats.append(x)  # post-ReLU block outputs (RepDistiller f0..f4)
+            feats += [x] if i else []  # post-ReLU outputs of blocks 1-4 (RepDistiller f1-f4; block 0's f0 is no stage)
         pooled = F.adaptive_avg_pool2d(x, 1).flatten(1)
         logits = self.classifier(pooled)
         return (feats, pooled, logits) if with_features else logits
 
 
+class InvertedResidual(nn.Module):
+    """RepDistiller mobilenetv2.py block, keys conv.0-7: 1x1 expansion (even when t = 1) -> 3x3 depthwise (the stride)
+    -> 1x1 linear projection, BN after each, ReLU after the first two; residual when stride 1 and in = out.
+    (torchvision's block drops the expansion at t = 1 and nests its keys: another network.)"""
+
+    def __init__(self, c_in, c_out, stride, t):
+        super().__init__()
+        hidden = c_in * t
+        self.residual = stride == 1 and c_in == c_out
+        self.conv = nn.Sequential(*conv_bn(c_in, hidden, 1), nn.ReLU(inplace=True),
+                                  *conv_bn(hidden, hidden, 3, stride, groups=hidden), nn.ReLU(inplace=True),
+                                  *conv_bn(hidden, c_out, 1))
+
+    def forward(self, x):
+        return x + self.conv(x) if self.residual else self.conv(x)
+
+
+class CifarMobileNetV2(nn.Module):
+    """RepDistiller's 'MobileNetV2' = mobilenetv2.py mobile_half: expansion 6, width 0.5 with plain int() rounding, a
+    stride-2 3x3 stem (16), the seven (t, c, n, s) groups of the MobileNetV2 paper in blocks.0-6, a 1x1 conv to 1280,
+    pool, classifier.0. Stages = RepDistiller f1-f4, the outputs of groups 1, 2, 4 and 6 (f4: 160 channels, before
+    the 1x1 conv); the pooled feature is the 1280-wide conv's."""
+
+    def __init__(self, num_classes, t=6, width=0.5):
+        super().__init__()
+        c_in = int(32 * width)
+        self.conv1 = nn.Sequential(*conv_bn(3, c_in, 3, 2), nn.ReLU(inplace=True))
+        groups = []
+        for expand, c, n, s in ((1, 16, 1, 1), (t, 24, 2, 1), (t, 32, 3, 2), (t, 64, 4, 2), (t, 96, 3, 1),
+                                (t, 160, 3, 2), (t, 320, 1, 1)):
+            blocks = []
+            for stride in [s] + [1] * (n - 1):
+                blocks.append(InvertedResidual(c_in, int(c * width), stride, expand))
+                c_in = int(c * width)
+            groups.append(nn.Sequential(*blocks))
+        self.blocks = nn.ModuleList(groups)
+        last = int(1280 * width) if width > 1 else 1280
+        self.conv2 = nn.Sequential(*conv_bn(c_in, last, 1), nn.ReLU(inplace=True))
+        self.classifier = nn.Sequential(nn.Linear(last, num_classes))
+        repdistiller_init(self, linear_std=0.01)
+
+    def forward(self, x, with_features=False):
+        b = self.blocks
+        stages = (lambda h: b[1](b[0](h)), b[2], lambda h: b[4](b[3](h)), lambda h: b[6](b[5](h)))
+        return forward_stages(self.conv1(x), stages, lambda out: global_avg_pool(self.conv2(out)), self.classifier,
+                              with_features)
+
+
+class ShuffleV1Unit(nn.Module):
+    """RepDistiller ShuffleNetv1.py Bottleneck: grouped 1x1 (1 group on the 24-channel stem output) -> channel
+    shuffle -> 3x3 depthwise (the stride) -> grouped 1x1, BN after each, ReLU after the first; stride 2: concat with
+    the 3x3 avg-pooled input, else add; ReLU."""
+
+    def __init__(self, in_planes, out_planes, stride, groups):
+        super().__init__()
+        mid, self.stride, self.groups = out_planes // 4, stride, 1 if in_planes == 24 else groups
+        self.conv1, self.bn1 = conv_bn(in_planes, mid, 1, groups=self.groups)
+        self.conv2, self.bn2 = conv_bn(mid, mid, 3, stride, groups=mid)
+        self.conv3, self.bn3 = conv_bn(mid, out_planes, 1, groups=groups)
+
+    def forward(self, x):
+        out = channel_shuffle(F.relu(self.bn1(self.conv1(x))), self.groups)
+        out = self.bn3(self.conv3(F.relu(self.bn2(self.conv2(out)))))
+        return F.relu(torch.cat([out, F.avg_pool2d(x, 3, 2, 1)], 1) if self.stride == 2 else out + x)
+
+
+class ShuffleNetV1(nn.Module):
+    """RepDistiller ShuffleNetv1.py ShuffleV1 (3 groups): a 1x1 conv stem (24) + BN + ReLU at full resolution, stages
+    of 4 / 8 / 4 units with outputs 240 / 480 / 960, each opening with a stride-2 unit, pool, `linear`. PyTorch's
+    default init (RepDistiller sets none). Stages = RepDistiller f1-f3 (post-ReLU)."""
+
+    def __init__(self, num_classes, widths=(240, 480, 960), units=(4, 8, 4), groups=3):
+        super().__init__()
+        self.conv1, self.bn1 = conv_bn(3, 24, 1)
+        in_planes = 24
+        for i, (width, n) in enumerate(zip(widths, units)):  # the stride-2 unit adds the pooled input's channels
+            blocks = [ShuffleV1Unit(in_planes, width - in_planes, 2, groups)]
+            blocks += [ShuffleV1Unit(width, width, 1, groups) for _ in range(n - 1)]
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+            in_planes = width
+        self.linear = nn.Linear(widths[-1], num_classes)
+
+    def forward(self, x, with_features=False):
+        layers = (self.layer1, self.layer2, self.layer3)
+        return forward_stages(F.relu(self.bn1(self.conv1(x))), layers, global_avg_pool, self.linear, with_features)
+
+
+class ShuffleV2Down(nn.Module):
+    """RepDistiller ShuffleNetv2.py DownBlock (stride 2), keys conv1-5: left 3x3 dw s2 -> BN -> 1x1 -> BN-ReLU;
+    right 1x1 -> BN-ReLU -> 3x3 dw s2 -> BN -> 1x1 -> BN-ReLU; concat (left, right), channel shuffle."""
+
+    def __init__(self, c_in, c_out):
+        super().__init__()
+        mid = c_out // 2
+        self.conv1, self.bn1 = conv_bn(c_in, c_in, 3, 2, groups=c_in)
+        self.conv2, self.bn2 = conv_bn(c_in, mid, 1)
+        self.conv3, self.bn3 = conv_bn(c_in, mid, 1)
+        self.conv4, self.bn4 = conv_bn(mid, mid, 3, 2, groups=mid)
+        self.conv5, self.bn5 = conv_bn(mid, mid, 1)
+
+    def forward(self, x):
+        left = F.relu(self.bn2(self.conv2(self.bn1(self.conv1(x)))))
+        right = self.bn4(self.conv4(F.relu(self.bn3(self.conv3(x)))))
+        return channel_shuffle(torch.cat([left, F.relu(self.bn5(self.conv5(right)))], 1), 2)
+
+
+class ShuffleV2Unit(nn.Module):
+    """RepDistiller ShuffleNetv2.py BasicBlock (stride 1), keys conv1-3: the first half of the channels passes, the
+    second goes 1x1 -> BN-ReLU -> 3x3 dw -> BN -> 1x1 -> BN-ReLU; concat (first, branch), channel shuffle."""
+
+    def __init__(self, c):
+        super().__init__()
+        half = c // 2
+        self.conv1, self.bn1 = conv_bn(half, half, 1)
+        self.conv2, self.bn2 = conv_bn(half, half, 3, groups=half)
+        self.conv3, self.bn3 = conv_bn(half, half, 1)
+
+    def forward(self, x):
+        keep, x = x[:, :x.shape[1] // 2], x[:, x.shape[1] // 2:]
+        out = F.relu(self.bn3(self.conv3(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))))
+        return channel_shuffle(torch.cat([keep, out], 1), 2)
+
+
+class ShuffleNetV2(nn.Module):
+    """ShuffleNetV2: a stem conv (24) + BN + ReLU at full resolution, three stages of a stride-2 unit and 3 / 7 / 3
+    stride-1 units at widths[0:3], a 1x1 conv to widths[3] + BN + ReLU, pool, `linear`; PyTorch's default init.
+    RepDistiller's ShuffleV2 (ShuffleNetv2.py, net_size 1): 1x1 stem, widths 116/232/464/1024. SP Table 6's
+    ShuffleNetV2-k: 3x3 stem; 0.5 and 1.0 have RepDistiller's widths, 2.0 is 244/488/976/2048 (RepDistiller's
+    configs[2] has 224). Stages = RepDistiller f1-f3 (after the shuffle, non-negative)."""
+
+    def __init__(self, widths, stem_kernel, num_classes):
+        super().__init__()
+        self.conv1, self.bn1 = conv_bn(3, 24, stem_kernel)
+        c_in = 24
+        for i, (width, n) in enumerate(zip(widths[:3], (3, 7, 3))):
+            units = [ShuffleV2Down(c_in, width)] + [ShuffleV2Unit(width) for _ in range(n)]
+            setattr(self, f"layer{i + 1}", nn.Sequential(*units))
+            c_in = width
+        self.conv2, self.bn2 = conv_bn(c_in, widths[3], 1)
+        self.linear = nn.Linear(widths[3], num_classes)
+
+    def forward(self, x, with_features=False):
+        layers = (self.layer1, self.layer2, self.layer3)
+        head = lambda out: global_avg_pool(F.relu(self.bn2(self.conv2(out))))  # the 1x1 conv, then pool
+        return forward_stages(F.relu(self.bn1(self.conv1(x))), layers, head, self.linear, with_features)
+
+
 class TorchvisionResNet(torchvision.models.ResNet):
     """torchvision resnet18/34/50 (224-px data) with the zoo's forward contract; state_dict keys unchanged."""
+
+    def __init__(self, block, layers, num_classes):
+        super().__init__(block, layers, num_classes=num_classes)
 
     def forward(self, x, with_features=False):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         layers = (self.layer1, self.layer2, self.layer3, self.layer4)
-        return forward_stages(x, layers, lambda out: torch.flatten(self.avgpool(out), 1), self.fc, with_features)
+        return forward_stages(x, layers, global_avg_pool, self.fc, with_features)
 
 
-CIFAR_ARCHS = {  # name: (class, constructor arguments before num_classes)
+class TorchvisionMobileNetV2(torchvision.models.MobileNetV2):
+    """torchvision's MobileNetV2 at width k (SP Table 4: 0.35, 1.0, 1.4; channels rounded to multiples of 8, the last
+    conv 1280 unless k > 1), its keys and init. Stages end at 1/4, 1/8, 1/16, 1/32 of the input (features 3, 6, 13,
+    18); the last is the final 1x1 conv, SP's 'last convolution layer' (Sec. 3.1)."""
+
+    def __init__(self, width, num_classes):
+        super().__init__(num_classes=num_classes, width_mult=width)
+
+    def forward(self, x, with_features=False):
+        f = self.features
+        return forward_stages(x, (f[:4], f[4:7], f[7:14], f[14:]), global_avg_pool, self.classifier, with_features)
+
+
+class MobileNetV1(nn.Module):
+    """MobileNet (Howard et al. 2017) at width k, SP Table 3 (0.25, 0.5, 1.0): a stride-2 3x3 conv (32k) and 13
+    depthwise-separable blocks (3x3 dw, 1x1; BN-ReLU6 after each, as the released TF-slim models; the paper writes
+    ReLU), pool, fc. torchvision has no MobileNet V1: built from its Conv2dNormActivation, with torchvision's
+    MobileNetV2 init. Stages end at 1/4, 1/8, 1/16, 1/32 of the input (features 3, 5, 11, 13)."""
+
+    def __init__(self, width, num_classes):
+        super().__init__()
+        block = functools.partial(torchvision.ops.Conv2dNormActivation, activation_layer=nn.ReLU6)
+        c = int(32 * width)
+        layers = [block(3, c, 3, 2)]
+        for out, stride in ((64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2), *[(512, 1)] * 5, (1024, 2),
+                            (1024, 1)):
+            layers.append(nn.Sequential(block(c, c, 3, stride, groups=c), block(c, int(out * width), 1)))
+            c = int(out * width)
+        self.features = nn.Sequential(*layers)
+        self.fc = nn.Linear(c, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x, with_features=False):
+        f = self.features
+        return forward_stages(x, (f[:4], f[4:6], f[6:12], f[12:]), global_avg_pool, self.fc, with_features)
+
+
+CIFAR_ARCHS = {  # name (RepDistiller's model_dict, plus SP Table 6's ShuffleNetV2-k): (class, arguments before classes)
     **{f"resnet{d}": (CifarResNet, d, [16, 16, 32, 64]) for d in (8, 14, 20, 32, 44, 56, 110)},
     "resnet8x4": (CifarResNet, 8, [32, 64, 128, 256]), "resnet32x4": (CifarResNet, 32, [32, 64, 128, 256]),
+    "ResNet50": (CifarResNet50,),
     **{f"wrn_{d}_{k}": (WideResNet, d, k) for d, k in ((16, 1), (16, 2), (40, 1), (40, 2), (16, 8))},
     "vgg8": (CifarVGG, [[64], [128], [256], [512], [512]]),  # RepDistiller cfg 'S' (+BN)
     "vgg13": (CifarVGG, [[64, 64], [128, 128], [256, 256], [512, 512], [512, 512]]),  # cfg 'B' (+BN)
+    "MobileNetV2": (CifarMobileNetV2,), "ShuffleV1": (ShuffleNetV1,),
+    "ShuffleV2": (ShuffleNetV2, (116, 232, 464, 1024), 1),
+    **{f"shufflenetv2_{k}": (ShuffleNetV2, widths, 3) for k, widths in  # SP Table 6: 3x3 stem, 2.0 wider than RD's
+       (("0.5", (48, 96, 192, 1024)), ("1.0", (116, 232, 464, 1024)), ("2.0", (244, 488, 976, 2048)))},
 }
-TV_ARCHS = {"resnet18": (BasicBlock, [2, 2, 2, 2], "ResNet18_Weights"),
-            "resnet34": (BasicBlock, [3, 4, 6, 3], "ResNet34_Weights"),
-            "resnet50": (torchvision.models.resnet.Bottleneck, [3, 4, 6, 3], "ResNet50_Weights")}
+LIGHT_ARCHS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")  # RepDistiller train_*.py (and CAMD Sec. IV-A): lr 0.01
+TV_ARCHS = {  # 224-px networks: name: (class, arguments before classes, torchvision's ImageNet weights or None)
+    "resnet18": (TorchvisionResNet, (BasicBlock, [2, 2, 2, 2]), "ResNet18_Weights"),
+    "resnet34": (TorchvisionResNet, (BasicBlock, [3, 4, 6, 3]), "ResNet34_Weights"),
+    "resnet50": (TorchvisionResNet, (torchvision.models.resnet.Bottleneck, [3, 4, 6, 3]), "ResNet50_Weights"),
+    **{f"mobilenetv2_{k}": (TorchvisionMobileNetV2, (float(k),), "MobileNet_V2_Weights" if k == "1.0" else None)
+       for k in ("0.35", "1.0", "1.4")},  # SP Table 4; torchvision 0.29 has ImageNet weights for width 1.0 only
+    **{f"mobilenet_{k}": (MobileNetV1, (float(k),), None) for k in ("0.25", "0.5", "1.0")},  # SP Table 3
+}
 ARCHS = tuple(CIFAR_ARCHS) + tuple(TV_ARCHS)
 
 
+def imagenet_weights_file(arch):
+    """Where build_model looks for ImageNet weights torchvision does not publish (a state_dict in this zoo's keys)."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints", f"{arch}_imagenet.pth")
+
+
 def build_model(arch, num_classes, pretrained=False):
-    """Zoo constructor. CIFAR archs: RepDistiller-compatible. resnet18/34/50: torchvision (weights=None unless
-    pretrained=True, then ImageNet weights for everything but a re-sized fc). Unknown arch -> RunError."""
+    """Zoo constructor. CIFAR archs: RepDistiller-compatible (pretrained ignored). 224-px archs: weights=None, or with
+    pretrained=True ImageNet weights for everything but a re-sized classifier: torchvision's, else the file at
+    imagenet_weights_file(arch). Unknown arch, or no weights -> RunError."""
     if arch in CIFAR_ARCHS:
         cls, *spec = CIFAR_ARCHS[arch]
         return cls(*spec, num_classes)
     if arch not in TV_ARCHS:
         raise RunError(f"unknown architecture '{arch}' (choose from {', '.join(ARCHS)})")
-    block, layers, weights_name = TV_ARCHS[arch]
-    model = TorchvisionResNet(block, layers, num_classes=num_classes)
-    if pretrained:
+    cls, spec, weights_name = TV_ARCHS[arch]
+    model = cls(*spec, num_classes)
+    if not pretrained:
+        return model
+    path = imagenet_weights_file(arch)
+    if weights_name:
         state = getattr(torchvision.models, weights_name).IMAGENET1K_V1.get_state_dict(progress=True)
-        if state["fc.weight"].shape[0] != num_classes:
-            state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-        model.load_state_dict(state, strict=False)
+    elif os.path.isfile(path):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    else:
+        raise RunError(f"--pretrained: torchvision publishes no ImageNet weights for {arch} (of the MobileNets only "
+                       f"mobilenetv2_1.0); put a state_dict with this zoo's keys at {path}, or use --no-pretrained")
+    head = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)][-1]  # re-sized for these classes
+    own = model.state_dict()
+    state = {k: v for k, v in state.get("model", state).items()
+             if not k.startswith(head + ".") or v.shape == own[k].shape}
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a mis-shaped tensor
+        raise RunError(f"ImageNet weights for {arch} ({path}) do not fit it: {why(e)}") from None
+    if unexpected or any(not k.startswith(head + ".") for k in missing):
+        raise RunError(f"ImageNet weights for {arch} ({path}) do not fit it: {len(missing)} missing, "
+                       f"{len(unexpected)} unexpected tensors, e.g. {(missing + unexpected)[0]}")
     return model
 
 
@@ -468,8 +773,8 @@ def teacher_student_args(m):
                    ".pth, or a state_dict); default: the cached CE teacher of this recipe, trained first if missing")
     m.add_argument("--teacher-epochs", type=number(int, 0), help="CE epochs of a teacher trained here (default: "
                    "--epochs; 0 = a random teacher, for benchmarks)" + preset("teacher_epochs"))
-    m.add_argument("--pretrained", action=argparse.BooleanOptionalAction, help="start torchvision ResNets (student and "
-                   "a teacher trained here) from ImageNet weights (default off)" + preset("pretrained"))
+    m.add_argument("--pretrained", action=argparse.BooleanOptionalAction, help="start the 224-px networks (student "
+                   "and a teacher trained here) from ImageNet weights (default off)" + preset("pretrained"))
     m.add_argument("--momentum", type=number(float, 0, 1), help="SGD momentum" + preset("momentum"))
     m.add_argument("--nesterov", action=argparse.BooleanOptionalAction, help="Nesterov momentum" + preset("nesterov"))
     m.add_argument("--lr-milestones", type=number(int, 1), nargs="*", help="lr *= --lr-decay after these epochs"
@@ -482,20 +787,45 @@ def teacher_student_args(m):
                    + preset("train_subset"))
 
 
-def check_teacher_student_args(args):
+def refuse_unused(given, flags, setting):
+    """RunError for the first of `flags` (argument names) given on the command line: it does nothing in `setting`."""
+    for flag in (f for f in flags if f in given):
+        raise RunError(f"--{flag.replace('_', '-')} does nothing {setting}; drop it")
+
+
+def check_teacher_student_args(args, given):
+    """Resolve the shared flags after resolve_args (`given`: the argument names on the command line); refuse a
+    teacher's last.pt given to --resume, and given flags that would do nothing."""
+    if getattr(args, "cached_teacher", False):  # saved by get_teacher: resumed alone, it would end as the headline
+        raise RunError(f"--resume {args.resume} is a cached teacher's checkpoint: run the student's command again "
+                       "(without --resume): it continues an unfinished teacher, then trains the student")
     args.teacher_epochs = args.epochs if args.teacher_epochs is None else args.teacher_epochs
     args.pretrained = bool(args.pretrained)
     if args.teacher_path and not os.path.isfile(args.teacher_path):
         raise RunError(f"--teacher-path {args.teacher_path}: no such file")
+    # RepDistiller train_teacher.py / train_student.py (CAMD Sec. IV-A: "For MobileNet and ShuffleNet, the initial
+    # learning rate is 0.01"): on the CIFAR-100 recipe each network's lr follows its architecture unless --lr is given
+    light = args.dataset in ("cifar100", "tinyimagenet") and "lr" not in given and not args.resume
+    if getattr(args, "teacher_lr", None) is None:  # the lr of a teacher trained here (a resumed run keeps its own)
+        args.teacher_lr = 0.01 if light and args.teacher_arch in LIGHT_ARCHS else args.lr
+    args.lr = 0.01 if light and args.student_arch in LIGHT_ARCHS else args.lr
+    if args.teacher_path:
+        refuse_unused(given, ("teacher_epochs",), "with --teacher-path (the teacher is not trained here)")
+    if args.dataset not in TENSOR_FORM:
+        refuse_unused(given, ("crop_padding", "pad_mode"), f"on {args.dataset}'s image files (RandomResizedCrop)")
+    if args.student_arch in CIFAR_ARCHS and args.teacher_arch in CIFAR_ARCHS:
+        refuse_unused(given, ("pretrained",), "for CIFAR networks (ImageNet weights exist for the 224-px ones)")
 
 
-TENSOR_FORM = ("digits", "fashionmnist", "synthetic", "cifar10", "cifar100", "tinyimagenet")
+TENSOR_FORM = ("digits", "fashionmnist", "synthetic", "cifar10", "cifar100", "cinic10", "tinyimagenet")
 
 
 def load_data(args, split):
     """'train' / 'test' of args.dataset for teacher -> student classification: the official splits (digits:
-    stratified 80/20; folder: DIR/train and DIR/val), tensor-form images at --image-size (grey -> RGB)."""
+    stratified 80/20; folder: DIR/train and DIR/val; dtd: the --split-th of the ten standard train / test splits),
+    tensor-form images at --image-size (grey -> RGB)."""
     name = split if split == "train" else {"tinyimagenet": "val", "imagenet": "val"}.get(args.dataset, "test")
+    name += str(args.split) if args.dataset == "dtd" else ""  # spkd.py's --split (its only file dataset with splits)
     kw = dict(image_size=args.image_size, channels=3) if args.dataset in TENSOR_FORM else {}
     if args.dataset == "synthetic":
         kw["synthetic_size"] = (args.synthetic_n if split == "train" else args.synthetic_n // 4, 100, args.image_size)
@@ -503,8 +833,6 @@ def load_data(args, split):
     if split == "train" and args.train_subset:  # a fixed seeded subset
         out = common.random_subset(out, args.train_subset)
     return out
-
-
 def train_data(args, split, device):
     """The training split for train_batches: uint8 images on the device, or a DataLoader over image files."""
     if split.images is not None:
@@ -547,10 +875,13 @@ def model_from_args(args):
 @torch.no_grad()
 def embeddings(model, args, device):
     """eval.py contract, CAMD's protocol: the pooled backbone feature averaged over image and flip, then
-    L2-normalised ("emb"), the logits of the plain image, and the labels of the test split; fp32."""
+    L2-normalised ("emb"), the logits of the plain image, and the labels of the test split; fp32. Image files:
+    resize the shorter side to 8/7 of --image-size (dtd: the whole image to that square, SP Sec. 3.2), centre crop."""
     model.eval()
     split = load_data(args, "test")
-    tf = None if split.images is not None else common.eval_transform(args.image_size * 8 // 7, args.image_size)
+    side = args.image_size * 8 // 7  # 256 for 224
+    tf = None if split.images is not None else common.eval_transform((side, side) if args.dataset == "dtd" else side,
+                                                                    args.image_size)
     emb, logits, labels = common.embed(lambda x: model(x, with_features=True)[1:], split, device, flip_average=True,
                                        workers=args.workers, transform=tf)
     return {"emb": F.normalize(emb, dim=1), "logits": logits, "labels": labels}
@@ -564,24 +895,29 @@ def evaluate(model, args, device):
             "Rank-1": rank["R@1"], "Rank-2": rank["R@2"]}
 
 
-TEACHER_RECIPE = ("dataset", "teacher_arch", "teacher_epochs", "batch_size", "lr", "weight_decay", "momentum",
-                  "nesterov", "lr_milestones", "lr_decay", "image_size", "crop_padding", "pad_mode", "train_subset",
-                  "pretrained", "seed")
+TEACHER_RECIPE = ("dataset", "teacher_arch", "teacher_epochs", "batch_size", "weight_decay", "momentum", "nesterov",
+                  "lr_milestones", "lr_decay", "image_size", "crop_padding", "pad_mode", "train_subset", "pretrained",
+                  "seed")
 
 
 def teacher_folder(args):
-    """runs/teachers/<dataset>_<arch>_e<epochs>_s<seed>_<hash of the whole CE recipe>: one name per recipe, so a
-    teacher trained by camd.py is found by spkd.py and the other way round."""
-    recipe = {k: getattr(args, k) for k in TEACHER_RECIPE}
-    recipe["data"] = os.path.abspath(args.data_root) if args.dataset == "folder" else None
+    """runs/teachers/<dataset>_<arch>_e<epochs>_s<seed>_<hash>: the hash covers the whole CE recipe and what the
+    teacher learns from (the training split's classes, its size and, for image files, their paths relative to
+    --data-root), so camd.py and spkd.py share one teacher, and a changed folder or another dtd split trains anew."""
+    split = load_data(args, "train")
+    paths = "\n".join(os.path.relpath(p, args.data_root) for p in split.paths or [])
+    recipe = {**{k: getattr(args, k) for k in TEACHER_RECIPE}, "lr": args.teacher_lr,
+              "data": [split.classes or split.num_classes, len(split), hashlib.sha1(paths.encode()).hexdigest()]}
     digest = hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:8]
     name = f"{args.dataset}_{args.teacher_arch}_e{args.teacher_epochs}_s{args.seed}_{digest}"
     return os.path.join(args.save_dir, "teachers", name)
 
 
-def load_teacher(path, arch, num_classes):
+def load_teacher(path, arch, num_classes, cache=None):
     """Strictly load a teacher: this repo's model.pt, the RepDistiller/mdistiller {"model": state_dict, "epoch", ...}
-    pickle, or a bare state_dict. RunError naming the file otherwise."""
+    pickle, or a bare state_dict. RunError naming the file otherwise (and, for the teacher `cache` folder, saying to
+    delete it)."""
+    fix = f"delete {cache} (the teacher is then trained again)" if cache else "pass another --teacher-path"
     if not os.path.isfile(path):
         raise RunError(f"teacher checkpoint {path}: no such file")
     try:
@@ -590,19 +926,18 @@ def load_teacher(path, arch, num_classes):
         except pickle.UnpicklingError:  # RepDistiller pickles hold more than tensors; the user vouches for the file
             ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # only torch.load is inside: a foreign or corrupt file fails in many ways
-        raise RunError(f"teacher checkpoint {path} is unreadable ({why(e)}); delete it "
-                       f"(a cached teacher is then trained again) or pass another --teacher-path") from None
+        raise RunError(f"teacher checkpoint {path} is unreadable ({why(e)}); {fix}") from None
     state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise RunError(f"teacher checkpoint {path}: no state_dict in it (expected a dict with 'model', or a "
-                       "state_dict)")
+                       f"state_dict); {fix}")
     state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
     model = build_model(arch, num_classes)
     own = model.state_dict()
     bad = [k for k in own if k not in state or state[k].shape != own[k].shape] + [k for k in state if k not in own]
     if bad:
         raise RunError(f"teacher checkpoint {path} does not fit --teacher-arch {arch} with {num_classes} classes "
-                       f"({len(bad)} missing, unexpected or mis-shaped tensors, e.g. {bad[0]})")
+                       f"({len(bad)} missing, unexpected or mis-shaped tensors, e.g. {bad[0]}); {fix}")
     model.load_state_dict(state)
     return model
 
@@ -621,7 +956,8 @@ def resumable_teacher(folder):
 def get_teacher(args, device, rank, world):
     """The frozen teacher (eval mode, no grad): --teacher-path; torchvision's ImageNet weights (imagenet); else the
     CE teacher of this recipe, trained now by this script's own loop (CE only, --max-steps not applied) unless it
-    is cached. Only a finished teacher run writes model.pt; an interrupted one resumes from its last.pt."""
+    is cached. Only a finished teacher run writes model.pt; an interrupted one resumes from its last.pt when the
+    same command runs again (its checkpoints carry cached_teacher, so --resume refuses them)."""
     if args.teacher_path:
         model = load_teacher(args.teacher_path, args.teacher_arch, args.num_classes)
     elif args.dataset == "imagenet":  # CAMD Sec. IV-A: the torchvision ResNet-34
@@ -643,13 +979,20 @@ def get_teacher(args, device, rank, world):
                 print(f"teacher: {folder} holds no run this script can resume; training the teacher again")
                 shutil.rmtree(folder)                                  # other script's unfinished run
             print(f"teacher: training {args.teacher_arch} with CE for {args.teacher_epochs} epochs in {folder}")
-            run(argparse.Namespace(**{**vars(args), **CE_ONLY, "student_arch": args.teacher_arch, "max_steps": None,
-                                      "epochs": args.teacher_epochs, "save_dir": os.path.dirname(folder),
-                                      "run_name": os.path.basename(folder), "tensorboard": False, "resume": last}))
+            try:
+                run(argparse.Namespace(**{**vars(args), **CE_ONLY, "student_arch": args.teacher_arch,
+                                          "lr": args.teacher_lr, "max_steps": None, "epochs": args.teacher_epochs,
+                                          "save_dir": os.path.dirname(folder), "run_name": os.path.basename(folder),
+                                          "tensorboard": False, "resume": last, "cached_teacher": True}))
+            except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the hint must continue the whole run, not the teacher alone
+                last = os.path.join(folder, "last.pt")
+                state = f"{last} holds it" if os.path.isfile(last) else "before its first checkpoint"
+                raise KeyboardInterrupt(f"the teacher was stopped ({state}); run the same command again: it continues "
+                                        "the teacher, then trains the student") from None
             if world > 1:
                 dist.barrier()  # rank 0 writes model.pt
         print(f"teacher: {os.path.join(folder, 'model.pt')}")
-        model = load_teacher(os.path.join(folder, "model.pt"), args.teacher_arch, args.num_classes)
+        model = load_teacher(os.path.join(folder, "model.pt"), args.teacher_arch, args.num_classes, cache=folder)
     return model.to(device, memory_format=memory_format(args, device)).eval().requires_grad_(False)
 # ================================================================================================ end of zoo, data, teacher
 

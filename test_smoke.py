@@ -871,27 +871,39 @@ def test_spkd_kd_loss_matches_naive():
     assert spkd.kd_loss(zt, zt, T).item() == pytest.approx(0.0, abs=1e-6)
 
 
+# arch: (stages, channels of the last stage, pooled width, side of the last map at 32 px); the rest by family below
+ZOO_SHAPES = {"ResNet50": (4, 2048, 2048, 4), "MobileNetV2": (4, 160, 1280, 2), "ShuffleV1": (3, 960, 960, 4),
+              "ShuffleV2": (3, 464, 1024, 4), "shufflenetv2_0.5": (3, 192, 1024, 4),
+              "shufflenetv2_1.0": (3, 464, 1024, 4), "shufflenetv2_2.0": (3, 976, 2048, 4),
+              "resnet8x4": (3, 256, 256, 8), "resnet32x4": (3, 256, 256, 8), "wrn_16_2": (3, 128, 128, 8),
+              "wrn_40_2": (3, 128, 128, 8), "wrn_16_8": (3, 512, 512, 8), "vgg8": (4, 512, 512, 4),
+              "vgg13": (4, 512, 512, 4), "resnet18": (4, 512, 512, 1), "resnet34": (4, 512, 512, 1),
+              "resnet50": (4, 2048, 2048, 1), "mobilenetv2_1.4": (4, 1792, 1792, 1),
+              "mobilenet_0.25": (4, 256, 256, 1), "mobilenet_0.5": (4, 512, 512, 1),
+              "mobilenet_1.0": (4, 1024, 1024, 1)}
+
+
 @pytest.mark.parametrize("arch", list(spkd.ARCHS))
 def test_spkd_zoo_shapes(arch):
+    """Every network at 16, 32 and 64 px (TinyImageNet): logits, the stage outputs (RepDistiller feat[1:-1]; the last
+    is feat[-2], SP's map) and the pooled feature (feat[-1]); the 224-px networks reduce 32x."""
     torch.manual_seed(0)
-    tv = arch in spkd.TV_ARCHS
     m = spkd.build_model(arch, 7).eval()
-    x = torch.randn(2, 3, 64 if tv else 32, 64 if tv else 32)
-    with torch.no_grad():
-        feats, pooled, logits = m(x, with_features=True)
-        assert torch.equal(m(x), logits)
-    assert logits.shape == (2, 7)
-    width = pooled.shape[1]
-    expect = {"resnet8x4": 256, "resnet32x4": 256, "wrn_16_2": 128, "wrn_40_2": 128, "wrn_16_8": 512,
-              "vgg8": 512, "vgg13": 512, "resnet18": 512, "resnet34": 512, "resnet50": 2048}.get(arch, 64)
-    assert width == expect and feats[-1].shape[1] == expect
-    n_stages = 5 if arch.startswith("vgg") else 4 if tv else 3
-    assert len(feats) == n_stages
-    if not tv:  # last map: 8x8 (resnet/wrn) or 4x4 (vgg) at 32 px
-        assert feats[-1].shape[-1] == (4 if arch.startswith("vgg") else 8)
-    if arch.startswith("wrn"):  # SP map is block3's output BEFORE the final BN-ReLU: can be negative
-        assert feats[-1].min() < 0
-    elif not tv:
+    default = (4, 1280, 1280, 1) if arch.startswith("mobilenetv2") else (3, 64, 64, 8)  # resnet8..110, wrn_*_1
+    stages, channels, width, side = ZOO_SHAPES.get(arch, default)
+    for size in (16, 32, 64):
+        x = torch.randn(2, 3, size, size)
+        with torch.no_grad():
+            feats, pooled, logits = m(x, with_features=True)
+            assert torch.equal(m(x), logits)
+        assert logits.shape == (2, 7) and pooled.shape == (2, width) and len(feats) == stages
+        assert feats[-1].shape[:2] == (2, channels)
+        if size > 16:  # vgg: pool3 only at 64 px (RepDistiller), so its last map stays 4 x 4
+            expect = 4 if arch.startswith("vgg") else side * size // 32
+            assert feats[-1].shape[-1] == expect, (size, feats[-1].shape)
+    if arch.startswith("wrn") or arch == "MobileNetV2":  # the WRN block3 output BEFORE the final BN-ReLU, the
+        assert feats[-1].min() < 0                         # MobileNetV2 linear bottleneck: can be negative
+    else:
         assert feats[-1].min() >= 0
 
 
@@ -905,6 +917,183 @@ def test_spkd_zoo_repdistiller_state_dict_names():
     assert {"block0.0.bias", "block0.1.running_mean", "block0.3.weight", "block0.4.weight", "classifier.weight"} <= set(sd)
     sd = spkd.build_model("resnet8", 100).state_dict()
     assert sd["layer2.0.downsample.0.weight"].shape == (32, 16, 1, 1) and "layer1.0.downsample.0.weight" not in sd
+
+
+# The zoo's RepDistiller networks against RepDistiller's own classes, recorded once by a scratch script that built
+# both (HobbitLong/RepDistiller models/, not in this repository): the state_dict layout (keys in order, shapes) as a
+# hash, and a float64 forward with deterministic weights (_zoo_fill, from each tensor's key and shape alone) on
+# _ZOO_X: logits[0, :3], the sums of the logits, of the pooled feature (feat[-1]) and of the last stage (feat[-2]).
+# The same script found seed-0 initialisations equal tensor for tensor and every stage output (feat[1:-1]) equal.
+_ZOO_REF = {  # arch: (layout hash, tensors, logits[0, :3], logits sum, pooled sum, last stage sum, last stage shape)
+    "ResNet50": ("6bcc49538a495920", 320, [-259.6464071469135, 53.46291339466735, 310.6766963746098], -350.8945813,
+                 118938.9111, 1903022.578, (2, 2048, 4, 4)),
+    "MobileNetV2": ("3ddc0bf2eef0b615", 320, [2.3215586234662506, -6.315431972016518, -0.8423784843606632],
+                    -8.755748311, 1483.404601, -37.93855944, (2, 160, 2, 2)),
+    "ShuffleV1": ("cab61113362febd3", 296, [-98.24101422860608, -24.70740966847439, 83.39176112498484], -104.0161652,
+                  28589.48217, 457431.7147, (2, 960, 4, 4)),
+    "ShuffleV2": ("058fe31c439534ad", 338, [-4.386702548286312, 2.3103926482070287, 0.693033116440516], -10.12952722,
+                  510.4448942, 13913.56668, (2, 464, 4, 4)),
+    "resnet8x4": ("9a64e9d0fa7ccafd", 62, [0.48461622613942223, -0.18056762051394343, -0.7253056807652553],
+                  -2.478103149, 164.6769805, 10539.32675, (2, 256, 8, 8)),
+    "wrn_16_2": ("ac7cdeda226ab2f1", 83, [-0.509101067893168, 0.48261631911157155, -0.5310496603936992], -0.921149551,
+                 94.59666345, 80.12469172, (2, 128, 8, 8)),
+    "vgg8": ("54ab085270b2db17", 37, [-0.9136948453265449, -0.5806152324100435, 1.0187632559774964], -1.409515907,
+             29.64945668, 474.3913069, (2, 512, 4, 4)),
+    "vgg13": ("7fb2ad96dd5a3228", 72, [-2.631254374339985, -0.31364683864117254, 2.5946930498751817], -4.644426394,
+              80.25737259, 1284.117961, (2, 512, 4, 4)),
+}
+_ZOO_X = torch.sin(torch.arange(2 * 3 * 32 * 32, dtype=torch.float64) * 0.37).reshape(2, 3, 32, 32)
+
+
+def _zoo_fill(model):
+    """Deterministic weights from each tensor's key and shape alone: sin waves; BN variances in [0.5, 1.5]."""
+    import zlib
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            if not v.is_floating_point():
+                continue
+            phase = zlib.crc32(k.encode()) % 997 / 97.0
+            wave = torch.sin(torch.arange(v.numel(), dtype=torch.float64) * 0.61 + phase).reshape(v.shape).to(v.dtype)
+            if k.endswith("running_var"):
+                v.copy_(1 + 0.5 * wave)
+            elif v.dim() > 1:
+                v.copy_(wave * (2.0 / v[0].numel()) ** 0.5 * 1.4)
+            elif k.endswith("weight"):
+                v.copy_(1 + 0.2 * wave)
+            else:
+                v.copy_(0.1 * wave)
+    return model
+
+
+@pytest.mark.parametrize("arch", list(_ZOO_REF))
+def test_zoo_layout_and_forward_equal_repdistillers(arch):
+    layout, count, first, logits_sum, pooled_sum, last_sum, last_shape = _ZOO_REF[arch]
+    model = spkd.build_model(arch, 100)
+    sd = model.state_dict()
+    text = "".join(f"{k} {tuple(v.shape)}\n" for k, v in sd.items())
+    assert len(sd) == count and hashlib.sha256(text.encode()).hexdigest()[:16] == layout
+    _zoo_fill(model).double().eval()
+    with torch.no_grad():
+        feats, pooled, logits = model(_ZOO_X, with_features=True)
+    assert logits[0, :3].tolist() == pytest.approx(first, rel=1e-6)
+    assert logits.sum().item() == pytest.approx(logits_sum, rel=1e-6)
+    assert pooled.sum().item() == pytest.approx(pooled_sum, rel=1e-6)
+    assert feats[-1].sum().item() == pytest.approx(last_sum, rel=1e-6) and feats[-1].shape == last_shape
+
+
+def test_zoo_repdistiller_keys_and_init():
+    sd = spkd.build_model("ResNet50", 100).state_dict()  # RepDistiller resnetv2.py names: shortcut, linear
+    assert sd["layer1.0.shortcut.0.weight"].shape == (256, 64, 1, 1) and sd["linear.weight"].shape == (100, 2048)
+    assert "layer1.1.shortcut.0.weight" not in sd and sd["conv1.weight"].shape == (64, 3, 3, 3)
+    sd = spkd.build_model("MobileNetV2", 100).state_dict()  # mobile_half: expansion conv even at t = 1
+    assert sd["blocks.0.0.conv.0.weight"].shape == (16, 16, 1, 1) and sd["classifier.0.weight"].shape == (100, 1280)
+    assert sd["conv1.0.weight"].shape == (16, 3, 3, 3) and sd["blocks.6.0.conv.7.weight"].shape == (160,)
+    sd = spkd.build_model("ShuffleV1", 100).state_dict()  # 1 group on the stem output, 1x1 stem
+    assert sd["layer1.0.conv1.weight"].shape == (54, 24, 1, 1) and sd["layer2.0.conv1.weight"].shape == (60, 80, 1, 1)
+    assert sd["conv1.weight"].shape == (24, 3, 1, 1)
+    sd, sp = spkd.build_model("ShuffleV2", 10).state_dict(), spkd.build_model("shufflenetv2_1.0", 10).state_dict()
+    assert sd["layer1.0.conv5.weight"].shape == (58, 58, 1, 1) and sd["layer3.3.conv3.weight"].shape == (232, 232, 1, 1)
+    assert sd["conv1.weight"].shape == (24, 3, 1, 1) and sp["conv1.weight"].shape == (24, 3, 3, 3)  # SP Table 6: 3x3
+    assert [k for k in sd if sd[k].shape != sp[k].shape] == ["conv1.weight"]
+    assert spkd.build_model("shufflenetv2_2.0", 10).state_dict()["layer1.0.conv2.weight"].shape == (122, 24, 1, 1)
+    torch.manual_seed(0)  # init as RepDistiller: Kaiming fan_out / N(0, sqrt(2/n)) convs; ShuffleNets PyTorch default
+    for arch, default in (("ResNet50", False), ("MobileNetV2", False), ("ShuffleV1", True), ("ShuffleV2", True)):
+        model = spkd.build_model(arch, 100)
+        for m in model.modules():
+            if isinstance(m, torch.nn.Conv2d) and m.weight.numel() >= 4096:
+                fan_in, fan_out = m.weight[0].numel(), m.weight.shape[0] * m.weight[0, 0].numel()
+                expect = (1 / (3 * fan_in)) ** 0.5 if default else (2 / fan_out) ** 0.5
+                assert abs(m.weight.std().item() / expect - 1) < 0.1, (arch, m)
+            if isinstance(m, torch.nn.BatchNorm2d):
+                assert (m.weight == 1).all() and (m.bias == 0).all()
+    linear = spkd.build_model("ShuffleV1", 100).linear  # PyTorch's default: U(+-1/sqrt(fan_in))
+    assert abs(linear.weight.std().item() * (3 * linear.in_features) ** 0.5 - 1) < 0.1
+    cls = spkd.build_model("MobileNetV2", 100).classifier[0]
+    assert abs(cls.weight.std().item() / 0.01 - 1) < 0.1 and (cls.bias == 0).all()
+
+
+def test_zoo_224px_networks_match_the_sp_tables():
+    """Parameter counts with 47 (DTD) / 10 (CINIC-10) classes against SP Tables 3-5 and 7 (0.1M precision)."""
+    count = lambda arch, classes: sum(p.numel() for p in spkd.build_model(arch, classes).parameters()) / 1e6
+    for arch, millions in (("mobilenet_0.25", 0.2), ("mobilenet_0.5", 0.8), ("mobilenet_1.0", 3.3),
+                           ("mobilenetv2_0.35", 0.5), ("mobilenetv2_1.4", 4.4)):
+        assert round(count(arch, 47), 1) == millions, arch
+    assert round(count("mobilenetv2_1.0", 47), 1) == 2.3  # Table 5 says 2.2M; torchvision's network (2.28M)
+    for arch, millions in (("shufflenetv2_0.5", 0.4), ("shufflenetv2_1.0", 1.3)):
+        assert round(count(arch, 10), 1) == millions, arch
+    assert round(count("shufflenetv2_2.0", 10), 2) == 5.37  # Table 6's 244 channels (Table 7 says 5.3M: see spkd.py)
+    import torchvision
+    tv = torchvision.models.mobilenet_v2(width_mult=1.4, num_classes=47).state_dict()
+    ours = spkd.build_model("mobilenetv2_1.4", 47).state_dict()
+    assert [(k, v.shape) for k, v in tv.items()] == [(k, v.shape) for k, v in ours.items()]  # torchvision's keys
+
+
+def test_zoo_imagenet_weights_torchvision_lacks(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    with pytest.raises(spkd.RunError, match="mobilenetv2_0.35_imagenet.pth, or use --no-pretrained"):
+        spkd.build_model("mobilenetv2_0.35", 47, pretrained=True)
+    os.makedirs(tmp_path / "checkpoints")
+    torch.manual_seed(1)
+    source = spkd.build_model("mobilenet_0.25", 1000)  # an "ImageNet" state_dict: 1000 classes
+    torch.save(source.state_dict(), tmp_path / "checkpoints" / "mobilenet_0.25_imagenet.pth")
+    model = spkd.build_model("mobilenet_0.25", 47, pretrained=True)
+    got, want = model.state_dict(), source.state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in got if not k.startswith("fc."))
+    assert got["fc.weight"].shape == (47, 256)  # the classifier is re-sized, freshly initialised
+    wrong = spkd.build_model("mobilenet_0.5", 1000).state_dict()  # another width under the name
+    torch.save(wrong, tmp_path / "checkpoints" / "mobilenet_0.25_imagenet.pth")
+    with pytest.raises(spkd.RunError, match="do not fit"):
+        spkd.build_model("mobilenet_0.25", 47, pretrained=True)
+    assert spkd.build_model("resnet8", 10, pretrained=True) is not None  # CIFAR networks: no ImageNet weights
+
+
+# spkd.py's AT baseline (Zagoruyko & Komodakis 2017) against a per-sample re-derivation
+
+def _at_naive(f_s, f_t):
+    """Per image: a_j = mean_c A_cj^2 at each position j, a / ||a||_2; the mean over images and positions of the
+    squared student - teacher difference (the AT code's at_loss; maps of equal size)."""
+    b, total = f_s.shape[0], 0.0
+    for i in range(b):
+        a_s, a_t = (f[i].pow(2).mean(0).flatten() for f in (f_s, f_t))
+        a_s, a_t = a_s / torch.sqrt((a_s * a_s).sum()), a_t / torch.sqrt((a_t * a_t).sum())
+        total = total + ((a_s - a_t) ** 2).sum()
+    return total / (b * f_s[0, 0].numel())
+
+
+def test_spkd_at_loss_matches_per_sample_rederivation():
+    g = torch.Generator().manual_seed(5)
+    f_s = torch.randn(4, 3, 4, 4, generator=g, dtype=torch.float64)
+    f_t = torch.randn(4, 7, 4, 4, generator=g, dtype=torch.float64)  # channel counts may differ
+    a, b = f_s.clone().requires_grad_(), f_t.clone().requires_grad_()
+    fast = spkd.at_loss(a, b)
+    ga, gb = torch.autograd.grad(fast, (a, b))
+    a2, b2 = f_s.clone().requires_grad_(), f_t.clone().requires_grad_()
+    slow = _at_naive(a2, b2)
+    ra, rb = torch.autograd.grad(slow, (a2, b2))
+    assert fast.shape == () and fast.dtype == torch.float64 and abs(fast.item() / slow.item() - 1) < 1e-10
+    assert _camd_rel(ga, ra) < 1e-10 and _camd_rel(gb, rb) < 1e-10
+    # a larger map is average-pooled to the smaller one's size first (RepDistiller AT.py), on either side
+    big = torch.randn(4, 5, 8, 8, generator=g, dtype=torch.float64)
+    pooled = big.reshape(4, 5, 4, 2, 4, 2).mean((3, 5))
+    assert spkd.at_loss(big, f_t).item() == pytest.approx(_at_naive(pooled, f_t).item(), rel=1e-10)
+    assert spkd.at_loss(f_s, big).item() == pytest.approx(_at_naive(f_s, pooled).item(), rel=1e-10)
+    # limits: zero for identical maps, for a scaled copy and for permuted channels (the attention is normalised)
+    assert spkd.at_loss(f_s, f_s.clone()).item() == 0.0
+    assert spkd.at_loss(3 * f_s, f_s[:, [2, 0, 1]]).item() == pytest.approx(0.0, abs=1e-20)
+    assert spkd.at_loss(f_s.bfloat16(), f_t.bfloat16()).dtype == torch.float32
+
+
+def test_spkd_step_losses_at_term_sums_the_stage_pairs():
+    torch.manual_seed(0)
+    student, teacher = spkd.build_model("resnet8", 10).eval(), spkd.build_model("wrn_16_1", 10).eval()
+    x, y = torch.randn(6, 3, 16, 16), torch.randint(0, 10, (6,))
+    args = argparse.Namespace(ce_weight=1.0, kd_weight=0.0, sp_weight=0.0, at_weight=1000.0, kd_T=4.0, sp_layers="last")
+    out = spkd.step_losses(student, teacher, x, y, args)
+    with torch.no_grad():
+        fs, ft = student(x, with_features=True)[0], teacher(x, with_features=True)[0]
+    assert set(out) == {"ce", "at"} and len(fs) == len(ft) == 3  # the three residual groups (SP Sec. 3.1)
+    expect = 1000 * sum(_at_naive(a.double(), b.double()) for a, b in zip(fs, ft))
+    assert out["at"].item() == pytest.approx(expect.item(), rel=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1613,20 +1802,32 @@ def test_spkd_and_camd_share_one_teacher_and_cache_only_finished_ones(tmp_path, 
             stop[0] = True
     monkeypatch.setattr(spkd.Meter, "add", interrupt_teacher)
     code, _, err = main_of(spkd, base + ["--run-name", "s"])
-    assert code == 130 and "teachers" in err
     folder = next((tmp_path / "teachers").iterdir())
+    assert code == 130 and f"the teacher was stopped ({folder / 'last.pt'} holds it)" in err  # the hint continues
+    assert "run the same command again: it continues the teacher, then trains the student" in err  # the whole run
     assert (folder / "last.pt").exists() and not (folder / "model.pt").exists()  # nothing cached half-trained
+    code, _, err = main_of(spkd, ["--resume", str(folder / "last.pt")])  # would finish the teacher as the headline
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "run the student's command again" in err, err
     monkeypatch.setattr(spkd.Meter, "add", add)
     code, out, err = main_of(spkd, base + ["--run-name", "s"])
     assert code == 0 and f"resumed {folder / 'last.pt'}" in out, err
     assert (folder / "model.pt").exists() and load(folder / "model.pt")["history"][-1]["epoch"] == 1
+    assert (tmp_path / "s" / "model.pt").exists() and out.index("teacher: training") < out.index(f"teacher: {folder}")
+    code, out, err = main_of(eval_py, [str(folder / "model.pt"), "--device", "cpu"])  # eval.py reads a cached teacher
+    assert code == 0 and "top1" in out, err
     code, out, err = main_of(camd, base + ["--run-name", "c"])  # camd.py finds spkd.py's teacher of the same recipe
     assert code == 0, err
     assert f"teacher: {folder / 'model.pt'}" in out and "teacher: training" not in out
     assert len(os.listdir(tmp_path / "teachers")) == 1
+    good = (folder / "model.pt").read_bytes()
     (folder / "model.pt").write_bytes(b"corrupt")
     code, _, err = main_of(camd, base + ["--run-name", "c2"])
-    assert code == 2 and "delete it" in err and str(folder / "model.pt") in err
+    assert code == 2 and f"delete {folder} (the teacher is then trained again)" in err
+    assert str(folder / "model.pt") in err
+    ck = torch.load(io.BytesIO(good), weights_only=True)  # a cached teacher that no longer fits (another network)
+    torch.save(dict(ck, model=camd.build_model("resnet14", 10).state_dict()), folder / "model.pt")
+    code, _, err = main_of(camd, base + ["--run-name", "c2"])
+    assert code == 2 and "does not fit" in err and f"delete {folder}" in err, err
     os.remove(folder / "model.pt")  # the other script's interrupted teacher: trained again, not "not a checkpoint of"
     torch.save({"method": "spkd", "args": {}, "model": {}}, folder / "last.pt")
     code, out, err = main_of(camd, base + ["--run-name", "c3"])
@@ -1671,13 +1872,30 @@ def test_camd_presets_follow_the_paper():
         camd.get_teacher(cifar_teacher, torch.device("cpu"), 0, 1)
 
 
-def test_teacher_cache_key_is_the_whole_recipe():
-    base = camd.get_args(["--dataset", "folder", "--data-root", "/x"])
-    assert base.pretrained and camd.teacher_folder(base) == spkd.teacher_folder(
-        spkd.get_args(["--dataset", "folder", "--data-root", "/x"]))
-    for flags in (["--no-pretrained"], ["--teacher-epochs", "3"], ["--seed", "1"], ["--lr", "0.5"], ["--data-root", "/y"]):
-        other = camd.get_args(["--dataset", "folder", "--data-root", "/x", *flags])
-        assert camd.teacher_folder(other) != camd.teacher_folder(base), flags
+def test_teacher_cache_key_is_the_whole_recipe(tmp_path, monkeypatch):
+    data = write_folder_dataset(tmp_path / "data")
+    folder = lambda module, *flags: module.teacher_folder(module.get_args(["--dataset", "folder", "--data-root",
+                                                                           str(data), *flags]))
+    base = folder(camd)
+    assert camd.get_args(["--dataset", "folder"]).pretrained and base == folder(spkd)  # one teacher for both scripts
+    for flags in (["--no-pretrained"], ["--teacher-epochs", "3"], ["--seed", "1"], ["--lr", "0.5"],
+                  ["--train-subset", "5"]):
+        assert folder(camd, *flags) != base, flags
+    import shutil
+    shutil.copytree(data, tmp_path / "moved")  # keyed on what the teacher learns from, not on where it lies
+    assert camd.teacher_folder(camd.get_args(["--dataset", "folder", "--data-root", str(tmp_path / "moved")])) == base
+    write_image(data / "train" / "cow" / "0.png")  # a new class, then a new image: new teachers
+    common.load_split.cache_clear()
+    with_cow = folder(camd)
+    write_image(data / "train" / "cow" / "1.png", seed=1)
+    common.load_split.cache_clear()
+    assert len({base, with_cow, folder(camd)}) == 3
+    orig = common.load_split  # dtd: each of the ten splits trains its own teacher (same classes and sizes)
+    monkeypatch.setattr(common, "load_split", lambda name, root, split, **kw: orig(
+        "folder", str(tmp_path / "moved" if split.endswith("2") else data), split.rstrip("0123456789"), **kw))
+    dtd = lambda k: spkd.teacher_folder(spkd.get_args(["--dataset", "dtd", "--data-root", str(tmp_path),
+                                                       "--split", str(k)]))
+    assert dtd(1) != dtd(2)
 
 
 def test_s2sd_image_size_reaches_in_memory_data():
@@ -1739,13 +1957,13 @@ def test_camd_drops_a_last_batch_of_one_image(tmp_path, camd_teacher):
     assert load(next(tmp_path.glob("*/last.pt")))["step"] == 4
 
 
-@pytest.mark.parametrize("extra", [["--variant", "amd_b"], ["--variant", "amd_e"], ["--variant", "kd"],
-                                   ["--variant", "ce"],
-                                   ["--variant", "camd_kd", "--weights", "fixed", "--mining", "all", "--no-stopgrad",
-                                    "--no-detach-weights"]])
+@pytest.mark.parametrize("extra", [["--variant", "amd_b", "--no-detach-weights"], ["--variant", "amd_e"],
+                                   ["--variant", "kd"], ["--variant", "ce"],
+                                   ["--variant", "camd_kd", "--weights", "fixed", "--mining", "all", "--no-stopgrad"]])
 def test_camd_variants_and_ablations_run(tmp_path, camd_teacher, extra):
-    code, out, err = main_of(camd, CAMD_TINY + ["--teacher-path", camd_teacher, "--max-steps", "2", "--save-dir",
-                                                str(tmp_path), "--run-name", "r"] + extra)
+    i = CAMD_TINY.index("--teacher-arch")  # ce has no teacher: its flags would be refused
+    flags = CAMD_TINY[:i] + CAMD_TINY[i + 2:] if "ce" in extra else CAMD_TINY + ["--teacher-path", camd_teacher]
+    code, out, err = main_of(camd, flags + ["--max-steps", "2", "--save-dir", str(tmp_path), "--run-name", "r"] + extra)
     assert code == 0, err
     rows = [json.loads(line) for line in open(tmp_path / "r" / "metrics.jsonl")]
     assert rows[-1]["step"] == 2 and all(math.isfinite(rows[-1][k]) for k in ("top1", "Rank-1", "Rank-2"))
@@ -1763,6 +1981,125 @@ def test_camd_bad_inputs(tmp_path, camd_teacher):
                        (["--vanilla"], "unrecognized")):
         code, _, err = main_of(camd, CAMD_TINY + ["--save-dir", str(tmp_path)] + extra)
         assert code == 2 and msg in err and len(err.strip().splitlines()) == 1, (extra, err)
+
+
+def test_camd_and_spkd_refuse_flags_that_do_nothing(tmp_path, camd_teacher):
+    """A flag given on the command line that the chosen setting ignores: one line, exit 2 (a preset's value is fine)."""
+    for module, flags, msg in (
+            (camd, ["--variant", "kd", "--gamma", "10"], "--gamma does nothing with --variant kd (no L_amd)"),
+            (camd, ["--variant", "ce", "--mining", "all"], "--mining does nothing with --variant ce"),
+            (camd, ["--variant", "kd", "--weights", "fixed"], "--weights does nothing"),
+            (camd, ["--variant", "ce", "--no-detach-weights"], "--detach-weights does nothing"),
+            (camd, ["--variant", "amd_e", "--tau", "2"], "--tau does nothing with --variant amd_e (no KL term)"),
+            (camd, ["--variant", "amd_b", "--no-stopgrad"], "--stopgrad does nothing with --variant amd_b (no L_c)"),
+            (camd, ["--kd-beta", "2"], "--kd-beta does nothing with --variant camd (camd_kd only)"),
+            (camd, ["--variant", "camd_kd", "--kd-alpha", "0.5"], "--kd-alpha does nothing with --variant camd_kd"),
+            (camd, ["--variant", "ce", "--teacher-arch", "resnet8"], "--teacher-arch does nothing with --variant ce"),
+            (camd, ["--variant", "ce", "--teacher-epochs", "3"], "--teacher-epochs does nothing with --variant ce"),
+            (camd, ["--weights", "fixed", "--detach-weights"], "--detach-weights does nothing with --weights fixed"),
+            (camd, ["--teacher-path", camd_teacher, "--teacher-epochs", "3"], "--teacher-epochs does nothing with "
+                                                                               "--teacher-path"),
+            (camd, ["--dataset", "imagenet", "--crop-padding", "8"], "--crop-padding does nothing on imagenet's"),
+            (camd, ["--pretrained"], "--pretrained does nothing for CIFAR networks"),
+            (spkd, ["--sp-weight", "0", "--ce-weight", "0"], "all 0: nothing to train"),
+            (spkd, ["--kd-T", "8"], "--kd-T does nothing without --kd-weight"),
+            (spkd, ["--sp-weight", "0", "--kd-weight", "1", "--sp-layers", "all"], "--sp-layers does nothing without"),
+            (spkd, ["--split", "2"], "--split does nothing on digits (dtd only)"),
+            (spkd, ["--sp-weight", "0", "--teacher-path", camd_teacher], "--teacher-path does nothing without a "
+                                                                          "teacher term"),
+            (spkd, ["--dataset", "dtd", "--pad-mode", "constant"], "--pad-mode does nothing on dtd's image files"),
+            (spkd, ["--sp-weight", "0", "--at-weight", "50"], "--at-weight alone is not wired yet")):  # until run()
+        code, _, err = main_of(module, flags + ["--save-dir", str(tmp_path)])
+        assert code == 2 and msg in err and len(err.strip().splitlines()) == 1, (flags, err)
+    camd.get_args(["--variant", "kd", "--kd-alpha", "0.5", "--tau", "2"])  # what the variant uses is accepted
+    camd.get_args(["--variant", "camd_kd", "--kd-beta", "2", "--gamma", "10", "--no-stopgrad", "--mining", "all"])
+    camd.get_args(["--variant", "ce"])  # the preset's gamma, tau, teacher ... are not the user's flags
+    kd = spkd.get_args(["--dataset", "cinic10", "--sp-weight", "0", "--kd-weight", "0.6", "--ce-weight", "0.4"])
+    assert kd.kd_T == 16.0  # Sec. 3.3's T, from the preset
+
+
+def test_camd_tables_2_and_3_settings():
+    """Sec. IV-A: the RepDistiller recipe, lr 0.01 for MobileNet / ShuffleNet (student, or a teacher trained here)."""
+    for teacher, student in (("ResNet50", "MobileNetV2"), ("resnet32x4", "ShuffleV1"), ("resnet32x4", "ShuffleV2")):
+        a = camd.get_args(["--dataset", "cifar100", "--teacher-arch", teacher, "--student-arch", student])
+        assert (a.lr, a.teacher_lr, a.gamma, a.epochs, a.batch_size) == (0.01, 0.05, 80.0, 240, 64), student
+    a = camd.get_args(["--dataset", "cifar100", "--teacher-arch", "ResNet50", "--student-arch", "vgg8"])
+    assert (a.lr, a.teacher_lr) == (0.05, 0.05)
+    a = camd.get_args(["--dataset", "cifar100", "--student-arch", "MobileNetV2", "--lr", "0.03"])  # --lr wins
+    assert (a.lr, a.teacher_lr) == (0.03, 0.03)
+    t = camd.get_args(["--dataset", "tinyimagenet"])  # Table III's first pair; resnet32x4 -> resnet8x4 is not in it
+    assert (t.teacher_arch, t.student_arch, t.image_size, t.crop_padding, t.lr, t.gamma) == ("vgg13", "vgg8", 64, 8,
+                                                                                               0.05, 80.0)
+    t = camd.get_args(["--dataset", "tinyimagenet", "--teacher-arch", "wrn_40_2", "--student-arch", "ShuffleV1"])
+    assert (t.lr, t.teacher_lr) == (0.01, 0.05)
+    assert camd.get_args(["--student-arch", "MobileNetV2"]).lr == 0.05  # digits: our preset, not the paper's recipe
+    s = spkd.get_args(["--dataset", "cifar100", "--teacher-arch", "ShuffleV1", "--student-arch", "resnet8"])
+    assert (s.lr, s.teacher_lr) == (0.05, 0.01)  # RepDistiller train_teacher.py: lr 0.01 for a ShuffleV1 teacher
+
+
+def _small_test_split(monkeypatch, n=64, **rename):
+    """common.load_split with test splits cut to their first n images (fast evaluation); `rename` maps a dataset
+    name to another (a dataset this machine lacks -> digits)."""
+    orig = common.load_split
+
+    def load(name, root="./data", split="train", **kw):
+        out = orig(rename.get(name, name), root, split, **kw)
+        return out if split == "train" else out.subset(torch.arange(min(n, len(out))))
+    monkeypatch.setattr(common, "load_split", load)
+
+
+@pytest.mark.parametrize("teacher,student,size", [("ResNet50", "MobileNetV2", 16), ("resnet8x4", "ShuffleV1", 16),
+                                                  ("resnet8x4", "ShuffleV2", 32)])
+def test_camd_table_2_networks_train(tmp_path, monkeypatch, teacher, student, size):
+    _small_test_split(monkeypatch)
+    code, out, err = main_of(camd, ["--teacher-arch", teacher, "--student-arch", student, "--teacher-epochs", "0",
+                                    "--image-size", str(size), "--batch-size", "16", "--epochs", "1", "--max-steps",
+                                    "2", "--save-dir", str(tmp_path), "--run-name", "r", "--log-every", "1"])
+    assert code == 0, err
+    row = json.loads(open(tmp_path / "r" / "metrics.jsonl").readline())
+    assert " amd " in out and " col " in out and math.isfinite(row["top1"]) and row["step"] == 2
+    assert set(load(tmp_path / "r" / "model.pt")["model"]) == set(camd.build_model(student, 10).state_dict())
+
+
+def test_spkd_cinic10_preset_runs_at_and_sp_on_shufflenetv2(tmp_path, monkeypatch):
+    a = spkd.get_args(["--dataset", "cinic10"])  # SP Sec. 3.3, Table 7 row 1
+    assert (a.teacher_arch, a.student_arch, a.epochs, a.batch_size, a.lr, a.nesterov, a.lr_milestones, a.lr_decay,
+            a.sp_weight, a.kd_T, a.at_weight) == ("shufflenetv2_1.0", "shufflenetv2_0.5", 140, 96, 0.01, True,
+                                                  [100, 120], 0.1, 2000.0, 16.0, 0.0)
+    seen = []
+    _small_test_split(monkeypatch, cinic10="digits")  # until common.load_split("cinic10") merges: digits as stand-in
+    load = common.load_split
+    monkeypatch.setattr(common, "load_split", lambda name, root, split, **kw: seen.append(split) or load(
+        name, root, split, **kw))
+    code, out, err = main_of(spkd, ["--dataset", "cinic10", "--at-weight", "30", "--teacher-epochs", "0",  # AT+SP
+                                    "--batch-size", "16", "--epochs", "1", "--max-steps", "2", "--save-dir",
+                                    str(tmp_path), "--run-name", "c", "--log-every", "1"])
+    assert code == 0, err
+    assert " sp " in out and " at " in out and {"train", "test"} <= set(seen)
+    cfg = json.load(open(tmp_path / "c" / "config.json"))
+    assert (cfg["at_weight"], cfg["sp_weight"], cfg["pad_mode"]) == (30.0, 2000.0, "reflect")
+
+
+def test_spkd_dtd_fine_tunes_on_the_chosen_split(tmp_path, monkeypatch):
+    data = write_folder_dataset(tmp_path / "data")
+    seen, sizes = [], []
+    load, transform = common.load_split, common.eval_transform
+    monkeypatch.setattr(common, "load_split", lambda name, root, split, **kw: seen.append((name, split)) or load(
+        "folder", root, split.rstrip("0123456789"), **kw))  # until common.load_split("dtd") merges
+    monkeypatch.setattr(common, "eval_transform", lambda resize, crop, **kw: sizes.append((resize, crop)) or transform(
+        resize, crop, **kw))
+    base = ["--dataset", "dtd", "--split", "3", "--data-root", str(data), "--teacher-arch", "mobilenetv2_0.35",
+            "--student-arch", "mobilenet_0.25", "--teacher-epochs", "0", "--image-size", "32", "--batch-size", "4",
+            "--workers", "0", "--epochs", "1", "--max-steps", "2", "--save-dir", str(tmp_path), "--log-every", "1"]
+    code, out, err = main_of(spkd, base + ["--no-pretrained", "--run-name", "d"])
+    assert code == 0, err
+    assert ("dtd", "train3") in seen and ("dtd", "test3") in seen and sizes[-1] == ((36, 36), 32)  # 256 x 256 -> 224
+    cfg = json.load(open(tmp_path / "d" / "config.json"))  # SP Sec. 3.2
+    assert (cfg["lr"], cfg["nesterov"], cfg["lr_milestones"], cfg["epochs"], cfg["split"]) == (0.01, True, [30], 1, 3)
+    assert spkd.get_args(["--dataset", "dtd"]).pretrained and spkd.get_args(["--dataset", "dtd"]).epochs == 60
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))  # no ImageNet weights for 0.25: one line
+    code, _, err = main_of(spkd, base + ["--run-name", "p"])
+    assert code == 2 and "mobilenet_0.25_imagenet.pth" in err and len(err.strip().splitlines()) == 1, err
 
 
 def _camd_ddp_worker(rank, world, init, seed, queue):
