@@ -149,9 +149,6 @@ def get_args(argv=None):
     check_teacher_student_args(args, given)
     if not (args.ce_weight or args.kd_weight or args.sp_weight or args.at_weight):
         raise RunError("--ce-weight, --kd-weight, --sp-weight and --at-weight are all 0: nothing to train")
-    if args.at_weight and not (args.kd_weight or args.sp_weight):  # until run() loads the teacher for AT alone
-        raise RunError("--at-weight alone is not wired yet (run() loads the teacher for KD or SP only); add "
-                       "--kd-weight or --sp-weight")
     refuse_unused(given, ("kd_T",) if not args.kd_weight else (), "without --kd-weight")
     refuse_unused(given, ("sp_layers",) if not args.sp_weight else (), "without --sp-weight")
     refuse_unused(given, ("split",) if args.dataset != "dtd" else (), f"on {args.dataset} (dtd only)")
@@ -224,7 +221,7 @@ def run(args):
     args.num_classes = split.num_classes
     if len(split) < args.batch_size:
         raise RunError(f"--batch-size {args.batch_size} is larger than the {len(split)} training images")
-    teacher = get_teacher(args, device, rank, world) if args.kd_weight or args.sp_weight else None
+    teacher = get_teacher(args, device, rank, world) if args.kd_weight or args.sp_weight or args.at_weight else None
     if teacher is not None and args.sp_layers == "all":
         probe = torch.zeros(2, 3, args.image_size, args.image_size, device=device)
         stages = [len(m.to(device)(probe, with_features=True)[0]) for m in (build_model(args.student_arch, 2), teacher)]

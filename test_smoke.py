@@ -1794,12 +1794,12 @@ def test_s2sd_cub_without_data_or_weights_is_one_line(tmp_path):
 def test_spkd_and_camd_share_one_teacher_and_cache_only_finished_ones(tmp_path, monkeypatch):
     base = ["--teacher-arch", "resnet8", "--teacher-epochs", "1", "--image-size", "16", "--batch-size", "128",
             "--epochs", "1", "--max-steps", "2", "--save-dir", str(tmp_path), "--log-every", "1000"]
-    add, stop = spkd.Meter.add, spkd.STOP
+    add = spkd.Meter.add
 
     def interrupt_teacher(self, losses, images, epoch, step, lr):  # a Ctrl-C during the teacher's third step
         add(self, losses, images, epoch, step, lr)
         if step == 3 and "teachers" in str(self.run["dir"]):
-            stop[0] = True
+            spkd.STATE["signal"] = signal.SIGINT
     monkeypatch.setattr(spkd.Meter, "add", interrupt_teacher)
     code, _, err = main_of(spkd, base + ["--run-name", "s"])
     folder = next((tmp_path / "teachers").iterdir())
@@ -2007,8 +2007,7 @@ def test_camd_and_spkd_refuse_flags_that_do_nothing(tmp_path, camd_teacher):
             (spkd, ["--split", "2"], "--split does nothing on digits (dtd only)"),
             (spkd, ["--sp-weight", "0", "--teacher-path", camd_teacher], "--teacher-path does nothing without a "
                                                                           "teacher term"),
-            (spkd, ["--dataset", "dtd", "--pad-mode", "constant"], "--pad-mode does nothing on dtd's image files"),
-            (spkd, ["--sp-weight", "0", "--at-weight", "50"], "--at-weight alone is not wired yet")):  # until run()
+            (spkd, ["--dataset", "dtd", "--pad-mode", "constant"], "--pad-mode does nothing on dtd's image files")):
         code, _, err = main_of(module, flags + ["--save-dir", str(tmp_path)])
         assert code == 2 and msg in err and len(err.strip().splitlines()) == 1, (flags, err)
     camd.get_args(["--variant", "kd", "--kd-alpha", "0.5", "--tau", "2"])  # what the variant uses is accepted
