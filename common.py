@@ -180,17 +180,17 @@ def extract(archive, dest_root, top_folder):
 
 
 def _fetch(name, base, need, download, sources):
-    """base/need. Where it is absent and `download`: each (url, md5, becomes) of `sources` whose base/becomes (or the
-    plain file) is absent is downloaded into base and checked, an archive extracted (a url without '://' is an archive
-    already under base): nothing existing is replaced. Else DatasetError saying what to put where."""
+    """base/need. If absent and `download`: each of `sources` (SOURCES) whose result is absent too is downloaded into
+    base and checked, an archive extracted; nothing existing is replaced. Else DatasetError: what to put where."""
     path = os.path.join(base, need)
     hint = f"download {' and '.join(u for u, _, _ in sources if '://' in u)} and extract it so that {path} exists"
     if download and not os.path.exists(path):
         try:
             for url, md5, becomes in sources:
                 if not os.path.exists(os.path.join(base, becomes or os.path.basename(url))):
-                    file = download_url(url, os.path.join(base, os.path.basename(url)), md5) if "://" in url else \
-                        os.path.join(base, url)
+                    file = os.path.join(base, os.path.basename(url) if "://" in url else url)
+                    if "://" in url:
+                        download_url(url, file, md5)
                     if becomes:
                         extract(file, base, becomes)
         except DatasetError as e:
@@ -208,8 +208,8 @@ def load_split(name, root="./data", split="train", download=True, image_size=Non
                synthetic_size=(512, 10, 32)):
     """One split of a dataset (shared/notes/datasets.md), cached: do not modify it. uint8 images in memory
     (`image_size` resizes them once, `channels=3` turns grey into RGB) for digits, fashionmnist, synthetic
-    (`synthetic_size` = images, classes, side), cifar10/100, stl10, tinyimagenet, cinic10; paths for the others, each
-    file checked once (check_images). "a+b": the two splits together (labelled alike in every split)."""
+    (`synthetic_size` = images, classes, side), cifar10/100, stl10, tinyimagenet, cinic10; for the others paths, each
+    file checked once (check_images). 'a+b' is two splits together (every split of these is labelled alike)."""
     readers = {"digits": _digits, "fashionmnist": _fashionmnist, "synthetic": _synthetic,
                "cifar10": _torchvision_small, "cifar100": _torchvision_small, "stl10": _torchvision_small,
                "tinyimagenet": _tinyimagenet, "cinic10": _cinic10, "cub": _cub, "cars": _cars, "sop": _sop,
@@ -220,22 +220,21 @@ def load_split(name, root="./data", split="train", download=True, image_size=Non
         raise DatasetError(f"unknown dataset '{name}'; choose from {', '.join(DATASETS)}")
     if os.path.exists(root) and not os.path.isdir(root):
         raise DatasetError(f"--data-root {root} is a file, not a folder")
-    dml, val = ("train", "test", "dml_train", "dml_test"), ("train", "val", "test")
-    allowed = {"digits": dml, "fashionmnist": dml, "folder": dml + ("all",), "synthetic": val,
-               "imagenet": val + ("train_1pct", "train_10pct"), "imagenet100": val, "tinyimagenet": ("train", "val"),
-               "stl10": ("train", "test", "unlabeled", "train+unlabeled"),
-               "cinic10": ("train", "valid", "test", "train+valid"), "flowers102": val + ("train+val",),
-               "aircraft": val + ("train+val",),
+    dml, val = ("train", "test", "dml_train", "dml_test"), ("train", "val", "test", "train+val")
+    allowed = {"digits": dml, "fashionmnist": dml, "folder": dml + ("all",), "synthetic": val[:3],
+               "imagenet": val[:3] + ("train_1pct", "train_10pct"), "imagenet100": val[:3],
+               "tinyimagenet": ("train", "val"), "stl10": ("train", "test", "unlabeled", "train+unlabeled"),
+               "cinic10": ("train", "valid", "test", "train+valid"), "flowers102": val, "aircraft": val,
                "dtd": tuple(s for k in range(1, 11) for s in (f"train{k}", f"val{k}", f"test{k}", f"train{k}+val{k}"))
                }.get(name, ("train", "test"))
     if split not in allowed:
         raise DatasetError(f"dataset '{name}' has no split '{split}'; choose from {', '.join(allowed)}")
-    parts = [readers[name](name, root, s, download, *([tuple(synthetic_size)] if name == "synthetic" else []))
-             for s in split.split("+")]
-    out = parts[0] if len(parts) == 1 else Split(
-        name, torch.cat([p.labels for p in parts]), parts[0].num_classes, parts[0].mean, parts[0].std,
-        None if parts[0].images is None else torch.cat([p.images for p in parts]),
-        None if parts[0].paths is None else sum((p.paths for p in parts), []), parts[0].classes)
+    out, *more = [readers[name](name, root, s, download, *([tuple(synthetic_size)] if name == "synthetic" else []))
+                  for s in split.split("+")]
+    for other in more:  # 'a+b'
+        out = Split(name, torch.cat([out.labels, other.labels]), out.num_classes, out.mean, out.std,
+                    None if out.images is None else torch.cat([out.images, other.images]),
+                    None if out.paths is None else out.paths + other.paths, out.classes)
     if out.images is not None and split.startswith("dml"):  # the zero-shot DML protocol: the first half of the
         half = int(out.labels.max()) // 2 + 1                # classes train, the second half test, all their images
         idx = torch.nonzero((out.labels < half) == (split == "dml_train")).squeeze(1)
@@ -343,6 +342,7 @@ def _torchvision_small(name, root, split, download):
                  images=torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), classes=list(ds.classes))
 
 
+
 def _file_split(name, pairs, where, classes=None):
     """Split of (path, label) pairs; DatasetError when files are missing. With `classes` (names) labels index them,
     every split of the dataset numbered alike; without, labels are class ids renumbered 0..C-1 (DML: disjoint)."""
@@ -365,7 +365,7 @@ def _lines(path):
 
 
 def _mat(path, key):
-    """scipy.io.loadmat(path)[key] as a 1-d or record array; DatasetError naming the file when it cannot be read."""
+    """scipy.io.loadmat(path)[key] as an array; DatasetError naming the file when it cannot be read."""
     import scipy.io
     try:
         return np.atleast_1d(scipy.io.loadmat(path, squeeze_me=True)[key])
@@ -374,8 +374,7 @@ def _mat(path, key):
 
 
 def _decoded(cache, pairs, size):
-    """(uint8 [N, 3, size, size], labels) of the (path, label) list pairs() returns, decoded once (16 threads) into
-    the file `cache`."""
+    """(uint8 [N, 3, size, size], labels) of the (path, label) list pairs(), decoded once (16 threads) into `cache`."""
     if not os.path.isfile(cache):
         paths, labels = zip(*pairs())
         check_images(paths, os.path.dirname(cache))
@@ -390,14 +389,9 @@ def _tinyimagenet(name, root, split, download):
     wnids_file = _fetch(name, root, "tiny-imagenet-200/wnids.txt", download, SOURCES[name])
     base, wnids = os.path.dirname(wnids_file), _lines(wnids_file)
 
-    def pairs():
+    def pairs():  # train/<wnid>/images/*.JPEG; val/images/*.JPEG labelled by val/val_annotations.txt
         if split == "train":
-            folders = [os.path.join(base, "train", w, "images") for w in wnids]
-            empty = next((f for f in folders if not (os.path.isdir(f) and os.listdir(f))), None)
-            if empty:
-                raise DatasetError(f"tinyimagenet looks incomplete: no images in {empty}; "
-                                   f"delete {base} and run again to re-download")
-            return [(os.path.join(f, file), i) for i, f in enumerate(folders) for file in sorted(os.listdir(f))]
+            return list(zip(*_image_folder(os.path.join(base, "train"), wnids)[:2]))
         ann = os.path.join(base, "val", "val_annotations.txt")
         if not os.path.isfile(ann):
             raise DatasetError(f"tinyimagenet looks incomplete: {ann} missing; delete {base} and run again")
@@ -408,14 +402,13 @@ def _tinyimagenet(name, root, split, download):
 
 
 def _cinic10(name, root, split, download):
-    """CINIC-10 (Darlow et al. 2018; SP Table 7): <root>/cinic-10/{train,valid,test}/<class>/*.png, 90,000 32-px
-    images each, decoded once into a uint8 tensor cached beside the folders."""
+    """CINIC-10 (Darlow et al. 2018; SP Table 7): <root>/cinic-10/{train,valid,test}/<class>/*.png (90,000 32-px
+    images each), decoded once into a uint8 tensor cached beside the folders."""
     base = _fetch(name, root, f"cinic-10/{split}", download, SOURCES[name])
-    classes = sorted(e.name for e in _entries(base) if e.is_dir() and not e.name.startswith("."))
-    if len(classes) != 10:
-        raise DatasetError(f"cinic10 looks incomplete: {len(classes)} of 10 class folders in {base}")
+    if len(_subfolders(base)) != 10:
+        raise DatasetError(f"cinic10 looks incomplete: {len(_subfolders(base))} of 10 class folders in {base}")
     images, labels = _decoded(base + "_uint8.pt", lambda: list(zip(*_image_folder(base)[:2])), 32)
-    return Split(name, labels, 10, CINIC10_MEAN, CINIC10_STD, images=images, classes=classes)
+    return Split(name, labels, 10, CINIC10_MEAN, CINIC10_STD, images=images, classes=_subfolders(base))
 
 
 def _cub(name, root, split, download):
@@ -442,8 +435,8 @@ def _cars(name, root, split, download):
         raise DatasetError(f"{name} expected {base}/cars_annos.mat and {base}/car_ims/; the original host is gone: "
                            f"place cars_annos.mat and the car_ims folder there by hand")
     ann = _mat(os.path.join(base, "cars_annos.mat"), "annotations")
-    rows = [(os.path.join(base, str(p)), int(c), bool(t)) for p, c, t in zip(*(np.atleast_1d(ann[k]) for k in
-                                                                               ("relative_im_path", "class", "test")))]
+    rows = [(os.path.join(base, str(p)), int(c), bool(t))
+            for p, c, t in zip(*(np.atleast_1d(ann[k]) for k in ("relative_im_path", "class", "test")))]
     where = f"of the {split} split under {base}/car_ims"
     if name == "cars":
         return _file_split(name, [(p, c) for p, c, _ in rows if (c <= 98) == (split == "train")], where)
@@ -460,14 +453,13 @@ def _sop(name, root, split, download):
 
 
 def _listed(name, root, split, download):
-    """The transfer datasets of ISD Table 2 (and SP Table 5) whose text files list each split, in torchvision's
-    layouts (that is, under <root>); classes numbered by sorted name:
-    dtd       dtd/dtd/images/<class>/<file>, labels/{train,val,test}<k>.txt: the ten partitions, lines <class>/<file>
+    """Transfer datasets of ISD Table 2 (and SP Table 5) whose text files list each split, under <root> as
+    torchvision.datasets lays them out; classes numbered by sorted name (all are in every official split):
+    dtd       dtd/dtd/images/<class>/<file>, labels/{train,val,test}<k>.txt, the ten partitions: lines <class>/<file>
     food101   food-101/images/<class>/<id>.jpg, meta/{train,test}.txt: lines <class>/<id>
-    sun397    SUN397/<x>/<class>/<file>, Partitions/{Training,Testing}_01.txt: the first of ten, lines /<x>/<class>/<file>
-    aircraft  fgvc-aircraft-2013b/data/images/<id>.jpg, data/images_variant_{train,val,test}.txt: lines <id> <variant>
-    pets      oxford-iiit-pet/images/<id>.jpg, annotations/{trainval,test}.txt: lines <id> <class 1-37> ... (train:
-              trainval)"""
+    sun397    SUN397/<x>/<class>/<file>, Partitions/{Training,Testing}_01.txt (the first of ten): /<x>/<class>/<file>
+    aircraft  fgvc-aircraft-2013b/data/images/<id>.jpg, data/images_variant_{train,val,test}.txt: <id> <variant>
+    pets      oxford-iiit-pet/images/<id>.jpg, annotations/{trainval,test}.txt: <id> <class 1-37> (train: trainval)"""
     folder, listing, images = {
         "dtd": ("dtd", f"dtd/labels/{split}.txt", "dtd/images"),
         "food101": ("", f"food-101/meta/{split}.txt", "food-101/images"),
@@ -514,32 +506,35 @@ def _caltech101(name, root, split, download):
                  classes=classes)
 
 
+# Image folders: ImageNet and your own. Links are followed (each real folder once, so a link loop ends), names
+# starting with '.' skipped (.git, .ipynb_checkpoints, macOS '._' files), and what is left out is said on stderr.
+
 def _is_image(filename):
-    """An image file by its extension, not hidden (nor a macOS '._' resource fork: CUB's tgz ships those)."""
     return filename.lower().endswith(IMAGE_EXTENSIONS) and not filename.startswith(".")
 
 
 def _entries(folder):
-    """os.scandir(folder) sorted by name; DatasetError when it cannot be listed."""
     try:
         return sorted(os.scandir(folder), key=lambda e: e.name)
     except OSError as e:
         raise DatasetError(f"cannot list {folder} ({e.strerror})") from None
 
 
+def _subfolders(folder):
+    return [e.name for e in _entries(folder) if e.is_dir() and not e.name.startswith(".")]
+
+
 def _images_under(folder, hidden, others):
-    """Image files at any depth under `folder`, sorted, through links (each real folder once: a link loop ends);
-    hidden entries (names starting with '.') go to `hidden` when a folder or an image, other files to `others`."""
+    """Image files at any depth under `folder`, sorted; hidden folders and images are noted in `hidden`, other
+    files in `others`."""
     found, seen, todo = [], set(), [folder]
     while todo:
         d = todo.pop()
         if os.path.realpath(d) not in seen:
             seen.add(os.path.realpath(d))
             for e in _entries(d):
-                if e.name.startswith(".") and (e.is_dir() or e.name.lower().endswith(IMAGE_EXTENSIONS)):
+                if e.name.startswith(".") and (e.is_dir() or _is_image(e.name[1:])):  # a hidden folder or image
                     hidden.append(e.path)
-                elif e.name.startswith("."):
-                    continue
                 elif e.is_dir():
                     todo.append(e.path)
                 else:
@@ -552,30 +547,27 @@ def _count(n, what):
 
 
 def _image_folder(base, wnids=None, unlabeled=False):
-    """(paths, labels, class names) of an ImageFolder-style tree: a class per sub-folder, its images at any depth;
-    `wnids` picks the classes; `unlabeled`: every image under base, labels -1. Links are followed, names starting
-    with '.' skipped (.git, .ipynb_checkpoints, macOS '._' files), images beside the class folders left out (no
-    class): a line on stderr for each of the two, with a count and an example."""
+    """(paths, labels, class names) of a folder with one sub-folder per class (images at any depth), the `wnids` ones
+    in that order if given; or `unlabeled`, every image under it (labels -1). Images beside class folders are left
+    out."""
     entries = [] if unlabeled else _entries(base)
-    classes = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
+    hidden = [e.path for e in entries if e.name.startswith(".") and (e.is_dir() or _is_image(e.name[1:]))]
     loose = [e.path for e in entries if not e.is_dir() and _is_image(e.name)]
-    hidden = [e.path for e in entries if e.name.startswith(".") and
-              (e.is_dir() or e.name.lower().endswith(IMAGE_EXTENSIONS))]
+    classes = wnids if wnids is not None else [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
+    missing = sorted(set(classes) - set(_subfolders(base)))
+    if missing:
+        raise DatasetError(f"{base} looks incomplete: it lacks {len(missing)} of the {len(classes)} expected class "
+                           f"folders, e.g. {missing[0]}")
     paths = _images_under(base, hidden, []) if unlabeled else []
     labels = [-1] * len(paths)
-    if wnids is not None:
-        missing = sorted(set(wnids) - set(classes))
-        if missing:
-            raise DatasetError(f"{base} lacks {len(missing)} of the {len(wnids)} expected class "
-                               f"folders, e.g. {missing[0]}")
-        classes = sorted(wnids)
     for i, c in enumerate(classes):
         others = []
         found = _images_under(os.path.join(base, c), hidden, others)
         if not found:
             raise DatasetError(f"class folder {os.path.join(base, c)} has no images" +
                                (f", only other files, e.g. {others[0]}" if others else ""))
-        paths, labels = paths + found, labels + [i] * len(found)
+        paths += found
+        labels += [i] * len(found)
     if loose:
         print(f"note: left out {_count(len(loose), 'image')} beside the class folders of {base}, e.g. {loose[0]}: "
               f"only images inside a class folder have a label", file=sys.stderr)
@@ -592,24 +584,21 @@ def _imagenet(name, root, split, download):
     if split.startswith("train_"):
         listing = _fetch(name, os.path.join(root, "imagenet"), f"{split[6:-3]}percent.txt", download,
                          SOURCES[f"imagenet_{split[6:]}"])
-    subset, split = split.startswith("train_"), "val" if split == "test" else split.split("_")[0]  # train_*
+    subset, split = split.startswith("train_"), "val" if split == "test" else split.split("_")[0]  # train_*: train/
     base, wnids = os.path.join(root, name, split), None
     if name == "imagenet100" and not os.path.isdir(base):  # take the subset from a full ImageNet
-        base, wnids = os.path.join(root, "imagenet", split), IMAGENET100_WNIDS
+        base, wnids = os.path.join(root, "imagenet", split), sorted(IMAGENET100_WNIDS)
     if not os.path.isdir(base):
         raise DatasetError(f"{name} expected {base}/<wnid>/*.JPEG (ImageNet cannot be downloaded "
                            f"automatically; place train/ and val/ with class sub-folders there; "
                            f"sort val images into folders with the usual valprep.sh)")
-    if subset:
-        classes = [e.name for e in _entries(base) if e.is_dir() and not e.name.startswith(".")]
-        index = {c: i for i, c in enumerate(classes)}
-        pairs = [(os.path.join(base, f.split("_")[0], f), index.get(f.split("_")[0], -1)) for f in _lines(listing)]
-    else:
-        paths, labels, classes = _image_folder(base, wnids)
+    paths, labels, classes = ([], [], _subfolders(base)) if subset else _image_folder(base, wnids)
     expected = 100 if name == "imagenet100" else 1000
     if len(classes) != expected:
         raise DatasetError(f"{name} looks incomplete: {len(classes)} of {expected} class folders in {base}")
     if subset:
+        index = {c: i for i, c in enumerate(classes)}
+        pairs = [(os.path.join(base, f.split("_")[0], f), index.get(f.split("_")[0], -1)) for f in _lines(listing)]
         return _file_split(name, pairs, f"listed in {listing}", classes)
     return Split(name, torch.tensor(labels), len(classes), IMAGENET_MEAN, IMAGENET_STD, paths=paths, classes=classes)
 
@@ -617,8 +606,8 @@ def _imagenet(name, root, split, download):
 def _folder(name, root, split, download):
     """Your own images, DIR = --data-root: 'train' / 'test' DIR/train, DIR/test (or DIR/val) with class folders;
     'dml_train' / 'dml_test' those, else the first / second half of DIR's sorted class folders (as CUB/CARS);
-    'all' DIR itself, labelled by its class folders, or, when images lie in DIR itself (a flat folder), unlabeled
-    (labels -1): then every image under DIR, sub-folders included, none lost (a note says so when there are some)."""
+    'all' DIR itself by its class folders or, when DIR holds images itself, unlabeled (labels -1): then every image
+    under DIR, sub-folders too, so that none is lost (a note says so if there are sub-folders)."""
     if not os.path.isdir(root):
         raise DatasetError(f"--dataset folder: --data-root {root} is not a folder of images")
     sub = split.removeprefix("dml_")
@@ -628,18 +617,16 @@ def _folder(name, root, split, download):
         raise DatasetError(f"--dataset folder: expected {' or '.join(folders)} with one sub-folder per class")
     wnids, train = None, os.path.join(root, "train")
     if split == "test" and os.path.isdir(train):  # number test classes as train's, by name
-        wnids = [e.name for e in _entries(train) if e.is_dir() and not e.name.startswith(".")]
-        extra = sorted({e.name for e in _entries(folder) if e.is_dir() and not e.name.startswith(".")} - set(wnids))
+        wnids, extra = _subfolders(train), sorted(set(_subfolders(folder)) - set(_subfolders(train)))
         if extra:
             raise DatasetError(f"--dataset folder: {folder} has class folder(s) that {train} lacks, "
                                f"e.g. {extra[0]}: test classes must be training classes")
     halves, folder = folder is None, folder or root  # halves: a dml split of one labelled folder
-    flat = [e.path for e in _entries(root) if split == "all" and not e.is_dir() and _is_image(e.name)]
-    subfolders = [e for e in _entries(root) if flat and e.is_dir() and not e.name.startswith(".")]
-    if subfolders:
-        print(f"note: {root} has {_count(len(flat), 'image')} beside its {_count(len(subfolders), 'sub-folder')} "
-              f"(e.g. {flat[0]}): split 'all' reads it unlabeled, every image under it", file=sys.stderr)
-    paths, labels, classes = _image_folder(folder, wnids, unlabeled=bool(flat))
+    flat = split == "all" and any(not e.is_dir() and _is_image(e.name) for e in _entries(root))
+    if flat and _subfolders(root):
+        print(f"note: {root} holds images beside sub-folders: split 'all' reads it unlabeled, every image under it",
+              file=sys.stderr)
+    paths, labels, classes = _image_folder(folder, wnids, unlabeled=flat)
     if not paths:
         raise DatasetError(f"--dataset folder: no images ({', '.join(IMAGE_EXTENSIONS)}) under {folder}")
     labels = torch.tensor(labels, dtype=torch.int64)
@@ -841,12 +828,11 @@ class TwoViews:
 
 
 def _to_rgb(im):
-    """8-bit RGB of a PIL image of any mode. 1, L, P, CMYK, YCbCr, LAB, HSV: PIL's conversion; alpha (LA, PA, RGBA) is
-    dropped, the stored colours kept, not composited, as torchvision's loader (convert("RGB")) does. Deeper modes are
-    scaled where convert would clip (most of a 16-bit image white): 16-bit (I;16, I;16B, I;16L) by its range, v / 257,
-    so an 8-bit image stored as v * 257 comes back exactly; 32-bit int (I) and float (F) images state no range: the
-    first of [0, 1] (F only), [0, 255], [0, 65535] that holds all their values (an older Pillow opens a 16-bit PNG as
-    I: the same result), else their own min..max."""
+    """8-bit RGB of a PIL image of any mode: PIL's conversion for 1, L, P, CMYK, YCbCr, LAB, HSV; alpha (LA, PA, RGBA)
+    dropped, the colours kept (not composited), as torchvision's loader does. Deeper modes are scaled where convert
+    would clip: 16-bit ones (I;16, I;16B, I;16L) by v / 257 (an 8-bit image x 257 comes back exactly); I (int32) and
+    F (float) state no range: the first of [0, 1] (F only), [0, 255], [0, 65535] holding all their values (an older
+    Pillow reads a 16-bit PNG as I: the same result), else their own min..max."""
     from PIL import Image
     if im.mode in ("I", "F") or im.mode.startswith("I;16"):
         a = np.nan_to_num(np.asarray(im, dtype=np.float64))
@@ -861,15 +847,15 @@ _NAMED_BOMBS, _BOMB_LOCK = set(), threading.Lock()
 
 
 @functools.cache
-def _silence_pil_bomb_warning():  # once per process, under _BOMB_LOCK: it names no file, _open_image's note does
+def _silence_pil_bomb_warning():  # once, under _BOMB_LOCK: PIL's warning names no file, _open_image's note does
     from PIL import Image
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 def _open_image(path):
-    """PIL's lazy Image.open(path), also past its decompression-bomb limit (Image.MAX_IMAGE_PIXELS, a guard against
-    crafted files from the web: over it PIL warns, over twice it refuses): an image in the user's own data is opened
-    anyway, with a note on stderr naming it, once per process."""
+    """PIL's lazy Image.open(path), past its decompression-bomb limit too (Image.MAX_IMAGE_PIXELS, against crafted
+    files from the web; over it PIL warns, over twice it refuses): an image in the user's own data is opened anyway
+    and named on stderr, once per process."""
     from PIL import Image
     with _BOMB_LOCK:
         _silence_pil_bomb_warning()
@@ -877,8 +863,8 @@ def _open_image(path):
     try:
         im = Image.open(path)
     except Image.DecompressionBombError:
-        with _BOMB_LOCK:  # lift the limit for this one file (another thread may open one unchecked meanwhile)
-            limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        with _BOMB_LOCK:  # the limit lifted for this file (a thread opening another meanwhile skips the check too)
+            Image.MAX_IMAGE_PIXELS = None
             try:
                 im = Image.open(path)
             finally:
@@ -891,8 +877,7 @@ def _open_image(path):
 
 
 def open_rgb(path):
-    """The 8-bit RGB PIL image of a file of any mode (_to_rgb); DatasetError naming the file when it is not a readable
-    image."""
+    """The 8-bit RGB PIL image of a file (_to_rgb); DatasetError naming the file when it is not a readable image."""
     try:
         with _open_image(path) as im:
             return _to_rgb(im)
@@ -901,13 +886,13 @@ def open_rgb(path):
 
 
 def check_images(paths, what):
-    """Every image file of a split opened once before training, PIL reading its header (format, size, mode), not its
-    pixels: an empty, non-image or unreadable file is named now, all of them in one DatasetError line, not when the
-    sampler first draws one (a truncated file passes: decoding names it later). Good files are remembered by (size,
-    mtime) in a JSON file per dataset folder under $SIMDISTILL_CACHE (default ~/.cache/simdistill, never the data
-    folder): a later run only stats them. Cost: a header read per new file on 16 threads, a stat per known one."""
+    """Open each image file of a split once before training (PIL reads the header: format, size, mode; no pixels) to
+    name every empty, non-image or unreadable file now, in one DatasetError line, not when the sampler draws it (a
+    truncated file passes: decoding names it). Files that pass are remembered by (size, mtime) in a JSON file per
+    dataset folder under $SIMDISTILL_CACHE (default ~/.cache/simdistill, never the data folder): a later run only
+    stats them. Cost: a header read per new file on 16 threads, a stat per known one."""
     from PIL import Image
-    top = os.path.dirname(os.path.commonprefix(paths))  # a folder above every file
+    top = os.path.dirname(os.path.commonprefix(paths))  # a folder above every file: the cache's key
     cache = os.path.join(os.environ.get("SIMDISTILL_CACHE") or os.path.expanduser("~/.cache/simdistill"),
                          hashlib.md5(os.path.abspath(top).encode()).hexdigest() + ".json")
     try:
@@ -919,11 +904,9 @@ def check_images(paths, what):
     def stamp_or_fault(path):
         try:
             st = os.stat(path)
-            if st.st_size == 0:
-                return None, "0 bytes"
-            if known.get(path[len(top):]) != f"{st.st_size} {st.st_mtime_ns}":
+            if st.st_size and known.get(path[len(top):]) != f"{st.st_size} {st.st_mtime_ns}":
                 _open_image(path).close()
-            return f"{st.st_size} {st.st_mtime_ns}", None
+            return (f"{st.st_size} {st.st_mtime_ns}", None) if st.st_size else (None, "0 bytes")
         except Image.UnidentifiedImageError:
             return None, "not an image PIL can read"
         except (OSError, SyntaxError, ValueError) as e:
@@ -945,8 +928,8 @@ def check_images(paths, what):
 
 
 def _threaded(fn, items, what):
-    """[fn(x) for x in items] on 16 threads (file reads and PIL's decoders release the GIL), with a progress line
-    on stderr once it takes over 3 s."""
+    """[fn(x) for x in items] on 16 threads (file reads and PIL's decoders release the GIL), with a progress line on
+    stderr once it takes over 3 s."""
     out, start, shown = [], time.time(), 0.0
     with ThreadPoolExecutor(16) as pool:
         for part in pool.map(lambda i: [fn(x) for x in items[i:i + 256]], range(0, len(items), 256)):
