@@ -183,7 +183,8 @@ def _fetch(name, base, need, download, sources):
     """base/need. If absent and `download`: each of `sources` (SOURCES) whose result is absent too is downloaded into
     base and checked, an archive extracted; nothing existing is replaced. Else DatasetError: what to put where."""
     path = os.path.join(base, need)
-    hint = f"download {' and '.join(u for u, _, _ in sources if '://' in u)} and extract it so that {path} exists"
+    hint = (f"download {' and '.join(u for u, _, _ in sources if '://' in u)} into {os.path.normpath(base)}"
+            f"{' and extract' if any(b for *_, b in sources) else ''} so that {path} exists")
     if download and not os.path.exists(path):
         try:
             for url, md5, becomes in sources:
