@@ -343,7 +343,6 @@ def _torchvision_small(name, root, split, download):
                  images=torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), classes=list(ds.classes))
 
 
-
 def _file_split(name, pairs, where, classes=None):
     """Split of (path, label) pairs; DatasetError when files are missing. With `classes` (names) labels index them,
     every split of the dataset numbered alike; without, labels are class ids renumbered 0..C-1 (DML: disjoint)."""
@@ -406,10 +405,11 @@ def _cinic10(name, root, split, download):
     """CINIC-10 (Darlow et al. 2018; SP Table 7): <root>/cinic-10/{train,valid,test}/<class>/*.png (90,000 32-px
     images each), decoded once into a uint8 tensor cached beside the folders."""
     base = _fetch(name, root, f"cinic-10/{split}", download, SOURCES[name])
-    if len(_subfolders(base)) != 10:
-        raise DatasetError(f"cinic10 looks incomplete: {len(_subfolders(base))} of 10 class folders in {base}")
+    classes = _subfolders(base)
+    if len(classes) != 10:
+        raise DatasetError(f"cinic10 looks incomplete: {len(classes)} of 10 class folders in {base}")
     images, labels = _decoded(base + "_uint8.pt", lambda: list(zip(*_image_folder(base)[:2])), 32)
-    return Split(name, labels, 10, CINIC10_MEAN, CINIC10_STD, images=images, classes=_subfolders(base))
+    return Split(name, labels, 10, CINIC10_MEAN, CINIC10_STD, images=images, classes=classes)
 
 
 def _cub(name, root, split, download):
