@@ -847,19 +847,14 @@ def _to_rgb(im):
 _NAMED_BOMBS, _BOMB_LOCK = set(), threading.Lock()
 
 
-@functools.cache
-def _silence_pil_bomb_warning():  # once, under _BOMB_LOCK: PIL's warning names no file, _open_image's note does
-    from PIL import Image
-    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
-
-
 def _open_image(path):
     """PIL's lazy Image.open(path), past its decompression-bomb limit too (Image.MAX_IMAGE_PIXELS, against crafted
     files from the web; over it PIL warns, over twice it refuses): an image in the user's own data is opened anyway
     and named on stderr, once per process."""
     from PIL import Image
-    with _BOMB_LOCK:
-        _silence_pil_bomb_warning()
+    with _BOMB_LOCK:  # PIL's own warning names no file: off (again, if a catch_warnings block dropped the filter)
+        if not any(f[2] is Image.DecompressionBombWarning for f in warnings.filters):
+            warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
         limit = Image.MAX_IMAGE_PIXELS
     try:
         im = Image.open(path)

@@ -550,7 +550,7 @@ def test_every_pil_mode_reads_as_the_8bit_original(tmp_path):
         assert same(out, np.asarray(other.convert("RGB"))) and np.abs(out.astype(int) - rgb).max() <= tolerance
 
 
-def test_a_decompression_bomb_in_the_data_is_opened_and_named_once(tmp_path, monkeypatch, capfd):
+def test_a_decompression_bomb_in_the_data_is_opened_and_named_once(tmp_path, monkeypatch, capfd, recwarn):
     from PIL import Image
     for c in ("a", "b"):
         for j in range(2):
@@ -568,6 +568,7 @@ def test_a_decompression_bomb_in_the_data_is_opened_and_named_once(tmp_path, mon
     batches = list(common.loader_batches(loader, [torch.arange(len(split))], torch.device("cpu")))
     assert batches[0][0].shape == (6, 3, 8, 8)
     assert "bomb.png" not in capfd.readouterr().err                                       # named once per process
+    assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]  # PIL's: no file name
 
 
 def test_folders_follow_links_skip_hidden_entries_and_say_what_they_left_out(tmp_path, capsys):
