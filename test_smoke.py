@@ -484,14 +484,13 @@ def test_unreadable_images_are_named_in_training_and_evaluation(tmp_path):
     for c in ("a", "b", "c", "d"):
         for j in range(3):
             write_image(str(tmp_path / "imgs" / c / f"{j}.png"), j, size=20)
-    (tmp_path / "imgs" / "a" / "text.jpg").write_text("this is not an image")
-    good = tmp_path / "imgs" / "b" / "0.png"
+    good = tmp_path / "imgs" / "b" / "0.png"  # a truncated file passes the header check: named when decoded
     (tmp_path / "imgs" / "b" / "truncated.png").write_bytes(good.read_bytes()[:60])
     split = common.load_split("folder", str(tmp_path / "imgs"), "all")
-    assert len(split) == 14
+    assert len(split) == 13
     loader = common.make_loader(common.ImageFiles(split.paths, split.labels, common.eval_transform(16, 12)), workers=1)
-    with pytest.raises(common.DatasetError, match="unreadable image .*(text.jpg|truncated.png)"):
-        list(common.loader_batches(loader, list(torch.arange(14).split(4)), torch.device("cpu")))
+    with pytest.raises(common.DatasetError, match="unreadable image .*truncated.png"):
+        list(common.loader_batches(loader, list(torch.arange(13).split(4)), torch.device("cpu")))
     with pytest.raises(common.DatasetError, match="unreadable image"):  # the evaluation pass
         common.embed(lambda x: x.mean((2, 3)), split, "cpu", batch_size=4, workers=0,
                      transform=common.eval_transform(16, 12))
@@ -499,6 +498,347 @@ def test_unreadable_images_are_named_in_training_and_evaluation(tmp_path):
                                   "--no-pretrained", "--image-size", "16", "--workers", "1", "--batch-size", "4",
                                   "--embed-dim", "8", "--target-dims", "16", "--save-dir", str(tmp_path / "runs")])
     assert code == 2 and "unreadable image" in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.fixture(autouse=True)
+def _image_check_cache(tmp_path_factory, monkeypatch):
+    """common.check_images remembers good files in $SIMDISTILL_CACHE: a fresh folder per test, never ~/.cache."""
+    monkeypatch.setenv("SIMDISTILL_CACHE", str(tmp_path_factory.mktemp("image_check")))
+
+
+def test_every_pil_mode_reads_as_the_8bit_original(tmp_path):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    grey, rgb = rng.integers(0, 256, (6, 5), dtype=np.uint8), rng.integers(0, 256, (6, 5, 3), dtype=np.uint8)
+    grey[0, :2] = 0, 255                                          # the full 8-bit range occurs
+    grey3 = np.repeat(grey[..., None], 3, axis=2)
+
+    def read(im, ext):
+        path = str(tmp_path / f"{len(os.listdir(tmp_path))}.{ext}")
+        im.save(path)
+        with Image.open(path) as again:
+            assert again.mode == im.mode                          # the file really holds that mode
+        return np.asarray(common.open_rgb(path))
+
+    def same(a, b):
+        return a.shape == b.shape and np.array_equal(a, b)
+    wide = grey.astype(np.uint16) * 257                           # an 8-bit image stored at 16 bits: exact back
+    assert same(read(Image.fromarray(wide), "png"), grey3)                        # I;16 (PNG)
+    for mode, ext in (("I;16B", "tif"), ("I;16L", None)):                        # (PIL's convert clips to these)
+        raw = Image.frombytes(mode, (5, 6), wide.astype(">u2" if mode == "I;16B" else "<u2").tobytes())
+        assert same(read(raw, ext) if ext else np.asarray(common._to_rgb(raw)), grey3)
+    assert same(read(Image.fromarray(wide.astype(np.int32)), "tif"), grey3)       # I with 16-bit values (older PNGs)
+    assert same(read(Image.fromarray(grey.astype(np.int32)), "tif"), grey3)       # I with 8-bit values
+    assert same(read(Image.fromarray(grey.astype(np.int32) * 1000 - 7), "tif"), grey3)  # I beyond 16 bits: min..max
+    assert same(read(Image.fromarray(grey.astype(np.float32) / 255), "tif"), grey3)     # F in [0, 1]: x 255
+    assert same(read(Image.fromarray(grey.astype(np.float32)), "tif"), grey3)           # F in [0, 255]
+    assert same(read(Image.fromarray(grey > 127), "png"), np.where(grey3 > 127, 255, 0).astype(np.uint8))  # 1
+    assert same(read(Image.fromarray(grey), "png"), grey3)                        # L
+    assert same(read(Image.fromarray(rgb), "png"), rgb)                           # RGB
+    index, palette = rng.integers(0, 40, (6, 5), dtype=np.uint8), rng.integers(0, 256, (256, 3), dtype=np.uint8)
+    p = Image.fromarray(index, "P")
+    p.putpalette(palette.tobytes())
+    assert same(read(p, "png"), palette[index])                                   # P
+    assert same(np.asarray(common._to_rgb(p.convert("PA"))), palette[index])      # PA: alpha dropped
+    alpha = Image.fromarray(rng.integers(0, 256, (6, 5), dtype=np.uint8))
+    assert same(read(Image.merge("LA", [Image.fromarray(grey), alpha]), "png"), grey3)          # LA: alpha dropped,
+    assert same(read(Image.merge("RGBA", [*Image.fromarray(rgb).split(), alpha]), "png"), rgb)  # not composited
+    assert same(read(Image.fromarray(rgb).convert("CMYK"), "tif"), rgb)           # CMYK
+    for mode, tolerance in (("YCbCr", 3), ("LAB", 20), ("HSV", 8)):                # PIL's own conversions, 8 bits
+        other = Image.fromarray(rgb).convert(mode)
+        out = np.asarray(common._to_rgb(other)) if mode == "HSV" else read(other, "tif")  # no file holds HSV
+        assert same(out, np.asarray(other.convert("RGB"))) and np.abs(out.astype(int) - rgb).max() <= tolerance
+
+
+def test_a_decompression_bomb_in_the_data_is_opened_and_named_once(tmp_path, monkeypatch, capfd, recwarn):
+    from PIL import Image
+    for c in ("a", "b"):
+        for j in range(2):
+            write_image(str(tmp_path / "imgs" / c / f"{j}.png"), j, size=3)              # 9 pixels: under the limit
+    write_image(str(tmp_path / "imgs" / "a" / "warn.png"), 5, size=4)                    # 16: PIL warns
+    write_image(str(tmp_path / "imgs" / "b" / "bomb.png"), 6, size=8)                    # 64 > 2 x 10: PIL refuses
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)
+    split = common.load_split("folder", str(tmp_path / "imgs"), "all")                   # the header check opens them
+    err = capfd.readouterr().err
+    for name in ("warn.png", "bomb.png"):
+        assert len([line for line in err.splitlines() if name in line and "decompression" in line]) == 1
+    assert "0.png" not in err and "Traceback" not in err and Image.MAX_IMAGE_PIXELS == 10
+    assert common.read_image(str(tmp_path / "imgs" / "b" / "bomb.png")).shape == (3, 8, 8)
+    loader = common.make_loader(common.ImageFiles(split.paths, split.labels, common.eval_transform(8, 8)), workers=1)
+    batches = list(common.loader_batches(loader, [torch.arange(len(split))], torch.device("cpu")))
+    assert batches[0][0].shape == (6, 3, 8, 8)
+    assert "bomb.png" not in capfd.readouterr().err                                       # named once per process
+    assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]  # PIL's: no file name
+
+
+def test_folders_follow_links_skip_hidden_entries_and_say_what_they_left_out(tmp_path, capsys):
+    base = tmp_path / "d" / "train"
+    for c in ("cat", "dog"):
+        for j in range(2):
+            write_image(str(base / c / f"{j}.png"), j)
+    write_image(str(tmp_path / "elsewhere" / "more.png"), 3)
+    os.symlink(tmp_path / "elsewhere", base / "cat" / "linked")                  # a linked sub-folder: followed
+    os.symlink(base / "cat", base / "cat" / "loop")                              # a link back up: no endless walk
+    os.symlink(tmp_path / "elsewhere", base / "bird")                            # a linked class folder
+    write_image(str(base / ".ipynb_checkpoints" / "0-checkpoint.png"), 4)        # hidden: not a class
+    write_image(str(base / "dog" / ".hidden.png"), 5)
+    (base / ".git").mkdir()
+    (base / "dog" / "notes.txt").write_text("not an image: no line for it")
+    write_image(str(base / "loose.png"), 6)                                      # beside the class folders
+    tr = common.load_split("folder", str(tmp_path / "d"), "train")
+    assert tr.classes == ["bird", "cat", "dog"] and tr.labels.tolist() == [0, 1, 1, 1, 2, 2]
+    assert [os.path.relpath(p, base) for p in tr.paths] == ["bird/more.png", "cat/0.png", "cat/1.png",
+                                                             "cat/linked/more.png", "dog/0.png", "dog/1.png"]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "notes.txt" not in " ".join(err)
+    assert "1 image" in err[0] and str(base / "loose.png") in err[0] and "beside the class folders" in err[0]
+    assert "3 hidden" in err[1] and str(base / ".git") in err[1]               # .git, .ipynb_checkpoints, .hidden.png
+    (base / "dog" / "0.png").unlink(), (base / "dog" / "1.png").unlink()
+    common.load_split.cache_clear()
+    with pytest.raises(common.DatasetError, match=r"class folder .*dog has no images, only other files.*notes.txt"):
+        common.load_split("folder", str(tmp_path / "d"), "train")
+    flat = tmp_path / "flat"                                                     # a flat folder and one sub-folder
+    for j in range(5):
+        write_image(str(flat / f"{j}.jpg"), j)
+    write_image(str(flat / "rejects" / "5.jpg"), 5)
+    everything = common.load_split("folder", str(flat), "all")
+    assert len(everything) == 6 and everything.labels.tolist() == [-1] * 6 and everything.num_classes == 0
+    note = capsys.readouterr().err
+    assert "images beside sub-folders" in note and "unlabeled" in note and len(note.strip().splitlines()) == 1
+
+
+def test_every_image_is_checked_once_before_training_and_remembered(tmp_path, monkeypatch):
+    from PIL import Image
+    for c in ("a", "b"):
+        for j in range(3):
+            write_image(str(tmp_path / "imgs" / c / f"{j}.png"), j)
+    (tmp_path / "imgs" / "a" / "empty.jpg").write_bytes(b"")
+    (tmp_path / "imgs" / "b" / "text.png").write_text("not an image")
+    with pytest.raises(common.DatasetError) as e:
+        common.load_split("folder", str(tmp_path / "imgs"), "all")
+    assert "2 of the 8 image files" in str(e.value) and "empty.jpg (0 bytes)" in str(e.value)
+    assert "text.png (not an image" in str(e.value) and "\n" not in str(e.value)
+    for name in ("a/empty.jpg", "b/text.png"):
+        os.remove(tmp_path / "imgs" / name)
+    opened = []
+    real_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda path, *a, **k: opened.append(path) or real_open(path, *a, **k))
+    common.load_split.cache_clear()
+    assert len(common.load_split("folder", str(tmp_path / "imgs"), "all")) == 6
+    assert opened == [] and len(os.listdir(os.environ["SIMDISTILL_CACHE"])) == 1  # the good ones were remembered
+    write_image(str(tmp_path / "imgs" / "b" / "1.png"), 7, size=9)               # changed: checked again
+    common.load_split.cache_clear()
+    common.load_split("folder", str(tmp_path / "imgs"), "all")
+    assert opened == [str(tmp_path / "imgs" / "b" / "1.png")]
+    monkeypatch.setenv("SIMDISTILL_CACHE", str(tmp_path / "fresh"))               # nothing remembered: all opened
+    common.load_split.cache_clear()
+    opened.clear()
+    common.load_split("folder", str(tmp_path / "imgs"), "all")
+    assert sorted(opened) == sorted(common.load_split("folder", str(tmp_path / "imgs"), "all").paths)
+    assert not [p for p in (tmp_path / "imgs").rglob("*") if p.suffix not in (".png", "")]  # nothing written there
+
+def many_images(root, rel_paths, size=6):
+    for i, rel in enumerate(rel_paths):
+        write_image(os.path.join(root, rel), i, size)
+
+
+CINIC = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def test_cinic10_fixture_decoded_once_and_train_plus_valid(tmp_path):
+    base = tmp_path / "cinic-10"
+    many_images(str(base), [f"{s}/{c}/{s}-{c}-{j}.png" for s in ("train", "valid", "test") for c in CINIC
+                            for j in range(1 + (s == "train"))], size=32)
+    tr = common.load_split("cinic10", str(tmp_path), "train", download=False)
+    assert tr.images.shape == (20, 3, 32, 32) and tr.images.dtype == torch.uint8 and tr.num_classes == 10
+    assert tr.labels.tolist() == [i // 2 for i in range(20)] and tr.classes == CINIC
+    assert tr.mean == (0.47889522, 0.47227842, 0.43047404)                      # the CINIC-10 README's statistics
+    from PIL import Image
+    first = np.array(Image.open(base / "train" / "airplane" / "train-airplane-0.png"))
+    assert torch.equal(tr.images[0], torch.from_numpy(first).permute(2, 0, 1))
+    both = common.load_split("cinic10", str(tmp_path), "train+valid", download=False)
+    assert len(both) == 30 and torch.equal(both.images[:20], tr.images) and both.labels[20:].tolist() == list(range(10))
+    assert (base / "train_uint8.pt").exists()
+    os.remove(base / "train" / "cat" / "train-cat-0.png")                       # the cache is what is read now
+    common.load_split.cache_clear()
+    assert torch.equal(common.load_split("cinic10", str(tmp_path), "train", download=False).images, tr.images)
+    with pytest.raises(common.DatasetError, match="cinic-10.*datashare"):
+        common.load_split("cinic10", str(tmp_path / "none"), "test", download=False)
+
+
+def test_dtd_fixture_ten_partitions_in_torchvision_layout(tmp_path):
+    base = tmp_path / "dtd" / "dtd"
+    classes = ["banded", "blotchy", "braided"]
+    many_images(str(base / "images"), [f"{c}/{c}_{j:04d}.jpg" for c in classes for j in range(3)])
+    (base / "labels").mkdir()
+    for k in range(1, 11):
+        for s, j in (("train", k % 3), ("val", (k + 1) % 3), ("test", (k + 2) % 3)):
+            (base / "labels" / f"{s}{k}.txt").write_text("".join(f"{c}/{c}_{j:04d}.jpg\n" for c in classes[::-1]))
+    tr, te = (common.load_split("dtd", str(tmp_path), s, download=False) for s in ("train1", "test10"))
+    assert tr.classes == classes and tr.labels.tolist() == [2, 1, 0] and tr.num_classes == 3
+    assert tr.paths[0] == str(base / "images" / "braided" / "braided_0001.jpg")
+    assert te.paths[0].endswith("braided_0000.jpg")
+    assert len(common.load_split("dtd", str(tmp_path), "train3+val3", download=False)) == 6
+    with pytest.raises(common.DatasetError, match="no split 'train11'"):
+        common.load_split("dtd", str(tmp_path), "train11")
+    (base / "labels" / "val2.txt").write_text("banded/banded_0009.jpg\n")
+    with pytest.raises(common.DatasetError, match="1 of 1 images .* missing .*banded_0009.jpg"):
+        common.load_split("dtd", str(tmp_path), "val2", download=False)
+
+
+def make_transfer_fixtures(root):
+    """Each ISD Table 2 transfer dataset in the layout torchvision's class for it reads, with a few tiny images."""
+    import scipy.io
+    food = os.path.join(root, "food-101")
+    many_images(os.path.join(food, "images"), [f"{c}/{j}.jpg" for c in ("apple_pie", "baklava") for j in (11, 12)])
+    os.makedirs(os.path.join(food, "meta"))
+    for s, j in (("train", 11), ("test", 12)):
+        open(os.path.join(food, "meta", f"{s}.txt"), "w").write(f"baklava/{j}\napple_pie/{j}\n")
+    flowers = os.path.join(root, "flowers-102")
+    many_images(os.path.join(flowers, "jpg"), [f"image_{i:05d}.jpg" for i in range(1, 7)])
+    scipy.io.savemat(os.path.join(flowers, "imagelabels.mat"), {"labels": np.array([[3, 1, 2, 3, 102, 1]])})
+    scipy.io.savemat(os.path.join(flowers, "setid.mat"), {"trnid": np.array([[1, 2]]), "valid": np.array([[3, 4]]),
+                                                          "tstid": np.array([[5, 6]])})
+    pets = os.path.join(root, "oxford-iiit-pet")
+    many_images(os.path.join(pets, "images"), ["Abyssinian_1.jpg", "beagle_7.jpg", "Bengal_2.jpg", "boxer_3.jpg"])
+    os.makedirs(os.path.join(pets, "annotations"))
+    open(os.path.join(pets, "annotations", "trainval.txt"), "w").write("Abyssinian_1 1 1 1\nbeagle_7 3 2 2\n")
+    open(os.path.join(pets, "annotations", "test.txt"), "w").write("Bengal_2 2 1 2\nboxer_3 4 2 3\n")
+    sun = os.path.join(root, "SUN397")
+    many_images(sun, ["a/abbey/sun_a.jpg", "a/apartment_building/outdoor/sun_b.jpg", "a/abbey/sun_c.jpg",
+                      "a/apartment_building/outdoor/sun_d.jpg"])
+    os.makedirs(os.path.join(sun, "Partitions"))
+    open(os.path.join(sun, "Partitions", "Training_01.txt"), "w").write(
+        "/a/apartment_building/outdoor/sun_b.jpg\n/a/abbey/sun_a.jpg\n")
+    open(os.path.join(sun, "Partitions", "Testing_01.txt"), "w").write(
+        "/a/abbey/sun_c.jpg\n/a/apartment_building/outdoor/sun_d.jpg\n")
+    caltech = os.path.join(root, "caltech101", "101_ObjectCategories")
+    many_images(caltech, [f"{c}/image_{j:04d}.jpg" for c, n in (("BACKGROUND_Google", 33), ("Faces", 31),
+                                                                  ("accordion", 35)) for j in range(1, n + 1)], size=2)
+    aircraft = os.path.join(root, "fgvc-aircraft-2013b", "data")
+    many_images(os.path.join(aircraft, "images"), [f"{i:07d}.jpg" for i in range(6)])
+    for s, (i, j) in (("train", (0, 1)), ("val", (2, 3)), ("test", (4, 5))):
+        open(os.path.join(aircraft, f"images_variant_{s}.txt"), "w").write(f"{i:07d} Falcon 2000\n{j:07d} 707-320\n")
+
+
+@pytest.mark.parametrize("name, split, n, num_classes, first, label", [
+    ("food101", "train", 2, 2, "food-101/images/baklava/11.jpg", 1),
+    ("food101", "test", 2, 2, "food-101/images/baklava/12.jpg", 1),
+    ("flowers102", "train", 2, 102, "flowers-102/jpg/image_00001.jpg", 2),
+    ("flowers102", "val", 2, 102, "flowers-102/jpg/image_00003.jpg", 1),
+    ("flowers102", "test", 2, 102, "flowers-102/jpg/image_00005.jpg", 101),
+    ("pets", "train", 2, 37, "oxford-iiit-pet/images/Abyssinian_1.jpg", 0),
+    ("pets", "test", 2, 37, "oxford-iiit-pet/images/Bengal_2.jpg", 1),
+    ("sun397", "train", 2, 2, "SUN397/a/apartment_building/outdoor/sun_b.jpg", 1),
+    ("sun397", "test", 2, 2, "SUN397/a/abbey/sun_c.jpg", 0),
+    ("aircraft", "train", 2, 2, "fgvc-aircraft-2013b/data/images/0000000.jpg", 1),
+    ("aircraft", "val", 2, 2, "fgvc-aircraft-2013b/data/images/0000002.jpg", 1),
+    ("aircraft", "test", 2, 2, "fgvc-aircraft-2013b/data/images/0000004.jpg", 1),
+])
+def test_transfer_dataset_fixtures_in_torchvision_layouts(tmp_path, name, split, n, num_classes, first, label):
+    make_transfer_fixtures(str(tmp_path))
+    out = common.load_split(name, str(tmp_path), split, download=False)
+    assert (len(out), out.num_classes) == (n, num_classes)
+    assert out.paths[0] == str(tmp_path / first) and int(out.labels[0]) == label
+    os.remove(out.paths[-1])
+    common.load_split.cache_clear()
+    with pytest.raises(common.DatasetError, match="1 of 2 images .*missing"):
+        common.load_split(name, str(tmp_path), split, download=False)
+
+
+def test_caltech101_thirty_per_class_seeded_background_kept(tmp_path):
+    make_transfer_fixtures(str(tmp_path))
+    tr, te = (common.load_split("caltech101", str(tmp_path), s, download=False) for s in ("train", "test"))
+    assert tr.classes == ["BACKGROUND_Google", "Faces", "accordion"] and tr.num_classes == te.num_classes == 3
+    assert torch.bincount(tr.labels).tolist() == [30, 30, 30] and torch.bincount(te.labels).tolist() == [3, 1, 5]
+    assert not set(tr.paths) & set(te.paths) and len(set(tr.paths) | set(te.paths)) == 99
+    common.load_split.cache_clear()
+    assert common.load_split("caltech101", str(tmp_path), "train", download=False).paths == tr.paths  # fixed seed
+    background = [os.path.basename(p) for p in te.paths if "BACKGROUND" in p]
+    assert background != ["image_0031.jpg", "image_0032.jpg", "image_0033.jpg"]  # drawn, not the first 30
+
+
+def test_stanfordcars_is_the_196_class_split_of_the_test_flag(tmp_path):
+    import scipy.io
+    base = tmp_path / "cars"
+    recs = [(f"car_ims/{i:06d}.jpg", 1 + i % 196, int(i >= 200)) for i in range(400)]
+    many_images(str(base), [r[0] for r in recs], size=2)
+    ann = np.array(recs, dtype=[("relative_im_path", "O"), ("class", "O"), ("test", "O")])
+    scipy.io.savemat(str(base / "cars_annos.mat"), {"annotations": ann[None, :]})
+    tr, te = (common.load_split("stanfordcars", str(tmp_path), s) for s in ("train", "test"))
+    assert (len(tr), len(te), tr.num_classes, te.num_classes) == (200, 200, 196, 196)
+    assert tr.labels[:3].tolist() == [0, 1, 2] and te.labels[:3].tolist() == [4, 5, 6]   # class id 1 -> label 0
+    assert tr.paths[0].endswith("car_ims/000000.jpg") and te.paths[0].endswith("car_ims/000200.jpg")
+
+
+def test_imagenet_1pct_and_10pct_subsets(tmp_path, monkeypatch):
+    train = tmp_path / "imagenet" / "train"
+    wnids = sorted(f"n{i:08d}" for i in range(1000))
+    for w in wnids:
+        (train / w).mkdir(parents=True)
+    names = [f"{wnids[7]}_1.JPEG", f"{wnids[3]}_5.JPEG", f"{wnids[999]}_2.JPEG"]
+    many_images(str(train), [f"{n.split('_')[0]}/{n}" for n in names])
+    listing = tmp_path / "1percent.txt"
+    listing.write_text("".join(n + "\n" for n in names))
+    md5 = hashlib.md5(listing.read_bytes()).hexdigest()
+    monkeypatch.setitem(common.SOURCES, "imagenet_1pct", [(listing.as_uri(), md5, None)])
+    one = common.load_split("imagenet", str(tmp_path), "train_1pct")          # the list is downloaded next to train/
+    assert (tmp_path / "imagenet" / "1percent.txt").exists() and one.num_classes == 1000
+    assert sorted(zip(one.labels.tolist(), one.paths)) == sorted([(7, str(train / wnids[7] / names[0])),
+                                                                 (3, str(train / wnids[3] / names[1])),
+                                                                 (999, str(train / wnids[999] / names[2]))])
+    (tmp_path / "imagenet" / "10percent.txt").write_text(names[0] + "\nn00000003_9.JPEG\n")   # placed by hand
+    with pytest.raises(common.DatasetError, match="1 of 2 images listed in .*10percent.txt.*missing.*n00000003_9"):
+        common.load_split("imagenet", str(tmp_path), "train_10pct", download=False)
+
+
+def test_missing_datasets_say_what_to_put_where(tmp_path):
+    for name, split, where in (("dtd", "train1", "dtd/dtd/labels"), ("food101", "train", "food-101"),
+                               ("flowers102", "val", "flowers-102"), ("pets", "test", "oxford-iiit-pet"),
+                               ("sun397", "train", "SUN397"), ("caltech101", "train", "caltech101"),
+                               ("aircraft", "val", "fgvc-aircraft-2013b"), ("stanfordcars", "train", "cars_annos.mat"),
+                               ("imagenet", "train_1pct", "1percent.txt"), ("cinic10", "valid", "cinic-10")):
+        with pytest.raises(common.DatasetError, match=re.escape(where)) as e:
+            common.load_split(name, str(tmp_path), split, download=False)
+        assert "\n" not in str(e.value)
+
+
+def test_downloads_extract_into_torchvision_layouts(tmp_path, monkeypatch):
+    """cinic10's tar has no top folder, caltech101's zip holds a tar.gz, flowers102 is a tgz plus two plain files."""
+    import scipy.io
+    src = tmp_path / "src"
+    many_images(str(src / "cinic"), [f"{s}/{c}/0.png" for s in ("train", "valid", "test") for c in CINIC], size=32)
+    many_images(str(src / "101_ObjectCategories"), [f"{c}/image_{j:04d}.jpg" for c in ("a", "b")
+                                                    for j in range(1, 32)], size=2)
+    many_images(str(src / "jpg"), [f"image_{i:05d}.jpg" for i in (1, 2)])
+    scipy.io.savemat(str(src / "imagelabels.mat"), {"labels": np.array([[1, 2]])})
+    scipy.io.savemat(str(src / "setid.mat"), {"trnid": np.array([[1]]), "valid": np.array([[2]]),
+                                              "tstid": np.array([[2]])})
+    with tarfile.open(src / "CINIC-10.tar.gz", "w:gz") as t:
+        for s in ("train", "valid", "test"):
+            t.add(src / "cinic" / s, arcname=s)
+    with tarfile.open(src / "101_ObjectCategories.tar.gz", "w:gz") as t:
+        t.add(src / "101_ObjectCategories", arcname="101_ObjectCategories")
+    with zipfile.ZipFile(src / "caltech-101.zip", "w") as z:
+        z.write(src / "101_ObjectCategories.tar.gz", "caltech-101/101_ObjectCategories.tar.gz")
+    with tarfile.open(src / "102flowers.tgz", "w:gz") as t:
+        t.add(src / "jpg", arcname="jpg")
+
+    def source(name, member):
+        return ((src / name).as_uri(), hashlib.md5((src / name).read_bytes()).hexdigest(), member)
+    monkeypatch.setitem(common.SOURCES, "cinic10", [source("CINIC-10.tar.gz", "cinic-10")])
+    monkeypatch.setitem(common.SOURCES, "caltech101", [source("caltech-101.zip", "caltech-101"),
+                                                        common.SOURCES["caltech101"][1]])
+    monkeypatch.setitem(common.SOURCES, "flowers102", [source("102flowers.tgz", "jpg"),
+                                                        source("imagelabels.mat", None), source("setid.mat", None)])
+    root = tmp_path / "data"
+    assert len(common.load_split("cinic10", str(root), "valid")) == 10
+    assert sorted(os.listdir(root / "cinic-10")) == ["test", "train", "valid", "valid_uint8.pt"]
+    assert len(common.load_split("caltech101", str(root), "test")) == 2
+    assert (root / "caltech101" / "101_ObjectCategories" / "a" / "image_0031.jpg").exists()
+    assert common.load_split("flowers102", str(root), "val").labels.tolist() == [1]
+    assert (root / "flowers-102" / "jpg" / "image_00002.jpg").exists()
+    assert not [p for p in root.rglob("*") if p.name.startswith(".extracting") or p.suffix == ".part"]
 
 
 def test_epoch_batches_are_seeded_sharded_and_resumable():
