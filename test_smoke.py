@@ -2812,7 +2812,8 @@ def test_isd_folder_without_test_folder_holds_out_a_fifth_of_each_class(tmp_path
                                    "--batch-size", "8", "--queue-size", "16", "--workers", "0", "--epochs", "2",
                                    "--eval-every", "1", "--save-dir", str(tmp_path), "--run-name", "f"])
     assert code == 0, err
-    assert "no class folders, so no k-NN" in out and out.count("eval ") == 1  # only the closing evaluation
+    assert "no class folders, so no k-NN" in out and out.count("eval ") == 0  # no empty metric lines
+    assert "final (last epoch 2, step 2; the headline): no metrics (no labelled test data)" in out
     assert load(tmp_path / "f" / "model.pt")["args"]["eval_every"] == 0
 
 
