@@ -36,7 +36,8 @@ Implementation details:
  6. torchrun DDP: --batch-size is global, each rank takes its slice of the seeded epoch order; L_amd mines the
     hardest pairs over the GLOBAL batch (teacher features, student embeddings with their gradient, and labels
     gathered), so several GPUs optimise the single-device objective.
-Deviations: batch means where Eq. 5/6 sum; the stop-gradient on a^p, a^n is our reading (--no-detach-weights);
+Deviations: batch means where Eq. 5/6 sum; the stop-gradient on a^p, a^n is our reading (--no-detach-weights), as are
+Table V's hidden widths (--embed-layers 2, 3: Linear(d_t, d_t)-BN-ReLU after the first layer);
 kd_beta = 1 is ours; TinyImageNet pads crops by 8 (size / 8); global pooling (RepDistiller's fixed pools of its
 MobileNetV2 / ShuffleNets / ResNets do not run at 64 px); BatchNorm statistics stay per rank under DDP; bf16 autocast
 on CUDA (--no-amp = fp32). The digits / fashionmnist / folder / synthetic presets (and their gamma) are ours. Flags
@@ -81,7 +82,8 @@ _RD = dict(teacher_arch="resnet32x4", student_arch="resnet8x4", image_size=32, e
            lr=0.05, weight_decay=5e-4, momentum=0.9, nesterov=False, lr_milestones=[150, 180, 210], lr_decay=0.1,
            crop_padding=4, pad_mode="constant", variant="camd", gamma=80.0, tau=4.0,  # = RepDistiller train_student.py
            weights="adaptive", mining="hard", stopgrad=True, detach_weights=True,  # Eq. 2-4, Eq. 7; notes/camd.md
-           kd_alpha=0.9, kd_beta=1.0, workers=0, eval_every=1, log_every=100)  # RepDistiller KD 0.9; kd_beta ours
+           kd_alpha=0.9, kd_beta=1.0, embed_layers=1, workers=0, eval_every=1,  # RepDistiller KD 0.9; kd_beta ours;
+           log_every=100)  # embed_layers: Table V (one Linear-BN-ReLU is best; 2, 3 its deeper blocks)
 PRESETS = {
     "cifar100": _RD,
     "tinyimagenet": dict(_RD, teacher_arch="vgg13", student_arch="vgg8", image_size=64,  # Table III, first pair;
@@ -121,6 +123,8 @@ def get_args(argv=None):
                    + preset("detach_weights"))
     m.add_argument("--kd-alpha", type=number(float, 0, 1), help="kd: (1 - a) CE + a KD" + preset("kd_alpha"))
     m.add_argument("--kd-beta", type=number(float, 0), help="camd_kd: the KD weight" + preset("kd_beta"))
+    m.add_argument("--embed-layers", type=number(int, 1, 3), help="Linear-BN-ReLU layers of the embedding block "
+                   "(Table V)" + preset("embed_layers"))
     parsed = p.parse_args(argv)
     given = {k for k, v in vars(parsed).items() if v is not None}  # on the command line (not preset, not --resume)
     args = resolve_args(parsed)
@@ -132,6 +136,8 @@ def get_args(argv=None):
         refuse_unused(given, ("tau",), f"with --variant {v} (no KL term)")
     if v not in ("camd", "camd_kd"):
         refuse_unused(given, ("stopgrad",), f"with --variant {v} (no L_c)")
+    if v not in ("amd_e", "camd", "camd_kd"):
+        refuse_unused(given, ("embed_layers",), f"with --variant {v} (no embedding block)")
     refuse_unused(given, ("kd_beta",) if v != "camd_kd" else (), f"with --variant {v} (camd_kd only)")
     refuse_unused(given, ("kd_alpha",) if v != "kd" else (), f"with --variant {v} (kd only)")
     if v == "ce":
@@ -152,11 +158,12 @@ class CAMDNet(nn.Module):
     """Student (backbone f^s + baseline classifier z^b) and, if branch, the embedding block e with its classifier z^m
     (Sec. III-B.4). forward(x) -> (f^s [B, d_s], z^b [B, C], e [B, d_t] or None, z^m [B, C] or None)."""
 
-    def __init__(self, student, d_t, num_classes, branch):
+    def __init__(self, student, d_t, num_classes, branch, layers=1):
         super().__init__()
         self.student = student
-        d_s = feat_dim(student)
-        self.embed = nn.Sequential(nn.Linear(d_s, d_t), nn.BatchNorm1d(d_t), nn.ReLU()) if branch else None
+        d_s = feat_dim(student)  # Table V's deeper blocks: more Linear(d_t, d_t)-BN-ReLU (their widths: our reading)
+        self.embed = nn.Sequential(*[m for i in range(layers) for m in (
+            nn.Linear(d_t if i else d_s, d_t), nn.BatchNorm1d(d_t), nn.ReLU())]) if branch else None
         self.head = nn.Linear(d_t, num_classes) if branch else None
 
     def forward(self, x):
@@ -247,7 +254,7 @@ def run(args):
         student = build_model(args.student_arch, args.num_classes, pretrained=args.pretrained and not args.resume)
     except OSError as e:  # the ImageNet weights cannot be downloaded (offline machine)
         raise RunError(f"cannot download the ImageNet weights ({e}); use --no-pretrained")
-    model = CAMDNet(student, d_t, args.num_classes, branch=args.variant in ("amd_e", "camd", "camd_kd"))
+    model = CAMDNet(student, d_t, args.num_classes, args.variant in ("amd_e", "camd", "camd_kd"), args.embed_layers)
     model = model.to(device, memory_format=memory_format(args, device))
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, nesterov=args.nesterov,
                                 weight_decay=args.weight_decay)

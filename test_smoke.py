@@ -2298,6 +2298,7 @@ def test_camd_drops_a_last_batch_of_one_image(tmp_path, camd_teacher):
 
 
 @pytest.mark.parametrize("extra", [["--variant", "amd_b", "--no-detach-weights"], ["--variant", "amd_e"],
+                                   ["--embed-layers", "3"],  # Table V's deeper embedding block
                                    ["--variant", "kd"], ["--variant", "ce"],
                                    ["--variant", "camd_kd", "--weights", "fixed", "--mining", "all", "--no-stopgrad"]])
 def test_camd_variants_and_ablations_run(tmp_path, camd_teacher, extra):
