@@ -349,8 +349,7 @@ def _file_split(name, pairs, where, classes=None):
     labels = torch.tensor([c for _, c in pairs])
     if classes is None:
         ids, labels = torch.unique(labels, return_inverse=True)
-    return Split(name, labels, len(ids if classes is None else classes), IMAGENET_MEAN, IMAGENET_STD,
-                 paths=[p for p, _ in pairs], classes=classes)
+    return Split(name, labels, len(ids if classes is None else classes), paths=[p for p, _ in pairs], classes=classes)
 
 
 def _lines(path):
@@ -392,7 +391,7 @@ def _tinyimagenet(name, root, split, download):
         index = {w: i for i, w in enumerate(wnids)}
         return [(os.path.join(base, "val", "images", row.split()[0]), index[row.split()[1]]) for row in _lines(ann)]
     images, labels = _decoded(os.path.join(base, f"{split}_uint8.pt"), pairs, 64)
-    return Split(name, labels, len(wnids), IMAGENET_MEAN, IMAGENET_STD, images=images)
+    return Split(name, labels, len(wnids), images=images)
 
 
 def _cinic10(name, root, split, download):
@@ -491,14 +490,12 @@ def _caltech101(name, root, split, download):
     Kornblith et al. 2019 (102 classes, 3,060 / 6,084) and BYOL did, whose transfer setting ISD follows (Sec. 4)."""
     base = _fetch(name, os.path.join(root, "caltech101"), "101_ObjectCategories", download, SOURCES[name])
     paths, labels, classes = _image_folder(base)
-    labels, g = torch.tensor(labels), torch.Generator().manual_seed(0)
-    train = torch.zeros(len(labels), dtype=torch.bool)
+    out = Split(name, torch.tensor(labels), len(classes), paths=paths, classes=classes)
+    train, g = torch.zeros(len(labels), dtype=torch.bool), torch.Generator().manual_seed(0)
     for c in range(len(classes)):
-        members = torch.nonzero(labels == c).squeeze(1)
+        members = torch.nonzero(out.labels == c).squeeze(1)
         train[members[torch.randperm(len(members), generator=g)[:30]]] = True
-    keep = torch.nonzero(train == (split == "train")).squeeze(1)
-    return Split(name, labels[keep], len(classes), IMAGENET_MEAN, IMAGENET_STD, paths=[paths[i] for i in keep],
-                 classes=classes)
+    return out.subset(torch.nonzero(train == (split == "train")).squeeze(1))
 
 
 # Image folders: ImageNet and your own. Links are followed (each real folder once, so a link loop ends), names
@@ -537,9 +534,8 @@ def _images_under(folder, hidden):
 
 
 def _image_folder(base, wnids=None, unlabeled=False):
-    """(paths, labels, class names) of a folder with one sub-folder per class (images at any depth), the `wnids` ones
-    in that order if given; or `unlabeled`, every image under it (labels -1). Images beside class folders are left
-    out."""
+    """(paths, labels, class names) of a folder with one sub-folder per class (images at any depth; images beside the
+    class folders are left out), the `wnids` ones in that order if given; or `unlabeled`, every image under it (-1)."""
     entries = [] if unlabeled else _entries(base)
     hidden = [e.path for e in entries if e.name.startswith(".") and (e.is_dir() or _is_image(e.name[1:]))]
     loose = [e.path for e in entries if not e.is_dir() and _is_image(e.name)]
@@ -589,7 +585,7 @@ def _imagenet(name, root, split, download):
         index = {c: i for i, c in enumerate(classes)}
         pairs = [(os.path.join(base, f.split("_")[0], f), index.get(f.split("_")[0], -1)) for f in _lines(listing)]
         return _file_split(name, pairs, f"listed in {listing}", classes)
-    return Split(name, torch.tensor(labels), len(classes), IMAGENET_MEAN, IMAGENET_STD, paths=paths, classes=classes)
+    return Split(name, torch.tensor(labels), len(classes), paths=paths, classes=classes)
 
 
 def _folder(name, root, split, download):
@@ -632,7 +628,7 @@ def _folder(name, root, split, download):
                            f"image; deep metric learning needs at least 2 per class")
     if split != "all" and len(classes) < 2:
         raise DatasetError(f"--dataset folder: {split} needs at least 2 classes, found {len(classes)} under {folder}")
-    return Split(name, labels, len(classes), IMAGENET_MEAN, IMAGENET_STD, paths=paths, classes=classes)
+    return Split(name, labels, len(classes), paths=paths, classes=classes)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -681,8 +677,7 @@ def _float(x):
 def random_hflip(x, p=0.5):
     """Flip each image horizontally with probability p."""
     x = _float(x)
-    flip = torch.rand(x.shape[0], device=x.device) < p
-    return torch.where(flip[:, None, None, None], x.flip(3), x)
+    return torch.where((torch.rand(x.shape[0], device=x.device) < p)[:, None, None, None], x.flip(3), x)
 
 
 def random_crop_flip(x, padding=4, padding_mode="constant"):
@@ -700,8 +695,7 @@ def random_resized_crop(x, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
     """torchvision's RandomResizedCrop (10 draws per image, the first that fits, else the whole image) for a
     batch: one bilinear grid_sample, no antialiasing."""
     x = _float(x)
-    b, _, h, w = x.shape
-    dev = x.device
+    (b, _, h, w), dev = x.shape, x.device
     area = torch.empty(b, 10, device=dev).uniform_(*scale)
     log_r = torch.empty(b, 10, device=dev).uniform_(math.log(ratio[0]), math.log(ratio[1]))
     cw = torch.sqrt(area * torch.exp(log_r)) * math.sqrt(h / w)  # crop width / image width
@@ -711,8 +705,7 @@ def random_resized_crop(x, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
     cw, ch = (torch.where(ok.any(1), c.gather(1, first).squeeze(1), 1.0) for c in (cw, ch))
     cx = (torch.rand(b, device=dev) * (1 - cw) + cw / 2) * 2 - 1  # crop centre in [-1, 1]
     cy = (torch.rand(b, device=dev) * (1 - ch) + ch / 2) * 2 - 1
-    zero = torch.zeros_like(cw)
-    theta = torch.stack([cw, zero, cx, zero, ch, cy], 1).view(b, 2, 3)
+    theta = torch.stack([cw, torch.zeros_like(cw), cx, torch.zeros_like(cw), ch, cy], 1).view(b, 2, 3)
     size = (size, size) if isinstance(size, int) else tuple(size)
     grid = F.affine_grid(theta, (b, x.shape[1], *size), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
@@ -745,26 +738,22 @@ def color_jitter(x, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, p=0.8
     x = _float(x)
     b, dev = x.shape[0], x.device
 
-    def factor(s):
-        return torch.empty(b, 1, 1, 1, device=dev).uniform_(max(0.0, 1 - s), 1 + s)
-    out = (x * factor(brightness)).clamp(0, 1)
-    mean = _gray(out).mean(dim=(1, 2, 3), keepdim=True)
-    out = ((out - mean) * factor(contrast) + mean).clamp(0, 1)
+    def blend(img, ref, s):  # ref + f (img - ref), f ~ U[max(0, 1 - s), 1 + s] per image
+        return ((img - ref) * torch.empty(b, 1, 1, 1, device=dev).uniform_(max(0.0, 1 - s), 1 + s) + ref).clamp(0, 1)
+    out = blend(x, 0.0, brightness)
+    out = blend(out, _gray(out).mean(dim=(1, 2, 3), keepdim=True), contrast)
     if x.shape[1] == 3:
-        gray = _gray(out)
-        out = ((out - gray) * factor(saturation) + gray).clamp(0, 1)
+        out = blend(out, _gray(out), saturation)
         hsv = _rgb_to_hsv(out)
         shift = torch.empty(b, 1, 1, device=dev).uniform_(-hue, hue)
         out = _hsv_to_rgb(torch.stack([(hsv[:, 0] + shift) % 1.0, hsv[:, 1], hsv[:, 2]], 1)).clamp(0, 1)
-    apply = torch.rand(b, device=dev) < p
-    return torch.where(apply[:, None, None, None], out, x)
+    return torch.where((torch.rand(b, device=dev) < p)[:, None, None, None], out, x)
 
 
 def random_grayscale(x, p=0.2):
     """Replace each image by its luminance (kept 3-channel) with probability p."""
     x = _float(x)
-    apply = torch.rand(x.shape[0], device=x.device) < p
-    return torch.where(apply[:, None, None, None], _gray(x).expand_as(x), x)
+    return torch.where((torch.rand(x.shape[0], device=x.device) < p)[:, None, None, None], _gray(x).expand_as(x), x)
 
 
 def normalize(x, mean, std):
@@ -984,9 +973,8 @@ def loader_batches(loader, batches, device, seed=None, first=0):
 @torch.no_grad()
 def embed(fn, split, device, batch_size=256, flip_average=False, workers=4, transform=None):
     """(out0, [out1, ...], labels), float32 on `device`, of `fn` (a tensor or a tuple; eval mode and fp32 are the
-    caller's) over a split in order, its batches normalised by `transform` (default: the split's mean / std, or
-    eval_transform() for files). flip_average: output 0 averaged with the flipped image's (CAMD protocol;
-    normalise afterwards)."""
+    caller's) over a split in order, batches normalised by `transform` (default: the split's mean / std; for files
+    eval_transform()). flip_average: output 0 averaged with the flipped image's (CAMD protocol; normalise after)."""
     chunks = list(torch.arange(len(split)).split(batch_size))
     if split.images is not None:
         prep = transform or (lambda u: normalize(u, split.mean, split.std))
