@@ -298,10 +298,9 @@ def _fashionmnist(name, root, split, download):
             pass
     paths = find()
     if paths is None:
-        raise DatasetError(f"fashionmnist not found in {root}/FashionMNIST/raw, {root}/fashionmnist or "
-                           f"{FMNIST_DEBIAN}; run once with network access (torchvision downloads it), or "
-                           f"'apt-get install dataset-fashion-mnist', or place the four IDX files in "
-                           f"{root}/fashionmnist")
+        raise DatasetError(f"fashionmnist not found in {root}/FashionMNIST/raw, {root}/fashionmnist or {FMNIST_DEBIAN};"
+                           f" run once with network access (torchvision downloads it), or 'apt-get install "
+                           f"dataset-fashion-mnist', or place the four IDX files in {root}/fashionmnist")
     first = 0 if split in ("train", "dml_train") else 2  # the train or the t10k pair
     images = torch.from_numpy(_read_idx(paths[first]).copy())[:, None]
     labels = torch.from_numpy(_read_idx(paths[first + 1]).astype(np.int64))
