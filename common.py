@@ -41,16 +41,15 @@ DATASETS = ("digits", "fashionmnist", "synthetic", "cifar10", "cifar100", "stl10
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
 
 # The fixed ImageNet-100 subset of CMC (Tian et al., 2019), also used by solo-learn.
-IMAGENET100_WNIDS = """
-n02869837 n01749939 n02488291 n02107142 n13037406 n02091831 n04517823 n04589890 n03062245 n01773797 n01735189 n07831146
-n07753275 n03085013 n04485082 n02105505 n01983481 n02788148 n03530642 n04435653 n02086910 n02859443 n13040303 n03594734
-n02085620 n02099849 n01558993 n04493381 n02109047 n04111531 n02877765 n04429376 n02009229 n01978455 n02106550 n01820546
-n01692333 n07714571 n02974003 n02114855 n03785016 n03764736 n03775546 n02087046 n07836838 n04099969 n04592741 n03891251
-n02701002 n03379051 n02259212 n07715103 n03947888 n04026417 n02326432 n03637318 n01980166 n02113799 n02086240 n03903868
-n02483362 n04127249 n02089973 n03017168 n02093428 n02804414 n02396427 n04418357 n02172182 n01729322 n02113978 n03787032
-n02089867 n02119022 n03777754 n04238763 n02231487 n03032252 n02138441 n02104029 n03837869 n03494278 n04136333 n03794056
-n03492542 n02018207 n04067472 n03930630 n03584829 n02123045 n04229816 n02100583 n03642806 n04336792 n03259280 n02116738
-n02108089 n03424325 n01855672 n02090622""".split()
+IMAGENET100_WNIDS = """n02869837 n01749939 n02488291 n02107142 n13037406 n02091831 n04517823 n04589890 n03062245
+n01773797 n01735189 n07831146 n07753275 n03085013 n04485082 n02105505 n01983481 n02788148 n03530642 n04435653 n02086910
+n02859443 n13040303 n03594734 n02085620 n02099849 n01558993 n04493381 n02109047 n04111531 n02877765 n04429376 n02009229
+n01978455 n02106550 n01820546 n01692333 n07714571 n02974003 n02114855 n03785016 n03764736 n03775546 n02087046 n07836838
+n04099969 n04592741 n03891251 n02701002 n03379051 n02259212 n07715103 n03947888 n04026417 n02326432 n03637318 n01980166
+n02113799 n02086240 n03903868 n02483362 n04127249 n02089973 n03017168 n02093428 n02804414 n02396427 n04418357 n02172182
+n01729322 n02113978 n03787032 n02089867 n02119022 n03777754 n04238763 n02231487 n03032252 n02138441 n02104029 n03837869
+n03494278 n04136333 n03794056 n03492542 n02018207 n04067472 n03930630 n03584829 n02123045 n04229816 n02100583 n03642806
+n04336792 n03259280 n02116738 n02108089 n03424325 n01855672 n02090622""".split()
 
 # Downloads: (url, md5 or None where none is published, what it becomes in the dataset's folder: an archive's folder,
 # None for a plain file), from torchvision.datasets and the datasets' pages. A url without '://' is inside a download.
@@ -94,8 +93,8 @@ class Split:
     name: str
     labels: torch.Tensor                 # int64 [N]; -1 where the split has no labels
     num_classes: int
-    mean: tuple
-    std: tuple
+    mean: tuple = IMAGENET_MEAN          # per channel, of its images in [0, 1]
+    std: tuple = IMAGENET_STD
     images: torch.Tensor | None = None   # uint8 [N, C, H, W] (small-image datasets)
     paths: list | None = None            # image files (large-image datasets)
     classes: list | None = None          # class names where the dataset has them
@@ -211,26 +210,26 @@ def load_split(name, root="./data", split="train", download=True, image_size=Non
     (`image_size` resizes them once, `channels=3` turns grey into RGB) for digits, fashionmnist, synthetic
     (`synthetic_size` = images, classes, side), cifar10/100, stl10, tinyimagenet, cinic10; for the others paths, each
     file checked once (check_images). 'a+b' is two splits together (every split of these is labelled alike)."""
-    readers = {"digits": _digits, "fashionmnist": _fashionmnist, "synthetic": _synthetic,
-               "cifar10": _torchvision_small, "cifar100": _torchvision_small, "stl10": _torchvision_small,
-               "tinyimagenet": _tinyimagenet, "cinic10": _cinic10, "cub": _cub, "cars": _cars, "sop": _sop,
-               "imagenet": _imagenet, "imagenet100": _imagenet, "dtd": _listed, "food101": _listed,
-               "flowers102": _flowers102, "pets": _listed, "sun397": _listed, "caltech101": _caltech101,
-               "aircraft": _listed, "stanfordcars": _cars, "folder": _folder}
+    dml, val, tt = ("train", "test", "dml_train", "dml_test"), ("train", "val", "test", "train+val"), ("train", "test")
+    readers = {"digits": (_digits, dml), "fashionmnist": (_fashionmnist, dml), "synthetic": (_synthetic, val[:3]),
+               "cifar10": (_torchvision_small, tt), "cifar100": (_torchvision_small, tt),
+               "stl10": (_torchvision_small, ("train", "test", "unlabeled", "train+unlabeled")),
+               "tinyimagenet": (_tinyimagenet, ("train", "val")),
+               "cinic10": (_cinic10, ("train", "valid", "test", "train+valid")), "cub": (_cub, tt), "cars": (_cars, tt),
+               "sop": (_sop, tt), "imagenet": (_imagenet, val[:3] + ("train_1pct", "train_10pct")),
+               "imagenet100": (_imagenet, val[:3]), "dtd": (_listed, tuple(
+                   s for k in range(1, 11) for s in (f"train{k}", f"val{k}", f"test{k}", f"train{k}+val{k}"))),
+               "food101": (_listed, tt), "flowers102": (_flowers102, val), "pets": (_listed, tt),
+               "sun397": (_listed, tt), "caltech101": (_caltech101, tt), "aircraft": (_listed, val),
+               "stanfordcars": (_cars, tt), "folder": (_folder, dml + ("all",))}
     if name not in readers:
         raise DatasetError(f"unknown dataset '{name}'; choose from {', '.join(DATASETS)}")
     if os.path.exists(root) and not os.path.isdir(root):
         raise DatasetError(f"--data-root {root} is a file, not a folder")
-    dml, val = ("train", "test", "dml_train", "dml_test"), ("train", "val", "test", "train+val")
-    allowed = {"digits": dml, "fashionmnist": dml, "folder": dml + ("all",), "synthetic": val[:3],
-               "imagenet": val[:3] + ("train_1pct", "train_10pct"), "imagenet100": val[:3],
-               "tinyimagenet": ("train", "val"), "stl10": ("train", "test", "unlabeled", "train+unlabeled"),
-               "cinic10": ("train", "valid", "test", "train+valid"), "flowers102": val, "aircraft": val,
-               "dtd": tuple(s for k in range(1, 11) for s in (f"train{k}", f"val{k}", f"test{k}", f"train{k}+val{k}"))
-               }.get(name, ("train", "test"))
+    reader, allowed = readers[name]
     if split not in allowed:
         raise DatasetError(f"dataset '{name}' has no split '{split}'; choose from {', '.join(allowed)}")
-    out, *more = [readers[name](name, root, s, download, *([tuple(synthetic_size)] if name == "synthetic" else []))
+    out, *more = [reader(name, root, s, download, *([tuple(synthetic_size)] if name == "synthetic" else []))
                   for s in split.split("+")]
     for other in more:  # 'a+b'
         out = Split(name, torch.cat([out.labels, other.labels]), out.num_classes, out.mean, out.std,
@@ -238,8 +237,7 @@ def load_split(name, root="./data", split="train", download=True, image_size=Non
                     None if out.paths is None else out.paths + other.paths, out.classes)
     if out.images is not None and split.startswith("dml"):  # the zero-shot DML protocol: the first half of the
         half = int(out.labels.max()) // 2 + 1                # classes train, the second half test, all their images
-        idx = torch.nonzero((out.labels < half) == (split == "dml_train")).squeeze(1)
-        out.images, out.labels = out.images[idx], out.labels[idx]
+        out = out.subset(torch.nonzero((out.labels < half) == (split == "dml_train")).squeeze(1))
     if out.images is not None and image_size is not None and out.images.shape[-1] != image_size:
         out.images = (resize(out.images, image_size) * 255).round().clamp(0, 255).to(torch.uint8)
     if out.images is not None and channels is not None and out.images.shape[1] != channels:
@@ -286,25 +284,23 @@ def _fashionmnist(name, root, split, download):
     download (<root>/FashionMNIST/raw), the Debian package dataset-fashion-mnist or <root>/fashionmnist."""
     files = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
-    def find():
+    def find():  # the four files (each gzipped or not) from the first folder that has them all
         for folder in (os.path.join(root, "FashionMNIST", "raw"), os.path.join(root, "fashionmnist"), FMNIST_DEBIAN):
             found = [next((p for p in (os.path.join(folder, f), os.path.join(folder, f + ".gz"))
                            if os.path.isfile(p)), None) for f in files]
             if all(found):
                 return found
-    paths = find()
-    if paths is None and download:
+    if download and find() is None:
         try:
             import torchvision
             torchvision.datasets.FashionMNIST(root, download=True)
         except Exception:  # offline or host unreachable: the message below says how to get the files
             pass
-        paths = find()
+    paths = find()
     if paths is None:
-        raise DatasetError(f"fashionmnist not found in {root}/FashionMNIST/raw, {root}/fashionmnist or "
-                           f"{FMNIST_DEBIAN}; run once with network access (torchvision downloads it), or "
-                           f"'apt-get install dataset-fashion-mnist', or place the four IDX files in "
-                           f"{root}/fashionmnist")
+        raise DatasetError(f"fashionmnist not found in {root}/FashionMNIST/raw, {root}/fashionmnist or {FMNIST_DEBIAN};"
+                           f" run once with network access (torchvision downloads it), or 'apt-get install "
+                           f"dataset-fashion-mnist', or place the four IDX files in {root}/fashionmnist")
     first = 0 if split in ("train", "dml_train") else 2  # the train or the t10k pair
     images = torch.from_numpy(_read_idx(paths[first]).copy())[:, None]
     labels = torch.from_numpy(_read_idx(paths[first + 1]).astype(np.int64))
@@ -316,30 +312,27 @@ def _synthetic(name, root, split, download, synthetic_size=(512, 10, 32)):
     n, num_classes, size = synthetic_size
     g = torch.Generator().manual_seed(0 if split == "train" else 1)
     images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
-    labels = torch.randint(0, num_classes, (n,), generator=g)
-    return Split(name, labels, num_classes, IMAGENET_MEAN, IMAGENET_STD, images=images)
+    return Split(name, torch.randint(0, num_classes, (n,), generator=g), num_classes, images=images)
 
 
 def _torchvision_small(name, root, split, download):
     """CIFAR-10, CIFAR-100 and STL-10 through torchvision (its download, its checksums)."""
     from torchvision import datasets
+    cifar = "the python-version archive from https://www.cs.toronto.edu/~kriz/cifar.html"
+    cls, folder, how, mean, std = {
+        "cifar10": (datasets.CIFAR10, "cifar-10-batches-py", cifar, CIFAR10_MEAN, CIFAR10_STD),
+        "cifar100": (datasets.CIFAR100, "cifar-100-python", cifar, CIFAR100_MEAN, CIFAR100_STD),
+        "stl10": (datasets.STL10, "stl10_binary", "stl10_binary.tar.gz", STL10_MEAN, STL10_STD)}[name]
     try:
-        if name == "stl10":
-            ds = datasets.STL10(root, split=split, download=download)
-        else:
-            cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
-            ds = cls(root, train=split == "train", download=download)
+        ds = (cls(root, split=split, download=download) if name == "stl10"
+              else cls(root, train=split == "train", download=download))
     except Exception as e:  # offline, or a corrupt/half-extracted folder
-        folder = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python", "stl10": "stl10_binary"}[name]
-        how = ("stl10_binary.tar.gz" if name == "stl10" else
-               "the python-version archive from https://www.cs.toronto.edu/~kriz/cifar.html")
         raise DatasetError(f"{name} not found or incomplete under {root}/{folder} ({e}); run once with network "
                            f"access, or place {how} in {root}") from None
-    if name == "stl10":
-        return Split(name, torch.from_numpy(ds.labels.astype(np.int64)), 10, STL10_MEAN, STL10_STD,
+    if name == "stl10":  # uint8 [N, 3, 96, 96] already; label -1: unlabeled
+        return Split(name, torch.from_numpy(ds.labels.astype(np.int64)), 10, mean, std,
                      images=torch.from_numpy(ds.data))
-    mean, std = (CIFAR10_MEAN, CIFAR10_STD) if name == "cifar10" else (CIFAR100_MEAN, CIFAR100_STD)
-    return Split(name, torch.tensor(ds.targets, dtype=torch.int64), 10 if name == "cifar10" else 100, mean, std,
+    return Split(name, torch.tensor(ds.targets, dtype=torch.int64), len(ds.classes), mean, std,
                  images=torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), classes=list(ds.classes))
 
 
@@ -355,8 +348,7 @@ def _file_split(name, pairs, where, classes=None):
     labels = torch.tensor([c for _, c in pairs])
     if classes is None:
         ids, labels = torch.unique(labels, return_inverse=True)
-    return Split(name, labels, len(ids if classes is None else classes), IMAGENET_MEAN, IMAGENET_STD,
-                 paths=[p for p, _ in pairs], classes=classes)
+    return Split(name, labels, len(ids if classes is None else classes), paths=[p for p, _ in pairs], classes=classes)
 
 
 def _lines(path):
@@ -398,7 +390,7 @@ def _tinyimagenet(name, root, split, download):
         index = {w: i for i, w in enumerate(wnids)}
         return [(os.path.join(base, "val", "images", row.split()[0]), index[row.split()[1]]) for row in _lines(ann)]
     images, labels = _decoded(os.path.join(base, f"{split}_uint8.pt"), pairs, 64)
-    return Split(name, labels, len(wnids), IMAGENET_MEAN, IMAGENET_STD, images=images)
+    return Split(name, labels, len(wnids), images=images)
 
 
 def _cinic10(name, root, split, download):
@@ -497,14 +489,12 @@ def _caltech101(name, root, split, download):
     Kornblith et al. 2019 (102 classes, 3,060 / 6,084) and BYOL did, whose transfer setting ISD follows (Sec. 4)."""
     base = _fetch(name, os.path.join(root, "caltech101"), "101_ObjectCategories", download, SOURCES[name])
     paths, labels, classes = _image_folder(base)
-    labels, g = torch.tensor(labels), torch.Generator().manual_seed(0)
-    train = torch.zeros(len(labels), dtype=torch.bool)
+    out = Split(name, torch.tensor(labels), len(classes), paths=paths, classes=classes)
+    train, g = torch.zeros(len(labels), dtype=torch.bool), torch.Generator().manual_seed(0)
     for c in range(len(classes)):
-        members = torch.nonzero(labels == c).squeeze(1)
+        members = torch.nonzero(out.labels == c).squeeze(1)
         train[members[torch.randperm(len(members), generator=g)[:30]]] = True
-    keep = torch.nonzero(train == (split == "train")).squeeze(1)
-    return Split(name, labels[keep], len(classes), IMAGENET_MEAN, IMAGENET_STD, paths=[paths[i] for i in keep],
-                 classes=classes)
+    return out.subset(torch.nonzero(train == (split == "train")).squeeze(1))
 
 
 # Image folders: ImageNet and your own. Links are followed (each real folder once, so a link loop ends), names
@@ -525,10 +515,9 @@ def _subfolders(folder):
     return [e.name for e in _entries(folder) if e.is_dir() and not e.name.startswith(".")]
 
 
-def _images_under(folder, hidden, others):
-    """Image files at any depth under `folder`, sorted; hidden folders and images are noted in `hidden`, other
-    files in `others`."""
-    found, seen, todo = [], set(), [folder]
+def _images_under(folder, hidden):
+    """(image files, other files) at any depth under `folder`, sorted; hidden folders and images go to `hidden`."""
+    found, others, seen, todo = [], [], set(), [folder]
     while todo:
         d = todo.pop()
         if os.path.realpath(d) not in seen:
@@ -540,17 +529,12 @@ def _images_under(folder, hidden, others):
                     todo.append(e.path)
                 else:
                     (found if _is_image(e.name) else others).append(e.path)
-    return sorted(found)
-
-
-def _count(n, what):
-    return f"{n:,} {what}{'' if n == 1 else 's'}"
+    return sorted(found), others
 
 
 def _image_folder(base, wnids=None, unlabeled=False):
-    """(paths, labels, class names) of a folder with one sub-folder per class (images at any depth), the `wnids` ones
-    in that order if given; or `unlabeled`, every image under it (labels -1). Images beside class folders are left
-    out."""
+    """(paths, labels, class names) of a folder with one sub-folder per class (images at any depth; images beside the
+    class folders are left out), the `wnids` ones in that order if given; or `unlabeled`, every image under it (-1)."""
     entries = [] if unlabeled else _entries(base)
     hidden = [e.path for e in entries if e.name.startswith(".") and (e.is_dir() or _is_image(e.name[1:]))]
     loose = [e.path for e in entries if not e.is_dir() and _is_image(e.name)]
@@ -559,22 +543,21 @@ def _image_folder(base, wnids=None, unlabeled=False):
     if missing:
         raise DatasetError(f"{base} looks incomplete: it lacks {len(missing)} of the {len(classes)} expected class "
                            f"folders, e.g. {missing[0]}")
-    paths = _images_under(base, hidden, []) if unlabeled else []
+    paths = _images_under(base, hidden)[0] if unlabeled else []
     labels = [-1] * len(paths)
     for i, c in enumerate(classes):
-        others = []
-        found = _images_under(os.path.join(base, c), hidden, others)
+        found, others = _images_under(os.path.join(base, c), hidden)
         if not found:
             raise DatasetError(f"class folder {os.path.join(base, c)} has no images" +
                                (f", only other files, e.g. {others[0]}" if others else ""))
         paths += found
         labels += [i] * len(found)
     if loose:
-        print(f"note: left out {_count(len(loose), 'image')} beside the class folders of {base}, e.g. {loose[0]}: "
-              f"only images inside a class folder have a label", file=sys.stderr)
+        print(f"note: left out {len(loose):,} image{'' if len(loose) == 1 else 's'} beside the class folders of "
+              f"{base}, e.g. {loose[0]}: only images inside a class folder have a label", file=sys.stderr)
     if hidden:
-        print(f"note: left out {_count(len(hidden), 'hidden item')} (names starting with '.'), e.g. {hidden[0]}",
-              file=sys.stderr)
+        print(f"note: left out {len(hidden):,} hidden item{'' if len(hidden) == 1 else 's'} (names starting with "
+              f"'.'), e.g. {hidden[0]}", file=sys.stderr)
     return paths, labels, classes
 
 
@@ -601,7 +584,7 @@ def _imagenet(name, root, split, download):
         index = {c: i for i, c in enumerate(classes)}
         pairs = [(os.path.join(base, f.split("_")[0], f), index.get(f.split("_")[0], -1)) for f in _lines(listing)]
         return _file_split(name, pairs, f"listed in {listing}", classes)
-    return Split(name, torch.tensor(labels), len(classes), IMAGENET_MEAN, IMAGENET_STD, paths=paths, classes=classes)
+    return Split(name, torch.tensor(labels), len(classes), paths=paths, classes=classes)
 
 
 def _folder(name, root, split, download):
@@ -644,7 +627,7 @@ def _folder(name, root, split, download):
                            f"image; deep metric learning needs at least 2 per class")
     if split != "all" and len(classes) < 2:
         raise DatasetError(f"--dataset folder: {split} needs at least 2 classes, found {len(classes)} under {folder}")
-    return Split(name, labels, len(classes), IMAGENET_MEAN, IMAGENET_STD, paths=paths, classes=classes)
+    return Split(name, labels, len(classes), paths=paths, classes=classes)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -693,8 +676,7 @@ def _float(x):
 def random_hflip(x, p=0.5):
     """Flip each image horizontally with probability p."""
     x = _float(x)
-    flip = torch.rand(x.shape[0], device=x.device) < p
-    return torch.where(flip[:, None, None, None], x.flip(3), x)
+    return torch.where((torch.rand(x.shape[0], device=x.device) < p)[:, None, None, None], x.flip(3), x)
 
 
 def random_crop_flip(x, padding=4, padding_mode="constant"):
@@ -712,8 +694,7 @@ def random_resized_crop(x, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
     """torchvision's RandomResizedCrop (10 draws per image, the first that fits, else the whole image) for a
     batch: one bilinear grid_sample, no antialiasing."""
     x = _float(x)
-    b, _, h, w = x.shape
-    dev = x.device
+    (b, _, h, w), dev = x.shape, x.device
     area = torch.empty(b, 10, device=dev).uniform_(*scale)
     log_r = torch.empty(b, 10, device=dev).uniform_(math.log(ratio[0]), math.log(ratio[1]))
     cw = torch.sqrt(area * torch.exp(log_r)) * math.sqrt(h / w)  # crop width / image width
@@ -723,8 +704,7 @@ def random_resized_crop(x, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
     cw, ch = (torch.where(ok.any(1), c.gather(1, first).squeeze(1), 1.0) for c in (cw, ch))
     cx = (torch.rand(b, device=dev) * (1 - cw) + cw / 2) * 2 - 1  # crop centre in [-1, 1]
     cy = (torch.rand(b, device=dev) * (1 - ch) + ch / 2) * 2 - 1
-    zero = torch.zeros_like(cw)
-    theta = torch.stack([cw, zero, cx, zero, ch, cy], 1).view(b, 2, 3)
+    theta = torch.stack([cw, torch.zeros_like(cw), cx, torch.zeros_like(cw), ch, cy], 1).view(b, 2, 3)
     size = (size, size) if isinstance(size, int) else tuple(size)
     grid = F.affine_grid(theta, (b, x.shape[1], *size), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
@@ -757,26 +737,22 @@ def color_jitter(x, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, p=0.8
     x = _float(x)
     b, dev = x.shape[0], x.device
 
-    def factor(s):
-        return torch.empty(b, 1, 1, 1, device=dev).uniform_(max(0.0, 1 - s), 1 + s)
-    out = (x * factor(brightness)).clamp(0, 1)
-    mean = _gray(out).mean(dim=(1, 2, 3), keepdim=True)
-    out = ((out - mean) * factor(contrast) + mean).clamp(0, 1)
+    def blend(img, ref, s):  # ref + f (img - ref), f ~ U[max(0, 1 - s), 1 + s] per image
+        return ((img - ref) * torch.empty(b, 1, 1, 1, device=dev).uniform_(max(0.0, 1 - s), 1 + s) + ref).clamp(0, 1)
+    out = blend(x, 0.0, brightness)
+    out = blend(out, _gray(out).mean(dim=(1, 2, 3), keepdim=True), contrast)
     if x.shape[1] == 3:
-        gray = _gray(out)
-        out = ((out - gray) * factor(saturation) + gray).clamp(0, 1)
+        out = blend(out, _gray(out), saturation)
         hsv = _rgb_to_hsv(out)
         shift = torch.empty(b, 1, 1, device=dev).uniform_(-hue, hue)
         out = _hsv_to_rgb(torch.stack([(hsv[:, 0] + shift) % 1.0, hsv[:, 1], hsv[:, 2]], 1)).clamp(0, 1)
-    apply = torch.rand(b, device=dev) < p
-    return torch.where(apply[:, None, None, None], out, x)
+    return torch.where((torch.rand(b, device=dev) < p)[:, None, None, None], out, x)
 
 
 def random_grayscale(x, p=0.2):
     """Replace each image by its luminance (kept 3-channel) with probability p."""
     x = _float(x)
-    apply = torch.rand(x.shape[0], device=x.device) < p
-    return torch.where(apply[:, None, None, None], _gray(x).expand_as(x), x)
+    return torch.where((torch.rand(x.shape[0], device=x.device) < p)[:, None, None, None], _gray(x).expand_as(x), x)
 
 
 def normalize(x, mean, std):
@@ -996,9 +972,8 @@ def loader_batches(loader, batches, device, seed=None, first=0):
 @torch.no_grad()
 def embed(fn, split, device, batch_size=256, flip_average=False, workers=4, transform=None):
     """(out0, [out1, ...], labels), float32 on `device`, of `fn` (a tensor or a tuple; eval mode and fp32 are the
-    caller's) over a split in order, its batches normalised by `transform` (default: the split's mean / std, or
-    eval_transform() for files). flip_average: output 0 averaged with the flipped image's (CAMD protocol;
-    normalise afterwards)."""
+    caller's) over a split in order, batches normalised by `transform` (default: the split's mean / std; for files
+    eval_transform()). flip_average: output 0 averaged with the flipped image's (CAMD protocol; normalise after)."""
     chunks = list(torch.arange(len(split)).split(batch_size))
     if split.images is not None:
         prep = transform or (lambda u: normalize(u, split.mean, split.std))
