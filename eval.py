@@ -3,17 +3,41 @@
     python eval.py runs/<run>/model.pt [--data-root /data]   # the run's metrics, recomputed, beside the logged ones
     python eval.py runs/<run>/model.pt --export emb.npz --show-retrievals 8   # + embeddings, a picture of neighbours
     python eval.py runs/<isd-run>/model.pt --linear-probe    # + the official linear protocol (or "cached": fast)
+    python eval.py runs/<isd-run>/model.pt --linear-probe --dataset pets --data-root /data   # linear transfer
+    python eval.py runs/<isd-imagenet-run>/model.pt --linear-probe --label-fraction 1       # 1% (or 10%) labels
     python eval.py --embeddings emb.npz                      # arrays emb, labels [, train_emb, train_labels]
     python eval.py --plot runs/<run> --out curves.png        # metrics.jsonl curves (needs matplotlib)
-Metrics go to eval.json next to the checkpoint (--json elsewhere). Any bad input gives one line and exit code 2.
+Metrics go to eval.json next to the checkpoint (--json elsewhere), in fp32 (TF32 off). Any bad input gives one line and
+exit code 2; Ctrl-C exits with 130.
 
 The contract. model.pt = {"method", "args" (resolved), "model" (state_dict), "metrics", "history"}; the method file it
 names (one of the four next to eval.py) has METHOD, RunError, get_args(argv) (vars(get_args([])): every argument),
-model_from_args(args) (strict load, no download), load_data(args, "test" | "gallery") -> common.Split,
-embeddings(model, args, device) -> {"emb" [N, D], "labels"} in load_data order (isd also "train_emb", "train_labels":
-the gallery, and teacher_*; camd / spkd "logits"), evaluate(model, args, device) -> {metric: percent} (the training
-loop's own: the logged numbers) and (isd) features(model, args, device, split, augment=False) for the linear probe.
+EVAL_ARGS (the arguments that define the network, the test data and the evaluation: a model.pt without one is
+refused; one without another argument gets its default for the run's dataset, with a note), model_from_args(args)
+(strict load, no download), load_data(args, "test" | "gallery") -> common.Split, embeddings(model, args, device) ->
+{"emb" [N, D], "labels"} in load_data order ({} without a labelled test split; isd also "train_emb", "train_labels":
+the gallery, and teacher_*; camd / spkd "logits"), evaluate(model, args, device) -> {metric: percent, or the boolean
+"collapsed"} (the training loop's own: the logged numbers) and (isd) features(model, args, device, split,
+augment=False, transform=None) -> (backbone features, labels) of "train" (= the gallery), "test" or a common.Split.
 An --export file read back with --embeddings gives the checkpoint's embedding metrics (the scripts' own functions).
+Without a labelled test split (isd on a flat folder of your images) --export / --show-retrievals use the gallery.
+
+The ISD paper's three linear evaluations (--linear-probe; a frozen backbone, one linear layer):
+ 1. Its own dataset (Table 1): eval_linear.py (linear_probe()).
+ 2. --dataset X (Table 2: "We follow [BYOL] setting for transfer learning"): BYOL App. D.2, Kornblith et al. 2019's
+    protocol: L2-regularised multinomial logistic regression on the features of the centre crop, no augmentation
+    (image files: shorter side to 224 px, bicubic, centre crop, ImageNet mean / std; SimCLR App. B.8), by L-BFGS; the
+    l2 weight is the best on a validation split of 45 log-spaced values in [1e-6, 1e5], the classifier is then refit
+    on train + validation and scored once on test. Validation (App. D.1): the creators' split for Aircraft, DTD (split
+    1 of 10; --dtd-split) and Flowers, else a seeded part of each class of train (HELD_OUT). Metric (Table 10): mean
+    per-class accuracy for Aircraft, Pets, Caltech-101 and Flowers, top-1 for the others.
+    Not stated there, ours: mean cross-entropy + l2 / 2 ||W||^2 (bias free), at most 1000 L-BFGS iterations (strong
+    Wolfe, torch's tolerances), ties to the stronger l2, no feature scaling; resolution = the checkpoint's --image-size
+    (224 for ImageNet checkpoints; in-memory datasets are resized whole, bicubic, with their own mean / std).
+    Deviations: CIFAR and Cars hold out a share of each class (BYOL: 5,000 / 5,067 / 1,650 images at random);
+    a CIFAR-sized checkpoint is probed at its own resolution (BYOL upsamples CIFAR to 224 px).
+ 3. --label-fraction 1 | 10 (Table 3): eval_linear.py trained on SimCLR's 1% / 10% ImageNet subset only (epochs: the
+    run's --probe-epochs; neither the paper nor its code states others), scored on the full val set.
 """
 import argparse
 import importlib
@@ -21,7 +45,11 @@ import json
 import math
 import os
 import re
+import signal
 import sys
+
+if __name__ == "__main__":  # Ctrl-C while torch loads: exit 130 quietly (once loaded, main() answers it)
+    signal.signal(signal.SIGINT, lambda *_: os._exit(130))
 
 import numpy as np
 import torch
@@ -32,7 +60,8 @@ import common
 HERE = os.path.dirname(os.path.abspath(__file__))
 METHODS = ("s2sd", "camd", "spkd", "isd")
 NOT_METRICS = ("epoch", "step", "elapsed_s", "images_per_s")  # metrics.jsonl bookkeeping columns
-FRAMES = {"query": (140, 140, 140), "same": (26, 178, 38), "other": (217, 26, 26)}  # retrieval picture frames
+FRAMES = {"query": (140, 140, 140), "same": (26, 178, 38), "other": (217, 26, 26),  # retrieval picture frames
+          "neutral": (60, 110, 200)}  # unlabelled images
 PANELS = {r"R@\d+": "Recall@k", r"Rank-\d+": "Rank-k", r"knn\d+w?": "k-NN accuracy",
           r"knn\d+w?_small": "k-NN accuracy, small classes"}  # --plot: a metric family shares one panel
 
@@ -94,10 +123,15 @@ def read_checkpoint(path):
     module = importlib.import_module(method)
     need(isinstance(saved, dict) and all(isinstance(k, str) for k in saved),
          f"{path}: 'args' is a {type(saved).__name__}, not a dict of argument names; not written by {method}.py")
-    missing = sorted(set(vars(module.get_args([]))) - set(saved))
-    need(not missing, f"{path} lacks the argument(s) {', '.join(missing[:6])}{' ...' * (len(missing) > 6)}: written "
-         f"by a different version of {method}.py")
-    return ckpt, module, argparse.Namespace(**saved)
+    missing = [k for k in module.EVAL_ARGS if k not in saved]
+    need(not missing, f"{path} lacks the argument(s) {', '.join(missing)}, which define its network, test data or "
+         f"evaluation: written by a different version of {method}.py")
+    defaults = vars(module.get_args(["--dataset", saved["dataset"]] if saved["dataset"] in list(module.PRESETS) else []))
+    filled = sorted(set(defaults) - set(saved))
+    if filled:  # training-only arguments added to the script since: today's default for the run's dataset
+        print(f"note: {path} predates the argument(s) {', '.join(filled)} (they change neither its network nor its "
+              f"evaluation): filled with {method}.py's defaults")
+    return ckpt, module, argparse.Namespace(**{**{k: defaults[k] for k in filled}, **saved})
 
 
 class Checkpoint:
@@ -110,7 +144,8 @@ class Checkpoint:
         self.trained_on = self.args.dataset
         need(a.dataset != "synthetic" or self.trained_on == "synthetic",
              f"--dataset synthetic: random images for benchmarks, nothing to evaluate {path} on")
-        for key in ("dataset", "data_root", "workers"):
+        self.target = a.dataset if a.linear_probe and a.dataset not in (None, self.trained_on) else None  # transfer
+        for key in ("workers",) if self.target else ("dataset", "data_root", "workers"):
             if getattr(a, key) is not None:
                 setattr(self.args, key, getattr(a, key))
         self.device = pick_device(a.device)
@@ -204,6 +239,8 @@ def run_embeddings(a):
         train_emb = npz_array(data, "train_emb", path, width=emb.shape[1]) if gallery else None
         train_labels = npz_array(data, "train_labels", path, len(train_emb)) if gallery else None
     classes, norms = len(np.unique(labels)), np.linalg.norm(emb, axis=1)
+    need((labels >= 0).any(), f"{path}: every label is -1 (unlabelled images, e.g. an --export of your own folder): "
+         f"nothing to evaluate")
     need(classes > 1, f"{path}: 'labels' has {classes} class; retrieval metrics need at least 2")
     if a.l2_normalize:
         emb, train_emb = (x if x is None else x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
@@ -252,7 +289,8 @@ def tiles(split, indices, tile):
 
 def show_retrievals(ck, out, test, gallery, a, path):
     """Seeded random test queries to `path`, a row each: [class name | query (grey frame) | its top-k as the metrics
-    rank them (isd: in the gallery), framed green (same class) or red] under a legend; cell = tile + 2 frame + 2 px."""
+    rank them (isd: in the gallery), framed green (same class) or red (unlabelled: blue; file names)] under a legend;
+    cell = tile + 2 frame + 2 px."""
     from PIL import Image, ImageDraw, ImageFont
     exclude = gallery is None  # the test set is its own gallery: skip the query itself
     gallery, emb, labels = test if exclude else gallery, out["emb"].cpu(), out["labels"].cpu()
@@ -263,12 +301,13 @@ def show_retrievals(ck, out, test, gallery, a, path):
     need(len(g_emb) > exclude, f"{ck.path}: the gallery has no image to retrieve")
     query = torch.randperm(len(emb), generator=torch.Generator().manual_seed(a.seed))[:a.show_retrievals]
     nn = nearest(query, emb, g_emb, a.topk, exclude)
-    (n, k), frame = nn.shape, max(2, a.tile // 16)
+    (n, k), frame, known = nn.shape, max(2, a.tile // 16), bool((labels >= 0).any())
     cell = a.tile + 2 * frame + 2
     canvas = Image.new("RGB", ((k + 3) * cell + 2, 18 + n * cell + 2), "white")
     draw = ImageDraw.Draw(canvas)
     for r in range(n):
-        colours = [FRAMES["query"]] + [FRAMES["same" if s else "other"] for s in g_labels[nn[r]] == labels[query[r]]]
+        colours = [FRAMES["query"]] + [FRAMES[("same" if s else "other") if known else "neutral"]
+                                       for s in g_labels[nn[r]] == labels[query[r]]]
         images = tiles(test, query[r:r + 1], a.tile) + tiles(gallery, nn[r], a.tile)
         for c, (im, colour) in enumerate(zip(images, colours)):
             x, y = (c + 2) * cell + 2, 18 + r * cell + 2
@@ -279,20 +318,23 @@ def show_retrievals(ck, out, test, gallery, a, path):
     except (TypeError, OSError, ImportError):  # old Pillow or no FreeType: the fixed bitmap font
         font = small = ImageFont.load_default()
     legends = (f"query (grey) and its top-{k} {'in the test set' if exclude else 'in the train split'}: green = same "
-               f"class, red = another class", f"query (grey), top-{k}: green = same class, red = other")
-    draw.text((4, 2), next((t for t in legends if draw.textlength(t, font=small) <= canvas.width - 8),
-                           "green = same class"), fill="black", font=small)
+               f"class, red = another class", f"query (grey), top-{k}: green = same class, red = other",
+               "green = same class") if known else (f"query (grey) and its top-{k} (no labels)", "no labels")
+    draw.text((4, 2), next((t for t in legends if draw.textlength(t, font=small) <= canvas.width - 8), legends[-1]),
+              fill="black", font=small)
     for r in range(n):
         y = int(labels[query[r]])
-        name = str(test.classes[y]) if test.classes and 0 <= y < len(test.classes) else f"class {y}"
+        name = str(test.classes[y]) if test.classes and 0 <= y < len(test.classes) else f"class {y}" if known else \
+            os.path.basename(test.paths[query[r]]) if test.paths else ""
         while len(name) > 1 and draw.textlength(name, font=font) > 2 * cell - 8:
             name = name[:-2] + "\u2026"
         top = 20 + r * cell + (cell - 2) // 2 - 14
         draw.text((4, top), name, fill="black", font=font)
-        draw.text((4, top + 16), f"test #{int(query[r])}", fill=(90, 90, 90), font=small)
+        draw.text((4, top + 16), f"{'test' if known else 'image'} #{int(query[r])}", fill=(90, 90, 90), font=small)
     atomic_write(path, lambda f: canvas.save(f, "JPEG" if path.lower().endswith((".jpg", ".jpeg")) else "PNG"))
     hits = (g_labels[nn] == labels[query][:, None]).float().mean().item()
-    print(f"wrote {path}: {n} queries x top-{k} ({100 * hits:.1f}% same class), {canvas.width}x{canvas.height} px")
+    print(f"wrote {path}: {n} queries x top-{k}{f' ({100 * hits:.1f}% same class)' * known}, "
+          f"{canvas.width}x{canvas.height} px")
 
 
 # ------------------------------------------------------------------------------------------------ ISD linear probe
@@ -301,23 +343,30 @@ def probe_milestones(epochs):
     return [round(epochs * 15 / 40), round(epochs * 30 / 40)]
 
 
+def full_batch_norm(center):
+    """eval_linear.py's FullBatchNorm of the L2-normalised centre-crop train features: (mean, 1 / sqrt(var + 1e-5)),
+    var unbiased (torch.var_mean)."""
+    var, mean = torch.var_mean(F.normalize(center.float(), dim=1), dim=0)
+    return mean, 1.0 / torch.sqrt(var + 1e-5)
+
+
 def linear_probe(train_features, train_labels, test_features, test_labels, epochs, center_features=None,
                  num_classes=None, lr=0.01, momentum=0.9, weight_decay=1e-4, batch_size=256, seed=0):
     """A linear classifier on frozen features (ISD eval_linear.py, shared/notes/isd.md); accuracies in percent.
 
     train_features: [N, D] (the cached probe) or a callable epoch (0-based) -> [N, D] of fresh augmented features (the
     official protocol; it needs center_features, the centre-crop ones). Features are L2-normalised, then standardised
-    by the mean / std of the L2-normalised center_features (default train_features). SGD, seeded batch order, lr x0.1
+    by full_batch_norm(center_features (default train_features)). SGD, seeded batch order, lr x0.1
     at probe_milestones(epochs); labels < 0 are left out. -> {"last", "best", "best_epoch" (1-based, chosen on the
     test set), "history", "lrs"} per epoch."""
     if callable(train_features) and center_features is None:
         raise ValueError("linear_probe: a callable train_features needs center_features (the centre-crop features)")
     fetch = train_features if callable(train_features) else (lambda epoch: train_features)
-    center = F.normalize((train_features if center_features is None else center_features).float(), dim=1)
-    mean, std, dev = center.mean(0), center.std(0).clamp_min(1e-8), center.device
+    center = train_features if center_features is None else center_features
+    (mean, inv_std), dev = full_batch_norm(center), center.device
 
     def prepare(x):
-        return (F.normalize(x.float(), dim=1) - mean) / std
+        return (F.normalize(x.float(), dim=1) - mean) * inv_std
     keep = (train_labels >= 0).to(dev)
     y_train, y_test, test_x = train_labels.to(dev)[keep], test_labels.to(dev), prepare(test_features.to(dev))
     num_classes = num_classes or int(max(y_train.max().item(), y_test.max().item())) + 1
@@ -342,19 +391,21 @@ def linear_probe(train_features, train_labels, test_features, test_labels, epoch
     return {"last": history[-1], "best": history[best], "best_epoch": best + 1, "history": history, "lrs": lrs}
 
 
-def isd_linear_probe(ck, mode, epochs, seed):
+def isd_linear_probe(ck, mode, epochs, seed, train="train", test="test", suffix=""):
     """{"linear", "linear_best", "linear_best_epoch"} (official: torch seeded with seed + epoch before each epoch's
-    augmented train features) or {"linear_cached", ...} (centre-crop features once) of an isd checkpoint."""
-    ck.split("gallery"), ck.split("test")  # EvalError when the dataset has no labelled split
-    center, train_y = ck.call(ck.module.features, "train", False)
-    test_x, test_y = ck.call(ck.module.features, "test", False)
+    augmented train features) or {"linear_cached", ...} (centre-crop features once) of an isd checkpoint, the names
+    + suffix; train / test: the run's own splits or common.Splits (--label-fraction)."""
+    if train == "train":
+        ck.split("gallery"), ck.split("test")  # EvalError when the dataset has no labelled split
+    center, train_y = ck.call(ck.module.features, train, False)
+    test_x, test_y = ck.call(ck.module.features, test, False)
     need(not bool((train_y < 0).all()) and not bool((test_y < 0).all()),
          f"{ck.path}: --linear-probe needs labelled train and test splits of {ck.args.dataset}")
 
     def augmented(epoch):
         torch.manual_seed(seed + epoch)
-        return ck.call(ck.module.features, "train", True)[0]
-    name = "linear" if mode == "official" else "linear_cached"
+        return ck.call(ck.module.features, train, True)[0]
+    name = ("linear" if mode == "official" else "linear_cached") + suffix
     what = "official: augmented train features every epoch" if mode == "official" else "cached centre-crop features"
     print(f"linear probe ({what}): {epochs} epochs, lr x0.1 at {probe_milestones(epochs)}, {len(center)} train / "
           f"{len(test_x)} test features")
@@ -362,6 +413,100 @@ def isd_linear_probe(ck, mode, epochs, seed):
                        center_features=center, seed=seed)  # num_classes: from the labels
     ck.model.eval()
     return {name: out["last"], f"{name}_best": out["best"], f"{name}_best_epoch": out["best_epoch"]}
+
+
+# ------------------------------------------------------------------------------------------------ linear transfer
+TRANSFER = ("cifar10", "cifar100", "food101", "sun397", "stanfordcars", "dtd", "pets", "caltech101", "flowers102",
+            "aircraft")  # ISD Table 2 (+ Aircraft, BYOL's); all but CIFAR are for --linear-probe --dataset only
+OWN_VAL = ("aircraft", "dtd", "flowers102")  # BYOL App. D.1: the creators' validation split
+HELD_OUT = {"sun397": 10, "pets": 20, "caltech101": 5, "food101": 75,  # per class (D.1; Food-101: 7,575 = 75 x 101)
+            "stanfordcars": 0.2}  # share of each class (Table 10: 1,650 of 8,144); other datasets: 10% of each class
+MEAN_PER_CLASS = ("aircraft", "pets", "caltech101", "flowers102")  # BYOL Table 10; top-1 for the others
+L2_GRID = np.logspace(-6, 5, 45)  # BYOL App. D.2
+
+
+def accuracy(pred, labels, per_class=False):
+    """Top-1 in percent, or (per_class) the mean over the classes present of each class's top-1 (BYOL Table 10)."""
+    hit = (pred == labels).float()
+    if not per_class:
+        return 100 * hit.mean().item()
+    ids, which = labels.unique(return_inverse=True)
+    return 100 * (torch.zeros(len(ids), device=hit.device).index_add_(0, which, hit) / which.bincount()).mean().item()
+
+
+def logistic_regression(x, y, l2, num_classes, start=None, max_iter=1000):
+    """(W [C, D], b [C]) minimising mean_i CE(W x_i + b, y_i) + l2 / 2 ||W||^2 (scikit-learn's multinomial
+    LogisticRegression with C = 1 / (l2 N)) by full-batch L-BFGS from `start` (default zeros). Convex, W unique: the
+    start changes only the time (b is unique up to a shift, which no prediction sees)."""
+    w, b = (t.clone().requires_grad_() for t in start or (x.new_zeros(num_classes, x.shape[1]), x.new_zeros(num_classes)))
+    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def objective():
+        opt.zero_grad()
+        loss = F.cross_entropy(torch.addmm(b, x, w.T), y) + l2 / 2 * w.square().sum()
+        loss.backward()
+        return loss
+    with torch.enable_grad():
+        opt.step(objective)
+    return w.detach(), b.detach()
+
+
+def select_l2(train, val, num_classes, per_class, grid=L2_GRID):
+    """Each l2 of the grid, strongest first, fitted on train = (x, y) from the previous fit and scored on val ->
+    (the l2 with the best score, ties to the stronger, its fit, {l2: validation score})."""
+    scores, best, fit = {}, None, None
+    for l2 in sorted(grid, reverse=True):
+        fit = logistic_regression(*train, l2, num_classes, fit)
+        scores[float(l2)] = accuracy(torch.addmm(fit[1], val[0], fit[0].T).argmax(1), val[1], per_class)
+        if best is None or scores[float(l2)] > scores[best[0]]:
+            best = (float(l2), fit)
+    return best[0], best[1], scores
+
+
+def held_out(labels, share, seed):
+    """A seeded bool mask of `share` images of each class (a count, or a fraction of the class when < 1)."""
+    g, mask = torch.Generator().manual_seed(seed), torch.zeros(len(labels), dtype=torch.bool)
+    for c in labels.unique().tolist():
+        idx = torch.nonzero(labels == c).squeeze(1)
+        mask[idx[torch.randperm(len(idx), generator=g)[:share if share >= 1 else round(share * len(idx))]]] = True
+    return mask
+
+
+def probe_features(ck, split):
+    """Frozen backbone features and labels of a Split's centre crop at the checkpoint's --image-size, unaugmented:
+    image files resized (shorter side, bicubic) and centre-cropped, ImageNet mean / std (BYOL App. D.2, SimCLR B.8);
+    in-memory images resized whole (bicubic), with their dataset's mean / std."""
+    size = ck.args.image_size
+    if split.images is None:
+        from torchvision import transforms as T
+        tf = T.Compose([T.Resize(size, T.InterpolationMode.BICUBIC), T.CenterCrop(size), T.ToTensor(),
+                        T.Normalize(common.IMAGENET_MEAN, common.IMAGENET_STD)])
+    else:
+        def tf(u):
+            same = u.shape[-2:] == (size, size)
+            x = u if same else F.interpolate(u.float() / 255, (size, size), mode="bicubic", antialias=True).clamp(0, 1)
+            return common.normalize(x, split.mean, split.std)
+    return ck.call(ck.module.features, split, False, tf)
+
+
+def transfer_probe(ck, name, root, dtd_split, seed):
+    """ISD Table 2 by BYOL's protocol (module docstring) -> {"linear_<name>": test score %, "linear_<name>_l2": l2}."""
+    def load(split):  # DTD: official split k of 10
+        return common.load_split(name, root, f"{split}{dtd_split if name == 'dtd' else ''}", channels=3)
+    (x, y), (tx, ty) = probe_features(ck, load("train")), probe_features(ck, load("test"))
+    if name in OWN_VAL:
+        vx, vy = probe_features(ck, load("val"))
+    else:  # a seeded part of each class of train
+        held = held_out(y.cpu(), HELD_OUT.get(name, 0.1), seed).to(y.device)
+        (x, y), (vx, vy) = (x[~held], y[~held]), (x[held], y[held])
+    per_class, classes = name in MEAN_PER_CLASS, int(max(y.max(), vy.max(), ty.max())) + 1
+    need(len(vy) and y.min() >= 0, f"{name}: the linear transfer needs a labelled train split of more than one image "
+         f"per class")
+    l2, fit, scores = select_l2((x, y), (vx, vy), classes, per_class)
+    w, b = logistic_regression(torch.cat([x, vx]), torch.cat([y, vy]), l2, classes, fit)
+    print(f"linear transfer to {name}: {len(y)} train + {len(vy)} validation images ({scores[l2]:.2f}% at the chosen "
+          f"l2 {l2:.1e}), {len(ty)} test images; {'mean per-class accuracy' if per_class else 'top-1'}")
+    return {f"linear_{name}": accuracy(torch.addmm(b, tx, w.T).argmax(1), ty, per_class), f"linear_{name}_l2": l2}
 
 
 # ------------------------------------------------------------------------------------------------ curves
@@ -419,15 +564,20 @@ def plot_curves(run, out):
 
 
 # ------------------------------------------------------------------------------------------------ command line
+def cell(v):
+    """A metric for the table: a number to 2 decimals, a boolean ("collapsed") as COLLAPSED / no, else -."""
+    return ("COLLAPSED" if v else "no") if isinstance(v, bool) else f"{v:.2f}" if isinstance(v, (int, float)) else "-"
+
+
 def report(metrics, path, logged=None, notes=None):
     """The metrics beside the logged ones (a table on stdout), then atomically to `path` as JSON."""
     logged, notes = logged or {}, notes or {}
     print(f"{'metric':<24}{'eval.py':>10}{'run log':>10}{'diff':>10}")
-    for name, value in ((k, v) for k, v in metrics.items() if not k.endswith("_best_epoch")):
-        ref = logged.get(name)
-        known = isinstance(ref, (int, float)) and not isinstance(ref, bool)
-        diff = ("=" if value == ref else f"{value - ref:+.2g}") if known else ""
-        print(f"{name:<24}{value:10.2f}{f'{ref:10.2f}' if known else '-':>10}{diff:>10}{notes.get(name, '')}")
+    for name, value in ((k, v) for k, v in metrics.items() if not k.endswith(("_best_epoch", "_l2"))):
+        ref, number = logged.get(name), (int, float)
+        numbers = all(isinstance(v, number) and not isinstance(v, bool) for v in (value, ref))
+        diff = "=" if value == ref else f"{value - ref:+.2g}" if numbers else ""
+        print(f"{name:<24}{cell(value):>10}{cell(ref):>10}{diff:>10}{notes.get(name, '')}")
     atomic_write(path, lambda f: f.write((json.dumps(metrics, indent=2) + "\n").encode()))
     print(f"wrote {path}")
 
@@ -443,7 +593,8 @@ def get_args(argv):
     p.add_argument("checkpoint", nargs="?", help="a run's model.pt")
     p.add_argument("--embeddings", metavar="FILE.npz", help="evaluate arrays emb, labels [, train_emb, train_labels]")
     p.add_argument("--plot", metavar="RUN", help="draw runs/<run>/metrics.jsonl (needs matplotlib) to --out")
-    p.add_argument("--dataset", choices=common.DATASETS, help="evaluate on another dataset than the saved one")
+    p.add_argument("--dataset", choices=list(dict.fromkeys(common.DATASETS + TRANSFER)), help="evaluate on another "
+                   "dataset than the saved one (with --linear-probe: ISD's linear transfer to it)")
     p.add_argument("--data-root", help="where the data are now (default: the saved --data-root)")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"], help="default auto")
     p.add_argument("--workers", type=int, help="DataLoader workers for image files (default: the saved value)")
@@ -454,6 +605,9 @@ def get_args(argv):
     p.add_argument("--linear-probe", nargs="?", const="official", choices=["official", "cached"],
                    help="isd: the linear protocol (official: augmented features each epoch; cached: fast)")
     p.add_argument("--probe-epochs", type=int, help="linear probe epochs (default: the checkpoint's probe_epochs)")
+    p.add_argument("--label-fraction", type=int, choices=[1, 10], help="imagenet: train the probe on SimCLR's 1%% or "
+                   "10%% subset only (ISD Table 3)")
+    p.add_argument("--dtd-split", type=int, choices=range(1, 11), help="--dataset dtd: the official split (default 1)")
     p.add_argument("--seed", type=int, default=0, help="seeds the picture's queries and the probe (default 0)")
     p.add_argument("--no-nmi", action="store_true", help="--embeddings: skip NMI (k-means)")
     p.add_argument("--l2-normalize", action="store_true", help="--embeddings: L2-normalise the rows (rank by cosine)")
@@ -469,7 +623,8 @@ def get_args(argv):
     given = (("CHECKPOINT", a.checkpoint), ("--embeddings", a.embeddings), ("--plot", a.plot))
     modes = [m for m, v in given if v is not None]
     orphans = [f"--{k.replace('_', '-')}" for k in ("dataset", "data_root", "workers", "export", "show_retrievals",
-                                                    "linear_probe", "probe_epochs") if getattr(a, k) is not None]
+                                                    "linear_probe", "probe_epochs", "label_fraction", "dtd_split")
+               if getattr(a, k) is not None]
     allowed = (".png", ".pdf", ".svg", ".jpg", ".jpeg") if a.plot is not None else (".png", ".jpg", ".jpeg")
     for bad, message in (
             (len(modes) != 1, f"give exactly one of CHECKPOINT, --embeddings FILE or --plot RUN (got "
@@ -479,6 +634,12 @@ def get_args(argv):
             (a.out is not None and a.plot is None and a.show_retrievals is None,
              "--out names a picture (--show-retrievals, --plot); the metrics JSON goes to --json"),
             (a.plot is not None and a.json is not None, "--plot writes no metrics; drop --json"),
+            (a.dataset in TRANSFER[2:] and not a.linear_probe, f"--dataset {a.dataset} is for ISD's linear transfer: "
+                                                               f"add --linear-probe"),
+            (a.label_fraction and not a.linear_probe, "--label-fraction trains the linear probe: add --linear-probe"),
+            (a.label_fraction and a.dataset not in (None, "imagenet"), "--label-fraction: the subsets are ImageNet's; "
+                                                                       "drop --dataset"),
+            (a.dtd_split and a.dataset != "dtd", "--dtd-split is for --linear-probe --dataset dtd"),
             (a.out is not None and not a.out.lower().endswith(allowed), f"--out {a.out}: use a {' / '.join(allowed)} "
                                                                         f"file name")):
         if bad:
@@ -490,20 +651,38 @@ def run_checkpoint(a):
     """A checkpoint's metrics (+ --linear-probe) beside the logged ones, --export, --show-retrievals; eval.json."""
     ck, folder = Checkpoint(a), os.path.dirname(os.path.abspath(a.checkpoint))
     need(not a.linear_probe or hasattr(ck.module, "features"),
-         f"--linear-probe is ISD's protocol; {a.checkpoint} is a {ck.method} checkpoint")
+         f"--linear-probe is ISD's protocol (self-supervised); {a.checkpoint} is a {ck.method} checkpoint")
+    need(not a.label_fraction or ck.trained_on == "imagenet", f"--label-fraction: the 1% / 10% subsets are ImageNet's;"
+         f" {a.checkpoint} was trained on {ck.trained_on}")
+    need(not ck.target or (a.linear_probe == "official" and a.probe_epochs is None), f"--dataset {ck.target}: the "
+         f"linear transfer is BYOL's L-BFGS protocol, without 'cached' and --probe-epochs")
     print(f"{a.checkpoint}: {ck.method}, dataset {ck.args.dataset} ({ck.args.data_root}), device {ck.device}")
-    metrics, notes = ck.call(ck.module.evaluate), {}
-    if not metrics:
+    metrics, notes = {} if ck.target else ck.call(ck.module.evaluate), {}
+    if ck.target:  # Table 2: the linear transfer (no evaluation on the training data)
+        metrics = transfer_probe(ck, ck.target, a.data_root or ck.args.data_root, a.dtd_split or 1, a.seed)
+        notes[f"linear_{ck.target}"] = f"  (l2 {metrics[f'linear_{ck.target}_l2']:.1e}, chosen on validation data)"
+    elif not metrics:
         print(f"note: {ck.method}.evaluate gives no metrics on {ck.args.dataset} (no labelled test split)")
-    if a.linear_probe:
-        probe = isd_linear_probe(ck, a.linear_probe, a.probe_epochs or getattr(ck.args, "probe_epochs", 40), a.seed)
+    if a.linear_probe and not ck.target:
+        train, test, suffix = "train", "test", ""
+        if a.label_fraction:  # Table 3: trained on the subset only, scored on the full val set
+            train, test = (common.load_split("imagenet", ck.args.data_root, s)
+                           for s in (f"train_{a.label_fraction}pct", "val"))
+            suffix = f"_{a.label_fraction}pct"
+        probe = isd_linear_probe(ck, a.linear_probe, a.probe_epochs or ck.args.probe_epochs, a.seed, train, test,
+                                 suffix)
         metrics.update(probe)
         best = next(k for k in probe if k.endswith("_best"))
         notes[best] = f"  (epoch {probe[best + '_epoch']}, chosen on the test set)"
     if a.export or a.show_retrievals:
         out = ck.call(ck.module.embeddings)
-        need(out, f"{ck.path}: {ck.method}.embeddings gives nothing on {ck.args.dataset} (no labelled test split)")
-        test, gallery = ck.split("test"), (ck.split("gallery") if "train_emb" in out else None)
+        if out:
+            test, gallery = ck.split("test"), (ck.split("gallery") if "train_emb" in out else None)
+        else:  # no labelled test split (isd on a flat folder): the gallery's backbone features, its labels or -1
+            need(hasattr(ck.module, "features"), f"{ck.path}: {ck.method}.embeddings gives nothing on "
+                 f"{ck.args.dataset} (no labelled test split)")
+            emb, labels = ck.call(ck.module.features, "train")
+            out, test, gallery = {"emb": F.normalize(emb, dim=1), "labels": labels}, ck.split("gallery"), None
     if a.export:  # + image paths of file datasets, class names
         arrays = {k: v.detach().cpu().numpy() for k, v in out.items() if torch.is_tensor(v)}
         for key, split in (("paths", test), ("train_paths", gallery)):
@@ -516,14 +695,16 @@ def run_checkpoint(a):
     if a.show_retrievals:
         show_retrievals(ck, out, test, gallery, a, a.out or os.path.join(folder, "retrievals.png"))
     for label, ref in ck.references.items():
-        print(f"{label} (logged): " + "  ".join(f"{k} {v:.2f}" for k, v in ref.items() if isinstance(v, (int, float))))
+        print(f"{label} (logged): " + "  ".join(f"{k} {cell(v)}" for k, v in ref.items() if cell(v) != "-"))
     report(metrics, a.json or os.path.join(folder, "eval.json"), ck.logged, notes)
     return metrics
 
 
 def main(argv=None):
-    """Returns the metrics (a dict) of a checkpoint or embeddings file; bad input: one line on stderr, exit 2."""
+    """Returns the metrics (a dict) of a checkpoint or embeddings file; bad input: one line on stderr, exit 2;
+    Ctrl-C: one line, exit 130."""
     a = get_args(argv)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # fp32 (cuDNN's default: TF32)
     try:
         if a.plot is not None:
             folder = a.plot if os.path.isdir(a.plot) else os.path.dirname(a.plot) or "."
@@ -534,7 +715,11 @@ def main(argv=None):
             *(getattr(sys.modules.get(m), "RunError", EvalError) for m in METHODS)) as e:  # a bug keeps its traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C)", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # loaded: Ctrl-C is a KeyboardInterrupt for main()
     main()
