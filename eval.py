@@ -7,37 +7,22 @@
     python eval.py runs/<isd-imagenet-run>/model.pt --linear-probe --label-fraction 1       # 1% (or 10%) labels
     python eval.py --embeddings emb.npz                      # arrays emb, labels [, train_emb, train_labels]
     python eval.py --plot runs/<run> --out curves.png        # metrics.jsonl curves (needs matplotlib)
-Metrics go to eval.json next to the checkpoint (--json elsewhere), in fp32 (TF32 off). Any bad input gives one line and
-exit code 2; Ctrl-C exits with 130.
+Metrics (fp32, TF32 off) go to eval.json next to the checkpoint (--json elsewhere). Bad input: one line, exit code 2.
 
 The contract. model.pt = {"method", "args" (resolved), "model" (state_dict), "metrics", "history"}; the method file it
 names (one of the four next to eval.py) has METHOD, RunError, get_args(argv) (vars(get_args([])): every argument),
-EVAL_ARGS (the arguments that define the network, the test data and the evaluation: a model.pt without one is
-refused; one without another argument gets its default for the run's dataset, with a note), model_from_args(args)
-(strict load, no download), load_data(args, "test" | "gallery") -> common.Split, embeddings(model, args, device) ->
-{"emb" [N, D], "labels"} in load_data order ({} without a labelled test split; isd also "train_emb", "train_labels":
-the gallery, and teacher_*; camd / spkd "logits"), evaluate(model, args, device) -> {metric: percent, or the boolean
-"collapsed"} (the training loop's own: the logged numbers) and (isd) features(model, args, device, split,
-augment=False, transform=None) -> (backbone features, labels) of "train" (= the gallery), "test" or a common.Split.
-An --export file read back with --embeddings gives the checkpoint's embedding metrics (the scripts' own functions).
-Without a labelled test split (isd on a flat folder of your images) --export / --show-retrievals use the gallery.
-
-The ISD paper's three linear evaluations (--linear-probe; a frozen backbone, one linear layer):
- 1. Its own dataset (Table 1): eval_linear.py (linear_probe()).
- 2. --dataset X (Table 2: "We follow [BYOL] setting for transfer learning"): BYOL App. D.2, Kornblith et al. 2019's
-    protocol: L2-regularised multinomial logistic regression on the features of the centre crop, no augmentation
-    (image files: shorter side to 224 px, bicubic, centre crop, ImageNet mean / std; SimCLR App. B.8), by L-BFGS; the
-    l2 weight is the best on a validation split of 45 log-spaced values in [1e-6, 1e5], the classifier is then refit
-    on train + validation and scored once on test. Validation (App. D.1): the creators' split for Aircraft, DTD (split
-    1 of 10; --dtd-split) and Flowers, else a seeded part of each class of train (HELD_OUT). Metric (Table 10): mean
-    per-class accuracy for Aircraft, Pets, Caltech-101 and Flowers, top-1 for the others.
-    Not stated there, ours: mean cross-entropy + l2 / 2 ||W||^2 (bias free), at most 1000 L-BFGS iterations (strong
-    Wolfe, torch's tolerances), ties to the stronger l2, no feature scaling; resolution = the checkpoint's --image-size
-    (224 for ImageNet checkpoints; in-memory datasets are resized whole, bicubic, with their own mean / std).
-    Deviations: CIFAR and Cars hold out a share of each class (BYOL: 5,000 / 5,067 / 1,650 images at random);
-    a CIFAR-sized checkpoint is probed at its own resolution (BYOL upsamples CIFAR to 224 px).
- 3. --label-fraction 1 | 10 (Table 3): eval_linear.py trained on SimCLR's 1% / 10% ImageNet subset only (epochs: the
-    run's --probe-epochs; neither the paper nor its code states others), scored on the full val set.
+EVAL_ARGS (those that define the network, the test data and the evaluation: a model.pt lacking one is refused, other
+missing ones get their default, with a note), model_from_args(args) (strict load, no download), load_data(args, "test"
+| "gallery") -> common.Split, embeddings(model, args, device) -> {"emb" [N, D], "labels"} in load_data order ({}
+without a labelled test split; isd also "train_emb", "train_labels": the gallery, and teacher_*; camd / spkd
+"logits"), evaluate(model, args, device) -> {metric: percent, or the boolean "collapsed"} (the logged numbers) and
+(isd) features(model, args, device, split, augment=False, transform=None) -> (backbone features, labels) of "train"
+(the gallery), "test" or a common.Split. --export's file read back with --embeddings gives the embedding metrics;
+without a labelled test split (isd on a flat folder), --export and --show-retrievals use the gallery (labels -1).
+ISD's linear evaluations (--linear-probe, one linear layer on the frozen backbone): its own data (Table 1), as
+eval_linear.py: linear_probe(); --label-fraction 1 | 10 (Table 3): that probe on SimCLR's 1% / 10% ImageNet subset
+only, scored on the full val set (epochs: the run's --probe-epochs; neither paper nor code says); --dataset X (Table
+2, "we follow [BYOL] setting for transfer learning"): BYOL's protocol, transfer_probe().
 """
 import argparse
 import importlib
@@ -126,9 +111,9 @@ def read_checkpoint(path):
     missing = [k for k in module.EVAL_ARGS if k not in saved]
     need(not missing, f"{path} lacks the argument(s) {', '.join(missing)}, which define its network, test data or "
          f"evaluation: written by a different version of {method}.py")
-    defaults = vars(module.get_args(["--dataset", saved["dataset"]] if saved["dataset"] in list(module.PRESETS) else []))
+    defaults = vars(module.get_args(["--dataset", saved["dataset"]] * (saved["dataset"] in list(module.PRESETS))))
     filled = sorted(set(defaults) - set(saved))
-    if filled:  # training-only arguments added to the script since: today's default for the run's dataset
+    if filled:  # arguments added to the script since: today's default for the run's dataset
         print(f"note: {path} predates the argument(s) {', '.join(filled)} (they change neither its network nor its "
               f"evaluation): filled with {method}.py's defaults")
     return ckpt, module, argparse.Namespace(**{**{k: defaults[k] for k in filled}, **saved})
@@ -154,11 +139,6 @@ class Checkpoint:
             model = self.module.model_from_args(self.args)
         except self.module.RunError as e:
             raise EvalError(f"{path}: its arguments do not build a {method} model: {e}") from None
-        except AttributeError as e:
-            if getattr(e, "obj", None) is not self.args:  # not a missing argument: a bug, show it
-                raise
-            raise EvalError(f"{path} lacks the argument {e.name} ({method}.model_from_args needs it): written by a "
-                            f"different version of {method}.py") from None
         state, own = ckpt["model"], model.state_dict()
         need(isinstance(state, dict) and all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()),
              f"{path}: 'model' is not a state_dict (a dict of tensors)")
@@ -239,9 +219,8 @@ def run_embeddings(a):
         train_emb = npz_array(data, "train_emb", path, width=emb.shape[1]) if gallery else None
         train_labels = npz_array(data, "train_labels", path, len(train_emb)) if gallery else None
     classes, norms = len(np.unique(labels)), np.linalg.norm(emb, axis=1)
-    need((labels >= 0).any(), f"{path}: every label is -1 (unlabelled images, e.g. an --export of your own folder): "
-         f"nothing to evaluate")
-    need(classes > 1, f"{path}: 'labels' has {classes} class; retrieval metrics need at least 2")
+    unlabelled = " (every label is -1: unlabelled images)" if (labels < 0).all() else ""
+    need(classes > 1, f"{path}: 'labels' has {classes} class{unlabelled}; retrieval metrics need at least 2")
     if a.l2_normalize:
         emb, train_emb = (x if x is None else x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
                           for x in (emb, train_emb))
@@ -289,8 +268,8 @@ def tiles(split, indices, tile):
 
 def show_retrievals(ck, out, test, gallery, a, path):
     """Seeded random test queries to `path`, a row each: [class name | query (grey frame) | its top-k as the metrics
-    rank them (isd: in the gallery), framed green (same class) or red (unlabelled: blue; file names)] under a legend;
-    cell = tile + 2 frame + 2 px."""
+    rank them (isd: in the gallery), framed green (same class) or red (unlabelled: all blue)] under a legend; cell =
+    tile + 2 frame + 2 px."""
     from PIL import Image, ImageDraw, ImageFont
     exclude = gallery is None  # the test set is its own gallery: skip the query itself
     gallery, emb, labels = test if exclude else gallery, out["emb"].cpu(), out["labels"].cpu()
@@ -305,27 +284,24 @@ def show_retrievals(ck, out, test, gallery, a, path):
     cell = a.tile + 2 * frame + 2
     canvas = Image.new("RGB", ((k + 3) * cell + 2, 18 + n * cell + 2), "white")
     draw = ImageDraw.Draw(canvas)
-    for r in range(n):
-        colours = [FRAMES["query"]] + [FRAMES[("same" if s else "other") if known else "neutral"]
-                                       for s in g_labels[nn[r]] == labels[query[r]]]
-        images = tiles(test, query[r:r + 1], a.tile) + tiles(gallery, nn[r], a.tile)
-        for c, (im, colour) in enumerate(zip(images, colours)):
-            x, y = (c + 2) * cell + 2, 18 + r * cell + 2
-            draw.rectangle((x, y, x + cell - 3, y + cell - 3), fill=colour)
-            canvas.paste(im, (x + frame, y + frame))
     try:
         font, small = ImageFont.load_default(size=13), ImageFont.load_default(size=11)
     except (TypeError, OSError, ImportError):  # old Pillow or no FreeType: the fixed bitmap font
         font = small = ImageFont.load_default()
     legends = (f"query (grey) and its top-{k} {'in the test set' if exclude else 'in the train split'}: green = same "
                f"class, red = another class", f"query (grey), top-{k}: green = same class, red = other",
-               "green = same class") if known else (f"query (grey) and its top-{k} (no labels)", "no labels")
+               "green = same class") if known else (f"query (grey) and its top-{k} (no labels)",)
     draw.text((4, 2), next((t for t in legends if draw.textlength(t, font=small) <= canvas.width - 8), legends[-1]),
               fill="black", font=small)
-    for r in range(n):
-        y = int(labels[query[r]])
-        name = str(test.classes[y]) if test.classes and 0 <= y < len(test.classes) else f"class {y}" if known else \
-            os.path.basename(test.paths[query[r]]) if test.paths else ""
+    for r, y in enumerate(labels[query].tolist()):
+        colours = [FRAMES["query"]] + [FRAMES[("same" if s else "other") if known else "neutral"]
+                                       for s in g_labels[nn[r]] == y]
+        for c, (im, colour) in enumerate(zip(tiles(test, query[r:r + 1], a.tile) + tiles(gallery, nn[r], a.tile),
+                                             colours)):
+            x, top = (c + 2) * cell + 2, 18 + r * cell + 2
+            draw.rectangle((x, top, x + cell - 3, top + cell - 3), fill=colour)
+            canvas.paste(im, (x + frame, top + frame))
+        name = str(test.classes[y]) if test.classes and 0 <= y < len(test.classes) else f"class {y}" * known
         while len(name) > 1 and draw.textlength(name, font=font) > 2 * cell - 8:
             name = name[:-2] + "\u2026"
         top = 20 + r * cell + (cell - 2) // 2 - 14
@@ -353,14 +329,10 @@ def full_batch_norm(center):
 def linear_probe(train_features, train_labels, test_features, test_labels, epochs, center_features=None,
                  num_classes=None, lr=0.01, momentum=0.9, weight_decay=1e-4, batch_size=256, seed=0):
     """A linear classifier on frozen features (ISD eval_linear.py, shared/notes/isd.md); accuracies in percent.
-
-    train_features: [N, D] (the cached probe) or a callable epoch (0-based) -> [N, D] of fresh augmented features (the
-    official protocol; it needs center_features, the centre-crop ones). Features are L2-normalised, then standardised
-    by full_batch_norm(center_features (default train_features)). SGD, seeded batch order, lr x0.1
-    at probe_milestones(epochs); labels < 0 are left out. -> {"last", "best", "best_epoch" (1-based, chosen on the
-    test set), "history", "lrs"} per epoch."""
-    if callable(train_features) and center_features is None:
-        raise ValueError("linear_probe: a callable train_features needs center_features (the centre-crop features)")
+    train_features: [N, D] (the cached probe) or (the official protocol) epoch (0-based) -> [N, D] fresh augmented
+    features, with center_features, the centre-crop ones, for full_batch_norm (default train_features). SGD, seeded
+    batch order, lr x0.1 at probe_milestones(epochs); labels < 0 left out. -> {"last", "best", "best_epoch" (1-based,
+    chosen on the test set), "history", "lrs"} per epoch."""
     fetch = train_features if callable(train_features) else (lambda epoch: train_features)
     center = train_features if center_features is None else center_features
     (mean, inv_std), dev = full_batch_norm(center), center.device
@@ -391,12 +363,12 @@ def linear_probe(train_features, train_labels, test_features, test_labels, epoch
     return {"last": history[-1], "best": history[best], "best_epoch": best + 1, "history": history, "lrs": lrs}
 
 
-def isd_linear_probe(ck, mode, epochs, seed, train="train", test="test", suffix=""):
+def isd_linear_probe(ck, mode, epochs, seed, fraction=None):
     """{"linear", "linear_best", "linear_best_epoch"} (official: torch seeded with seed + epoch before each epoch's
-    augmented train features) or {"linear_cached", ...} (centre-crop features once) of an isd checkpoint, the names
-    + suffix; train / test: the run's own splits or common.Splits (--label-fraction)."""
-    if train == "train":
-        ck.split("gallery"), ck.split("test")  # EvalError when the dataset has no labelled split
+    augmented train features) or {"linear_cached", ...} (centre-crop features once) of an isd checkpoint; fraction
+    (1 | 10, Table 3): trained on SimCLR's subset of ImageNet only, scored on the full val set ("linear_1pct", ...)."""
+    train, test = ([common.load_split("imagenet", ck.args.data_root, s) for s in (f"train_{fraction}pct", "val")]
+                   if fraction else [ck.split("gallery"), ck.split("test")])  # the run's own: EvalError if unlabelled
     center, train_y = ck.call(ck.module.features, train, False)
     test_x, test_y = ck.call(ck.module.features, test, False)
     need(not bool((train_y < 0).all()) and not bool((test_y < 0).all()),
@@ -405,40 +377,37 @@ def isd_linear_probe(ck, mode, epochs, seed, train="train", test="test", suffix=
     def augmented(epoch):
         torch.manual_seed(seed + epoch)
         return ck.call(ck.module.features, train, True)[0]
-    name = ("linear" if mode == "official" else "linear_cached") + suffix
+    name = ("linear" if mode == "official" else "linear_cached") + (f"_{fraction}pct" if fraction else "")
     what = "official: augmented train features every epoch" if mode == "official" else "cached centre-crop features"
     print(f"linear probe ({what}): {epochs} epochs, lr x0.1 at {probe_milestones(epochs)}, {len(center)} train / "
           f"{len(test_x)} test features")
     out = linear_probe(augmented if mode == "official" else center, train_y, test_x, test_y, epochs,
                        center_features=center, seed=seed)  # num_classes: from the labels
-    ck.model.eval()
     return {name: out["last"], f"{name}_best": out["best"], f"{name}_best_epoch": out["best_epoch"]}
 
 
 # ------------------------------------------------------------------------------------------------ linear transfer
 TRANSFER = ("cifar10", "cifar100", "food101", "sun397", "stanfordcars", "dtd", "pets", "caltech101", "flowers102",
-            "aircraft")  # ISD Table 2 (+ Aircraft, BYOL's); all but CIFAR are for --linear-probe --dataset only
-OWN_VAL = ("aircraft", "dtd", "flowers102")  # BYOL App. D.1: the creators' validation split
-HELD_OUT = {"sun397": 10, "pets": 20, "caltech101": 5, "food101": 75,  # per class (D.1; Food-101: 7,575 = 75 x 101)
-            "stanfordcars": 0.2}  # share of each class (Table 10: 1,650 of 8,144); other datasets: 10% of each class
+            "aircraft")  # ISD Table 2 (+ BYOL's Aircraft); all but CIFAR are for --linear-probe --dataset only
+OWN_VAL = ("aircraft", "dtd", "flowers102")  # BYOL App. D.1: the creators' validation split; else HELD_OUT of train:
+HELD_OUT = {"sun397": 10, "pets": 20, "caltech101": 5, "food101": 75, "stanfordcars": 0.2}  # D.1 per class (Food-101:
+# Table 10's 7,575; Cars: a share of each class, Table 10: 1,650 of 8,144); other datasets: 10% of each class
 MEAN_PER_CLASS = ("aircraft", "pets", "caltech101", "flowers102")  # BYOL Table 10; top-1 for the others
 L2_GRID = np.logspace(-6, 5, 45)  # BYOL App. D.2
 
 
 def accuracy(pred, labels, per_class=False):
     """Top-1 in percent, or (per_class) the mean over the classes present of each class's top-1 (BYOL Table 10)."""
-    hit = (pred == labels).float()
-    if not per_class:
-        return 100 * hit.mean().item()
-    ids, which = labels.unique(return_inverse=True)
-    return 100 * (torch.zeros(len(ids), device=hit.device).index_add_(0, which, hit) / which.bincount()).mean().item()
+    hit, (ids, which) = (pred == labels).float(), labels.unique(return_inverse=True)
+    per = torch.zeros(len(ids), device=hit.device).index_add_(0, which, hit) / which.bincount()
+    return 100 * (per if per_class else hit).mean().item()
 
 
 def logistic_regression(x, y, l2, num_classes, start=None, max_iter=1000):
-    """(W [C, D], b [C]) minimising mean_i CE(W x_i + b, y_i) + l2 / 2 ||W||^2 (scikit-learn's multinomial
-    LogisticRegression with C = 1 / (l2 N)) by full-batch L-BFGS from `start` (default zeros). Convex, W unique: the
-    start changes only the time (b is unique up to a shift, which no prediction sees)."""
-    w, b = (t.clone().requires_grad_() for t in start or (x.new_zeros(num_classes, x.shape[1]), x.new_zeros(num_classes)))
+    """(W [C, D], b [C]) minimising mean CE(x W^T + b, y) + l2 / 2 ||W||^2 (scikit-learn's LogisticRegression, C = 1 /
+    (l2 N)) by full-batch L-BFGS (max_iter ours) from `start` (default 0): convex, W unique: the start saves time."""
+    start = start or (x.new_zeros(num_classes, x.shape[1]), x.new_zeros(num_classes))
+    w, b = (t.clone().requires_grad_() for t in start)
     opt = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, line_search_fn="strong_wolfe")
 
     def objective():
@@ -446,21 +415,19 @@ def logistic_regression(x, y, l2, num_classes, start=None, max_iter=1000):
         loss = F.cross_entropy(torch.addmm(b, x, w.T), y) + l2 / 2 * w.square().sum()
         loss.backward()
         return loss
-    with torch.enable_grad():
-        opt.step(objective)
+    opt.step(objective)
     return w.detach(), b.detach()
 
 
 def select_l2(train, val, num_classes, per_class, grid=L2_GRID):
-    """Each l2 of the grid, strongest first, fitted on train = (x, y) from the previous fit and scored on val ->
-    (the l2 with the best score, ties to the stronger, its fit, {l2: validation score})."""
+    """A fit on train = (x, y) per l2, strongest first, each from the last, scored on val = (x, y) -> (the best l2,
+    ties to the stronger, its fit, {l2: validation score})."""
     scores, best, fit = {}, None, None
-    for l2 in sorted(grid, reverse=True):
+    for l2 in sorted(map(float, grid), reverse=True):
         fit = logistic_regression(*train, l2, num_classes, fit)
-        scores[float(l2)] = accuracy(torch.addmm(fit[1], val[0], fit[0].T).argmax(1), val[1], per_class)
-        if best is None or scores[float(l2)] > scores[best[0]]:
-            best = (float(l2), fit)
-    return best[0], best[1], scores
+        scores[l2] = accuracy(torch.addmm(fit[1], val[0], fit[0].T).argmax(1), val[1], per_class)
+        best = (l2, fit) if best is None or scores[l2] > scores[best[0]] else best
+    return (*best, scores)
 
 
 def held_out(labels, share, seed):
@@ -472,36 +439,32 @@ def held_out(labels, share, seed):
     return mask
 
 
-def probe_features(ck, split):
-    """Frozen backbone features and labels of a Split's centre crop at the checkpoint's --image-size, unaugmented:
-    image files resized (shorter side, bicubic) and centre-cropped, ImageNet mean / std (BYOL App. D.2, SimCLR B.8);
-    in-memory images resized whole (bicubic), with their dataset's mean / std."""
-    size = ck.args.image_size
-    if split.images is None:
-        from torchvision import transforms as T
-        tf = T.Compose([T.Resize(size, T.InterpolationMode.BICUBIC), T.CenterCrop(size), T.ToTensor(),
-                        T.Normalize(common.IMAGENET_MEAN, common.IMAGENET_STD)])
-    else:
-        def tf(u):
-            same = u.shape[-2:] == (size, size)
-            x = u if same else F.interpolate(u.float() / 255, (size, size), mode="bicubic", antialias=True).clamp(0, 1)
-            return common.normalize(x, split.mean, split.std)
-    return ck.call(ck.module.features, split, False, tf)
-
-
 def transfer_probe(ck, name, root, dtd_split, seed):
-    """ISD Table 2 by BYOL's protocol (module docstring) -> {"linear_<name>": test score %, "linear_<name>_l2": l2}."""
-    def load(split):  # DTD: official split k of 10
-        return common.load_split(name, root, f"{split}{dtd_split if name == 'dtd' else ''}", channels=3)
-    (x, y), (tx, ty) = probe_features(ck, load("train")), probe_features(ck, load("test"))
+    """ISD Table 2 by BYOL App. D.2 (Kornblith et al. 2019): logistic regression on the features of the unaugmented
+    centre crop (files: shorter side to --image-size, bicubic, ImageNet mean / std; SimCLR B.8), its l2 the best of
+    L2_GRID on validation data (OWN_VAL, else HELD_OUT of train), refit on train + validation, scored once on test
+    (MEAN_PER_CLASS, else top-1) -> {"linear_<name>": %, "linear_<name>_l2": l2}. Ours: see logistic_regression and
+    select_l2; no feature scaling; in-memory images resized whole (bicubic, their mean / std). Deviations: CIFAR and
+    Cars hold out part of each class (BYOL: 5,000 / 5,067 / 1,650 random images); the resolution is the checkpoint's
+    (224 px for ImageNet runs as in BYOL, but a CIFAR-sized run is probed at its own where BYOL upsamples to 224)."""
+    from torchvision import transforms as T
+    size = ck.args.image_size  # image files: BYOL App. D.2, SimCLR App. B.8
+    files = T.Compose([T.Resize(size, T.InterpolationMode.BICUBIC), T.CenterCrop(size), T.ToTensor(),
+                       T.Normalize(common.IMAGENET_MEAN, common.IMAGENET_STD)])
+
+    def features(split):  # of the centre crop, unaugmented; DTD: the official split --dtd-split of 10
+        data = common.load_split(name, root, f"{split}{dtd_split if name == 'dtd' else ''}", channels=3)
+        return ck.call(ck.module.features, data, False, files if data.images is None else lambda u: common.normalize(
+            u if u.shape[-1] == size else F.interpolate(u / 255.0, (size, size), mode="bicubic", antialias=True)
+            .clamp(0, 1), data.mean, data.std))
+    (x, y), (tx, ty) = features("train"), features("test")
     if name in OWN_VAL:
-        vx, vy = probe_features(ck, load("val"))
-    else:  # a seeded part of each class of train
+        vx, vy = features("val")
+    else:
         held = held_out(y.cpu(), HELD_OUT.get(name, 0.1), seed).to(y.device)
         (x, y), (vx, vy) = (x[~held], y[~held]), (x[held], y[held])
+    need(len(vy) and y.min() >= 0, f"--dataset {name}: the linear transfer needs labelled train images, 2 of a class")
     per_class, classes = name in MEAN_PER_CLASS, int(max(y.max(), vy.max(), ty.max())) + 1
-    need(len(vy) and y.min() >= 0, f"{name}: the linear transfer needs a labelled train split of more than one image "
-         f"per class")
     l2, fit, scores = select_l2((x, y), (vx, vy), classes, per_class)
     w, b = logistic_regression(torch.cat([x, vx]), torch.cat([y, vy]), l2, classes, fit)
     print(f"linear transfer to {name}: {len(y)} train + {len(vy)} validation images ({scores[l2]:.2f}% at the chosen "
@@ -515,18 +478,16 @@ def plot_curves(run, out):
     path = os.path.join(run, "metrics.jsonl") if os.path.isdir(run) else run
     need(os.path.exists(run), f"--plot {run}: no such run folder")
     need(os.path.isfile(path), f"--plot {run}: no metrics.jsonl in it (a run folder holds one once it has evaluated)")
+    rows = []
     try:
         with open(path) as f:
-            lines = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
+            for i, line in ((i, line) for i, line in enumerate(f, 1) if line.strip()):
+                rows.append(json.loads(line))
+                need(isinstance(rows[-1], dict), f"{path} line {i}: not a metrics row (not a JSON object)")
     except (OSError, UnicodeDecodeError) as e:
         raise EvalError(f"cannot read {path} ({short(e, 80)})") from None
-    rows = []
-    for i, line in lines:
-        try:
-            rows.append(json.loads(line))
-        except ValueError as e:
-            raise EvalError(f"{path} line {i}: not a metrics row ({short(e, 80)})") from None
-        need(isinstance(rows[-1], dict), f"{path} line {i}: not a metrics row (not a JSON object)")
+    except ValueError as e:  # json.loads
+        raise EvalError(f"{path} line {i}: not a metrics row ({short(e, 80)})") from None
     need(rows, f"{path} is empty: the run has not evaluated yet")
     try:
         from matplotlib.figure import Figure
@@ -594,7 +555,7 @@ def get_args(argv):
     p.add_argument("--embeddings", metavar="FILE.npz", help="evaluate arrays emb, labels [, train_emb, train_labels]")
     p.add_argument("--plot", metavar="RUN", help="draw runs/<run>/metrics.jsonl (needs matplotlib) to --out")
     p.add_argument("--dataset", choices=list(dict.fromkeys(common.DATASETS + TRANSFER)), help="evaluate on another "
-                   "dataset than the saved one (with --linear-probe: ISD's linear transfer to it)")
+                   "dataset than the saved one (--linear-probe: the linear transfer to it)")
     p.add_argument("--data-root", help="where the data are now (default: the saved --data-root)")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"], help="default auto")
     p.add_argument("--workers", type=int, help="DataLoader workers for image files (default: the saved value)")
@@ -605,8 +566,7 @@ def get_args(argv):
     p.add_argument("--linear-probe", nargs="?", const="official", choices=["official", "cached"],
                    help="isd: the linear protocol (official: augmented features each epoch; cached: fast)")
     p.add_argument("--probe-epochs", type=int, help="linear probe epochs (default: the checkpoint's probe_epochs)")
-    p.add_argument("--label-fraction", type=int, choices=[1, 10], help="imagenet: train the probe on SimCLR's 1%% or "
-                   "10%% subset only (ISD Table 3)")
+    p.add_argument("--label-fraction", type=int, choices=[1, 10], help="imagenet: the probe on a 1%% or 10%% subset")
     p.add_argument("--dtd-split", type=int, choices=range(1, 11), help="--dataset dtd: the official split (default 1)")
     p.add_argument("--seed", type=int, default=0, help="seeds the picture's queries and the probe (default 0)")
     p.add_argument("--no-nmi", action="store_true", help="--embeddings: skip NMI (k-means)")
@@ -634,11 +594,9 @@ def get_args(argv):
             (a.out is not None and a.plot is None and a.show_retrievals is None,
              "--out names a picture (--show-retrievals, --plot); the metrics JSON goes to --json"),
             (a.plot is not None and a.json is not None, "--plot writes no metrics; drop --json"),
-            (a.dataset in TRANSFER[2:] and not a.linear_probe, f"--dataset {a.dataset} is for ISD's linear transfer: "
-                                                               f"add --linear-probe"),
+            (a.dataset in TRANSFER[2:] and not a.linear_probe, f"--dataset {a.dataset}: add --linear-probe (transfer)"),
             (a.label_fraction and not a.linear_probe, "--label-fraction trains the linear probe: add --linear-probe"),
-            (a.label_fraction and a.dataset not in (None, "imagenet"), "--label-fraction: the subsets are ImageNet's; "
-                                                                       "drop --dataset"),
+            (a.label_fraction and a.dataset not in (None, "imagenet"), "--label-fraction: ImageNet's; drop --dataset"),
             (a.dtd_split and a.dataset != "dtd", "--dtd-split is for --linear-probe --dataset dtd"),
             (a.out is not None and not a.out.lower().endswith(allowed), f"--out {a.out}: use a {' / '.join(allowed)} "
                                                                         f"file name")):
@@ -664,13 +622,7 @@ def run_checkpoint(a):
     elif not metrics:
         print(f"note: {ck.method}.evaluate gives no metrics on {ck.args.dataset} (no labelled test split)")
     if a.linear_probe and not ck.target:
-        train, test, suffix = "train", "test", ""
-        if a.label_fraction:  # Table 3: trained on the subset only, scored on the full val set
-            train, test = (common.load_split("imagenet", ck.args.data_root, s)
-                           for s in (f"train_{a.label_fraction}pct", "val"))
-            suffix = f"_{a.label_fraction}pct"
-        probe = isd_linear_probe(ck, a.linear_probe, a.probe_epochs or ck.args.probe_epochs, a.seed, train, test,
-                                 suffix)
+        probe = isd_linear_probe(ck, a.linear_probe, a.probe_epochs or ck.args.probe_epochs, a.seed, a.label_fraction)
         metrics.update(probe)
         best = next(k for k in probe if k.endswith("_best"))
         notes[best] = f"  (epoch {probe[best + '_epoch']}, chosen on the test set)"
@@ -679,8 +631,6 @@ def run_checkpoint(a):
         if out:
             test, gallery = ck.split("test"), (ck.split("gallery") if "train_emb" in out else None)
         else:  # no labelled test split (isd on a flat folder): the gallery's backbone features, its labels or -1
-            need(hasattr(ck.module, "features"), f"{ck.path}: {ck.method}.embeddings gives nothing on "
-                 f"{ck.args.dataset} (no labelled test split)")
             emb, labels = ck.call(ck.module.features, "train")
             out, test, gallery = {"emb": F.normalize(emb, dim=1), "labels": labels}, ck.split("gallery"), None
     if a.export:  # + image paths of file datasets, class names
