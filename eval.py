@@ -2,27 +2,22 @@
 
     python eval.py runs/<run>/model.pt [--data-root /data]   # the run's metrics, recomputed, beside the logged ones
     python eval.py runs/<run>/model.pt --export emb.npz --show-retrievals 8   # + embeddings, a picture of neighbours
-    python eval.py runs/<isd-run>/model.pt --linear-probe    # + the official linear protocol (or "cached": fast)
-    python eval.py runs/<isd-run>/model.pt --linear-probe --dataset pets --data-root /data   # linear transfer
-    python eval.py runs/<isd-imagenet-run>/model.pt --linear-probe --label-fraction 1       # 1% (or 10%) labels
+    python eval.py runs/<isd-run>/model.pt --linear-probe [cached] [--dataset pets | --label-fraction 1]  # ISD's
     python eval.py --embeddings emb.npz                      # arrays emb, labels [, train_emb, train_labels]
     python eval.py --plot runs/<run> --out curves.png        # metrics.jsonl curves (needs matplotlib)
 Metrics (fp32, TF32 off) go to eval.json next to the checkpoint (--json elsewhere). Bad input: one line, exit code 2.
 
-The contract. model.pt = {"method", "args" (resolved), "model" (state_dict), "metrics", "history"}; the method file it
-names (one of the four next to eval.py) has METHOD, RunError, get_args(argv) (vars(get_args([])): every argument),
-EVAL_ARGS (those that define the network, the test data and the evaluation: a model.pt lacking one is refused, other
-missing ones get their default, with a note), model_from_args(args) (strict load, no download), load_data(args, "test"
-| "gallery") -> common.Split, embeddings(model, args, device) -> {"emb" [N, D], "labels"} in load_data order ({}
-without a labelled test split; isd also "train_emb", "train_labels": the gallery, and teacher_*; camd / spkd
-"logits"), evaluate(model, args, device) -> {metric: percent, or the boolean "collapsed"} (the logged numbers) and
-(isd) features(model, args, device, split, augment=False, transform=None) -> (backbone features, labels) of "train"
-(the gallery), "test" or a common.Split. --export's file read back with --embeddings gives the embedding metrics;
-without a labelled test split (isd on a flat folder), --export and --show-retrievals use the gallery (labels -1).
-ISD's linear evaluations (--linear-probe, one linear layer on the frozen backbone): its own data (Table 1), as
-eval_linear.py: linear_probe(); --label-fraction 1 | 10 (Table 3): that probe on SimCLR's 1% / 10% ImageNet subset
-only, scored on the full val set (epochs: the run's --probe-epochs; neither paper nor code says); --dataset X (Table
-2, "we follow [BYOL] setting for transfer learning"): BYOL's protocol, transfer_probe().
+The contract. model.pt = {"method", "args" (resolved), "model" (state_dict), "metrics", "history"}; its method file
+(next to eval.py) has METHOD, RunError, get_args(argv) (vars(get_args([])): every argument), EVAL_ARGS (those that
+define the network, the test data and the evaluation: a model.pt lacking one is refused, other missing ones get their
+default, with a note), model_from_args(args) (strict load, no download), load_data(args, "test" | "gallery") ->
+common.Split, embeddings(model, args, device) -> {"emb" [N, D], "labels"} in load_data order ({} without a labelled
+test split; isd: + "train_emb", "train_labels" of the gallery, teacher_*; camd / spkd: + "logits"), evaluate(model,
+args, device) -> {metric: percent, or the boolean "collapsed"} (the logged numbers), (isd) features(model, args,
+device, split, augment=False, transform=None) -> (backbone features, labels) of "train" (the gallery), "test" or a
+common.Split. --export's file read back with --embeddings gives the embedding metrics; without a labelled test split
+(isd on a flat folder) --export and --show-retrievals use the gallery (labels -1). ISD's linear probes (Tables 1, 3:
+isd_linear_probe(); Table 2, --dataset X: transfer_probe()) need its features().
 """
 import argparse
 import importlib
@@ -45,8 +40,7 @@ import common
 HERE = os.path.dirname(os.path.abspath(__file__))
 METHODS = ("s2sd", "camd", "spkd", "isd")
 NOT_METRICS = ("epoch", "step", "elapsed_s", "images_per_s")  # metrics.jsonl bookkeeping columns
-FRAMES = {"query": (140, 140, 140), "same": (26, 178, 38), "other": (217, 26, 26),  # retrieval picture frames
-          "neutral": (60, 110, 200)}  # unlabelled images
+FRAMES = {"query": (140, 140, 140), "same": (26, 178, 38), "other": (217, 26, 26), "neutral": (60, 110, 200)}  # tiles
 PANELS = {r"R@\d+": "Recall@k", r"Rank-\d+": "Rank-k", r"knn\d+w?": "k-NN accuracy",
           r"knn\d+w?_small": "k-NN accuracy, small classes"}  # --plot: a metric family shares one panel
 
@@ -129,8 +123,7 @@ class Checkpoint:
         self.trained_on = self.args.dataset
         need(a.dataset != "synthetic" or self.trained_on == "synthetic",
              f"--dataset synthetic: random images for benchmarks, nothing to evaluate {path} on")
-        self.target = a.dataset if a.linear_probe and a.dataset not in (None, self.trained_on) else None  # transfer
-        for key in ("workers",) if self.target else ("dataset", "data_root", "workers"):
+        for key in ("dataset", "data_root", "workers"):
             if getattr(a, key) is not None:
                 setattr(self.args, key, getattr(a, key))
         self.device = pick_device(a.device)
@@ -241,8 +234,8 @@ def run_embeddings(a):
 
 # ------------------------------------------------------------------------------------------------ retrieval picture
 def nearest(query_idx, query_emb, gallery_emb, k, exclude_self):
-    """[len(query_idx), k] gallery indices nearest to query_emb[query_idx], by Euclidean distance, ties to the lower
-    index (common's metrics order); exclude_self drops gallery item i for query i (test set = gallery)."""
+    """[len(query_idx), k] gallery indices nearest to query_emb[query_idx] (Euclidean; ties to the lower index, as
+    common's metrics); exclude_self drops gallery item i for query i (test set = gallery)."""
     q, g = query_emb[query_idx].float(), gallery_emb.float()
     d = torch.addmm((g * g).sum(1)[None, :], q, g.T, alpha=-2)  # ||q - g||^2 - ||q||^2
     if exclude_self:
@@ -268,8 +261,7 @@ def tiles(split, indices, tile):
 
 def show_retrievals(ck, out, test, gallery, a, path):
     """Seeded random test queries to `path`, a row each: [class name | query (grey frame) | its top-k as the metrics
-    rank them (isd: in the gallery), framed green (same class) or red (unlabelled: all blue)] under a legend; cell =
-    tile + 2 frame + 2 px."""
+    rank them (isd: in the gallery), framed green (same class), red or (no labels) blue]; cell = tile + 2 frame + 2."""
     from PIL import Image, ImageDraw, ImageFont
     exclude = gallery is None  # the test set is its own gallery: skip the query itself
     gallery, emb, labels = test if exclude else gallery, out["emb"].cpu(), out["labels"].cpu()
@@ -288,9 +280,9 @@ def show_retrievals(ck, out, test, gallery, a, path):
         font, small = ImageFont.load_default(size=13), ImageFont.load_default(size=11)
     except (TypeError, OSError, ImportError):  # old Pillow or no FreeType: the fixed bitmap font
         font = small = ImageFont.load_default()
-    legends = (f"query (grey) and its top-{k} {'in the test set' if exclude else 'in the train split'}: green = same "
-               f"class, red = another class", f"query (grey), top-{k}: green = same class, red = other",
-               "green = same class") if known else (f"query (grey) and its top-{k} (no labels)",)
+    where = f"query (grey) and its top-{k} {'in the test set' if exclude else 'in the train split'}"
+    legends = [f"{where}: green = same class, red = another class", "green = same class, red = other"] if known \
+        else [f"{where} (no labels)"]
     draw.text((4, 2), next((t for t in legends if draw.textlength(t, font=small) <= canvas.width - 8), legends[-1]),
               fill="black", font=small)
     for r, y in enumerate(labels[query].tolist()):
@@ -313,32 +305,24 @@ def show_retrievals(ck, out, test, gallery, a, path):
           f"{canvas.width}x{canvas.height} px")
 
 
-# ------------------------------------------------------------------------------------------------ ISD linear probe
-def probe_milestones(epochs):
-    """eval_linear.py's lr steps (x0.1 at 15 and 30 of 40 epochs), scaled to `epochs`."""
-    return [round(epochs * 15 / 40), round(epochs * 30 / 40)]
-
-
+# ------------------------------------------------------------------------------------------------ ISD linear probes
 def full_batch_norm(center):
-    """eval_linear.py's FullBatchNorm of the L2-normalised centre-crop train features: (mean, 1 / sqrt(var + 1e-5)),
-    var unbiased (torch.var_mean)."""
+    """eval_linear.py's Normalize + FullBatchNorm: x -> (x / |x| - mean) * inv_std, inv_std = 1 / sqrt(var + 1e-5), mean
+    and var (unbiased, torch.var_mean) of the L2-normalised centre-crop train features `center`."""
     var, mean = torch.var_mean(F.normalize(center.float(), dim=1), dim=0)
-    return mean, 1.0 / torch.sqrt(var + 1e-5)
+    inv_std = 1.0 / torch.sqrt(var + 1e-5)
+    return lambda x: (F.normalize(x.float(), dim=1) - mean) * inv_std
 
 
 def linear_probe(train_features, train_labels, test_features, test_labels, epochs, center_features=None,
                  num_classes=None, lr=0.01, momentum=0.9, weight_decay=1e-4, batch_size=256, seed=0):
-    """A linear classifier on frozen features (ISD eval_linear.py, shared/notes/isd.md); accuracies in percent.
-    train_features: [N, D] (the cached probe) or (the official protocol) epoch (0-based) -> [N, D] fresh augmented
-    features, with center_features, the centre-crop ones, for full_batch_norm (default train_features). SGD, seeded
-    batch order, lr x0.1 at probe_milestones(epochs); labels < 0 left out. -> {"last", "best", "best_epoch" (1-based,
-    chosen on the test set), "history", "lrs"} per epoch."""
+    """eval_linear.py's classifier (shared/notes/isd.md) on train_features [N, D] (cached) or epoch (0-based) -> fresh
+    augmented [N, D] (official), center_features (default train_features) for full_batch_norm; SGD, seeded order, lr
+    x0.1 at 3/8 and 3/4 of the epochs (15, 30 of 40), labels < 0 left out -> {"last", "best", "best_epoch" (1-based,
+    chosen on the test set), "history", "lrs"}, accuracies in percent."""
     fetch = train_features if callable(train_features) else (lambda epoch: train_features)
     center = train_features if center_features is None else center_features
-    (mean, inv_std), dev = full_batch_norm(center), center.device
-
-    def prepare(x):
-        return (F.normalize(x.float(), dim=1) - mean) * inv_std
+    prepare, dev = full_batch_norm(center), center.device
     keep = (train_labels >= 0).to(dev)
     y_train, y_test, test_x = train_labels.to(dev)[keep], test_labels.to(dev), prepare(test_features.to(dev))
     num_classes = num_classes or int(max(y_train.max().item(), y_test.max().item())) + 1
@@ -346,7 +330,7 @@ def linear_probe(train_features, train_labels, test_features, test_labels, epoch
         torch.manual_seed(seed)
         head = torch.nn.Linear(center.shape[1], num_classes).to(dev)
     opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, probe_milestones(epochs), 0.1)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [round(epochs * 15 / 40), round(epochs * 30 / 40)], 0.1)
     order_gen, history, lrs = torch.Generator().manual_seed(seed), [], []
     for epoch in range(epochs):
         x = prepare(fetch(epoch).to(dev))[keep]
@@ -364,34 +348,28 @@ def linear_probe(train_features, train_labels, test_features, test_labels, epoch
 
 
 def isd_linear_probe(ck, mode, epochs, seed, fraction=None):
-    """{"linear", "linear_best", "linear_best_epoch"} (official: torch seeded with seed + epoch before each epoch's
-    augmented train features) or {"linear_cached", ...} (centre-crop features once) of an isd checkpoint; fraction
-    (1 | 10, Table 3): trained on SimCLR's subset of ImageNet only, scored on the full val set ("linear_1pct", ...)."""
+    """ISD's linear layer on the frozen backbone (eval_linear.py) -> {"linear", "linear_best", "linear_best_epoch"}
+    (official: seed + epoch seeds each epoch's augmented train features) or {"linear_cached", ...}; fraction 1 | 10
+    (Table 3, "linear_1pct" ...): on SimCLR's ImageNet subset only (epochs: neither paper nor code says), val scored."""
     train, test = ([common.load_split("imagenet", ck.args.data_root, s) for s in (f"train_{fraction}pct", "val")]
                    if fraction else [ck.split("gallery"), ck.split("test")])  # the run's own: EvalError if unlabelled
-    center, train_y = ck.call(ck.module.features, train, False)
-    test_x, test_y = ck.call(ck.module.features, test, False)
-    need(not bool((train_y < 0).all()) and not bool((test_y < 0).all()),
-         f"{ck.path}: --linear-probe needs labelled train and test splits of {ck.args.dataset}")
+    (center, train_y), (test_x, test_y) = (ck.call(ck.module.features, split, False) for split in (train, test))
+    need(bool((train_y >= 0).any() and (test_y >= 0).any()), f"{ck.path}: --linear-probe needs labelled data")
 
     def augmented(epoch):
         torch.manual_seed(seed + epoch)
         return ck.call(ck.module.features, train, True)[0]
     name = ("linear" if mode == "official" else "linear_cached") + (f"_{fraction}pct" if fraction else "")
-    what = "official: augmented train features every epoch" if mode == "official" else "cached centre-crop features"
-    print(f"linear probe ({what}): {epochs} epochs, lr x0.1 at {probe_milestones(epochs)}, {len(center)} train / "
-          f"{len(test_x)} test features")
+    print(f"linear probe ({mode}): {epochs} epochs, {len(center)} train / {len(test_x)} test images")
     out = linear_probe(augmented if mode == "official" else center, train_y, test_x, test_y, epochs,
                        center_features=center, seed=seed)  # num_classes: from the labels
     return {name: out["last"], f"{name}_best": out["best"], f"{name}_best_epoch": out["best_epoch"]}
 
 
-# ------------------------------------------------------------------------------------------------ linear transfer
-TRANSFER = ("cifar10", "cifar100", "food101", "sun397", "stanfordcars", "dtd", "pets", "caltech101", "flowers102",
-            "aircraft")  # ISD Table 2 (+ BYOL's Aircraft); all but CIFAR are for --linear-probe --dataset only
-OWN_VAL = ("aircraft", "dtd", "flowers102")  # BYOL App. D.1: the creators' validation split; else HELD_OUT of train:
-HELD_OUT = {"sun397": 10, "pets": 20, "caltech101": 5, "food101": 75, "stanfordcars": 0.2}  # D.1 per class (Food-101:
-# Table 10's 7,575; Cars: a share of each class, Table 10: 1,650 of 8,144); other datasets: 10% of each class
+OWN_VAL = ("aircraft", "dtd", "flowers102")  # BYOL App. D.1: the creators' validation split, else held out of train:
+HELD_OUT = {"sun397": 10, "pets": 20, "caltech101": 5, "food101": 75,  # per class (D.1; Food-101: Table 10's 7,575)
+            "stanfordcars": 0.2}  # of each class (Table 10: 1,650 of 8,144); other datasets: 10% of each class
+TRANSFER = OWN_VAL + tuple(HELD_OUT)  # ISD Table 2 (+ BYOL's Aircraft) besides CIFAR: for --linear-probe --dataset
 MEAN_PER_CLASS = ("aircraft", "pets", "caltech101", "flowers102")  # BYOL Table 10; top-1 for the others
 L2_GRID = np.logspace(-6, 5, 45)  # BYOL App. D.2
 
@@ -420,8 +398,7 @@ def logistic_regression(x, y, l2, num_classes, start=None, max_iter=1000):
 
 
 def select_l2(train, val, num_classes, per_class, grid=L2_GRID):
-    """A fit on train = (x, y) per l2, strongest first, each from the last, scored on val = (x, y) -> (the best l2,
-    ties to the stronger, its fit, {l2: validation score})."""
+    """Fits on train per l2, strongest first, each from the last -> (best l2 on val (ties: stronger), fit, scores)."""
     scores, best, fit = {}, None, None
     for l2 in sorted(map(float, grid), reverse=True):
         fit = logistic_regression(*train, l2, num_classes, fit)
@@ -433,22 +410,20 @@ def select_l2(train, val, num_classes, per_class, grid=L2_GRID):
 def held_out(labels, share, seed):
     """A seeded bool mask of `share` images of each class (a count, or a fraction of the class when < 1)."""
     g, mask = torch.Generator().manual_seed(seed), torch.zeros(len(labels), dtype=torch.bool)
-    for c in labels.unique().tolist():
-        idx = torch.nonzero(labels == c).squeeze(1)
+    for idx in (torch.nonzero(labels == c).squeeze(1) for c in labels.unique().tolist()):
         mask[idx[torch.randperm(len(idx), generator=g)[:share if share >= 1 else round(share * len(idx))]]] = True
     return mask
 
 
-def transfer_probe(ck, name, root, dtd_split, seed):
-    """ISD Table 2 by BYOL App. D.2 (Kornblith et al. 2019): logistic regression on the features of the unaugmented
-    centre crop (files: shorter side to --image-size, bicubic, ImageNet mean / std; SimCLR B.8), its l2 the best of
-    L2_GRID on validation data (OWN_VAL, else HELD_OUT of train), refit on train + validation, scored once on test
-    (MEAN_PER_CLASS, else top-1) -> {"linear_<name>": %, "linear_<name>_l2": l2}. Ours: see logistic_regression and
-    select_l2; no feature scaling; in-memory images resized whole (bicubic, their mean / std). Deviations: CIFAR and
-    Cars hold out part of each class (BYOL: 5,000 / 5,067 / 1,650 random images); the resolution is the checkpoint's
-    (224 px for ImageNet runs as in BYOL, but a CIFAR-sized run is probed at its own where BYOL upsamples to 224)."""
+def transfer_probe(ck, dtd_split, seed):
+    """ISD Table 2 ("we follow [BYOL] setting"), BYOL App. D.2 / Kornblith et al. 2019: logistic regression on the
+    unaugmented centre crop's features (files: shorter side to --image-size, bicubic, ImageNet mean / std; SimCLR B.8),
+    its l2 the best of L2_GRID on validation data (OWN_VAL, else HELD_OUT of train), refit on train + validation, scored
+    once on test (MEAN_PER_CLASS, else top-1). Ours: no feature scaling, in-memory images resized whole (bicubic, own
+    mean / std). Deviations: CIFAR, Cars hold out part of each class (BYOL: 5,000 / 5,067 / 1,650 random images); a
+    CIFAR-sized run is probed at its own size (BYOL: 224 px) -> {"linear_<name>": %, "linear_<name>_l2": l2}."""
     from torchvision import transforms as T
-    size = ck.args.image_size  # image files: BYOL App. D.2, SimCLR App. B.8
+    name, root, size = ck.args.dataset, ck.args.data_root, ck.args.image_size  # files: BYOL App. D.2, SimCLR B.8
     files = T.Compose([T.Resize(size, T.InterpolationMode.BICUBIC), T.CenterCrop(size), T.ToTensor(),
                        T.Normalize(common.IMAGENET_MEAN, common.IMAGENET_STD)])
 
@@ -458,24 +433,22 @@ def transfer_probe(ck, name, root, dtd_split, seed):
             u if u.shape[-1] == size else F.interpolate(u / 255.0, (size, size), mode="bicubic", antialias=True)
             .clamp(0, 1), data.mean, data.std))
     (x, y), (tx, ty) = features("train"), features("test")
-    if name in OWN_VAL:
-        vx, vy = features("val")
-    else:
-        held = held_out(y.cpu(), HELD_OUT.get(name, 0.1), seed).to(y.device)
-        (x, y), (vx, vy) = (x[~held], y[~held]), (x[held], y[held])
+    held = None if name in OWN_VAL else held_out(y.cpu(), HELD_OUT.get(name, 0.1), seed).to(y.device)
+    (x, y), (vx, vy) = ((x, y), features("val")) if held is None else ((x[~held], y[~held]), (x[held], y[held]))
     need(len(vy) and y.min() >= 0, f"--dataset {name}: the linear transfer needs labelled train images, 2 of a class")
     per_class, classes = name in MEAN_PER_CLASS, int(max(y.max(), vy.max(), ty.max())) + 1
     l2, fit, scores = select_l2((x, y), (vx, vy), classes, per_class)
     w, b = logistic_regression(torch.cat([x, vx]), torch.cat([y, vy]), l2, classes, fit)
-    print(f"linear transfer to {name}: {len(y)} train + {len(vy)} validation images ({scores[l2]:.2f}% at the chosen "
-          f"l2 {l2:.1e}), {len(ty)} test images; {'mean per-class accuracy' if per_class else 'top-1'}")
+    print(f"linear transfer to {name}: {len(y)} train + {len(vy)} validation images (l2 {l2:.1e}: {scores[l2]:.2f}%), "
+          f"{len(ty)} test images; {'mean per-class accuracy' if per_class else 'top-1'}")
     return {f"linear_{name}": accuracy(torch.addmm(b, tx, w.T).argmax(1), ty, per_class), f"linear_{name}_l2": l2}
 
 
 # ------------------------------------------------------------------------------------------------ curves
-def plot_curves(run, out):
-    """Each metric of a run's metrics.jsonl over epochs, one panel per metric family (PANELS); needs matplotlib."""
+def plot_curves(run, out=None):
+    """A run's metrics.jsonl curves, a panel per metric family (PANELS), to `out` (default: curves.png in the run)."""
     path = os.path.join(run, "metrics.jsonl") if os.path.isdir(run) else run
+    out = out or os.path.join(os.path.dirname(path) or ".", "curves.png")
     need(os.path.exists(run), f"--plot {run}: no such run folder")
     need(os.path.isfile(path), f"--plot {run}: no metrics.jsonl in it (a run folder holds one once it has evaluated)")
     rows = []
@@ -525,8 +498,7 @@ def plot_curves(run, out):
 
 
 # ------------------------------------------------------------------------------------------------ command line
-def cell(v):
-    """A metric for the table: a number to 2 decimals, a boolean ("collapsed") as COLLAPSED / no, else -."""
+def cell(v):  # a table entry: a number to 2 decimals, a boolean ("collapsed") as COLLAPSED / no, else -
     return ("COLLAPSED" if v else "no") if isinstance(v, bool) else f"{v:.2f}" if isinstance(v, (int, float)) else "-"
 
 
@@ -534,9 +506,8 @@ def report(metrics, path, logged=None, notes=None):
     """The metrics beside the logged ones (a table on stdout), then atomically to `path` as JSON."""
     logged, notes = logged or {}, notes or {}
     print(f"{'metric':<24}{'eval.py':>10}{'run log':>10}{'diff':>10}")
-    for name, value in ((k, v) for k, v in metrics.items() if not k.endswith(("_best_epoch", "_l2"))):
-        ref, number = logged.get(name), (int, float)
-        numbers = all(isinstance(v, number) and not isinstance(v, bool) for v in (value, ref))
+    for name, value, ref in ((k, v, logged.get(k)) for k, v in metrics.items() if not k.endswith(("epoch", "_l2"))):
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (value, ref))
         diff = "=" if value == ref else f"{value - ref:+.2g}" if numbers else ""
         print(f"{name:<24}{cell(value):>10}{cell(ref):>10}{diff:>10}{notes.get(name, '')}")
     atomic_write(path, lambda f: f.write((json.dumps(metrics, indent=2) + "\n").encode()))
@@ -594,7 +565,7 @@ def get_args(argv):
             (a.out is not None and a.plot is None and a.show_retrievals is None,
              "--out names a picture (--show-retrievals, --plot); the metrics JSON goes to --json"),
             (a.plot is not None and a.json is not None, "--plot writes no metrics; drop --json"),
-            (a.dataset in TRANSFER[2:] and not a.linear_probe, f"--dataset {a.dataset}: add --linear-probe (transfer)"),
+            (a.dataset in TRANSFER and not a.linear_probe, f"--dataset {a.dataset}: add --linear-probe (transfer)"),
             (a.label_fraction and not a.linear_probe, "--label-fraction trains the linear probe: add --linear-probe"),
             (a.label_fraction and a.dataset not in (None, "imagenet"), "--label-fraction: ImageNet's; drop --dataset"),
             (a.dtd_split and a.dataset != "dtd", "--dtd-split is for --linear-probe --dataset dtd"),
@@ -612,16 +583,14 @@ def run_checkpoint(a):
          f"--linear-probe is ISD's protocol (self-supervised); {a.checkpoint} is a {ck.method} checkpoint")
     need(not a.label_fraction or ck.trained_on == "imagenet", f"--label-fraction: the 1% / 10% subsets are ImageNet's;"
          f" {a.checkpoint} was trained on {ck.trained_on}")
-    need(not ck.target or (a.linear_probe == "official" and a.probe_epochs is None), f"--dataset {ck.target}: the "
-         f"linear transfer is BYOL's L-BFGS protocol, without 'cached' and --probe-epochs")
+    transfer = a.linear_probe and ck.args.dataset != ck.trained_on  # Table 2 (and no evaluation on the training data)
+    need(not transfer or (a.linear_probe == "official" and a.probe_epochs is None), f"--dataset {ck.args.dataset}: "
+         f"the linear transfer is BYOL's L-BFGS protocol, without 'cached' and --probe-epochs")
     print(f"{a.checkpoint}: {ck.method}, dataset {ck.args.dataset} ({ck.args.data_root}), device {ck.device}")
-    metrics, notes = {} if ck.target else ck.call(ck.module.evaluate), {}
-    if ck.target:  # Table 2: the linear transfer (no evaluation on the training data)
-        metrics = transfer_probe(ck, ck.target, a.data_root or ck.args.data_root, a.dtd_split or 1, a.seed)
-        notes[f"linear_{ck.target}"] = f"  (l2 {metrics[f'linear_{ck.target}_l2']:.1e}, chosen on validation data)"
-    elif not metrics:
+    metrics, notes = transfer_probe(ck, a.dtd_split or 1, a.seed) if transfer else ck.call(ck.module.evaluate), {}
+    if not metrics:
         print(f"note: {ck.method}.evaluate gives no metrics on {ck.args.dataset} (no labelled test split)")
-    if a.linear_probe and not ck.target:
+    if a.linear_probe and not transfer:
         probe = isd_linear_probe(ck, a.linear_probe, a.probe_epochs or ck.args.probe_epochs, a.seed, a.label_fraction)
         metrics.update(probe)
         best = next(k for k in probe if k.endswith("_best"))
@@ -635,9 +604,8 @@ def run_checkpoint(a):
             out, test, gallery = {"emb": F.normalize(emb, dim=1), "labels": labels}, ck.split("gallery"), None
     if a.export:  # + image paths of file datasets, class names
         arrays = {k: v.detach().cpu().numpy() for k, v in out.items() if torch.is_tensor(v)}
-        for key, split in (("paths", test), ("train_paths", gallery)):
-            if split is not None and split.paths is not None:
-                arrays[key] = np.array([os.path.abspath(p) for p in split.paths])
+        arrays.update({key: np.array([os.path.abspath(p) for p in split.paths]) for key, split in
+                       (("paths", test), ("train_paths", gallery)) if split is not None and split.paths is not None})
         if test.classes:
             arrays["classes"] = np.array([str(c) for c in test.classes])
         atomic_write(a.export, lambda f: np.savez(f, **arrays))
@@ -651,15 +619,12 @@ def run_checkpoint(a):
 
 
 def main(argv=None):
-    """Returns the metrics (a dict) of a checkpoint or embeddings file; bad input: one line on stderr, exit 2;
-    Ctrl-C: one line, exit 130."""
+    """The metrics (a dict) of a checkpoint or embeddings file; bad input: one line, exit 2; Ctrl-C: exit 130."""
     a = get_args(argv)
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # fp32 (cuDNN's default: TF32)
     try:
         if a.plot is not None:
-            folder = a.plot if os.path.isdir(a.plot) else os.path.dirname(a.plot) or "."
-            plot_curves(a.plot, a.out or os.path.join(folder, "curves.png"))
-            return {}
+            return plot_curves(a.plot, a.out) or {}
         return run_checkpoint(a) if a.checkpoint is not None else run_embeddings(a)
     except (EvalError, common.DatasetError,  # and the RunError of each method file loaded by then:
             *(getattr(sys.modules.get(m), "RunError", EvalError) for m in METHODS)) as e:  # a bug keeps its traceback

@@ -2358,10 +2358,10 @@ def test_linear_probe_on_separable_toy_data():
 
 
 def test_linear_probe_schedule_and_fresh_features():
-    assert evalpy.probe_milestones(40) == [15, 30] and evalpy.probe_milestones(10) == [4, 8]
     x, y = toy_blobs(64, 0)
-    out = evalpy.linear_probe(x, y, x, y, epochs=40)
+    out = evalpy.linear_probe(x, y, x, y, epochs=40)  # eval_linear.py: x0.1 at epochs 15 and 30 of 40
     assert out["lrs"] == pytest.approx([0.01] * 15 + [0.001] * 15 + [0.0001] * 10)
+    assert evalpy.linear_probe(x, y, x, y, epochs=10)["lrs"] == pytest.approx([0.01] * 4 + [0.001] * 4 + [0.0001] * 2)
     seen = []
 
     def fresh(epoch):  # the official protocol: new (augmented) features every epoch
@@ -2397,15 +2397,15 @@ def test_isd_linear_probe_official_and_cached(trained, tmp_path, monkeypatch):
 
 
 def test_linear_probe_standardises_as_eval_linear_py():
-    """eval_linear.py's FullBatchNorm: (x - mean) / sqrt(var + 1e-5) of the L2-normalised centre-crop train features,
-    torch.var_mean (unbiased); a feature without spread is scaled by 1 / sqrt(1e-5), not by 1e8."""
+    """eval_linear.py's Normalize + FullBatchNorm: (x / |x| - mean) / sqrt(var + 1e-5), mean and var (unbiased) of the
+    L2-normalised centre-crop train features; a feature without spread is scaled by 1 / sqrt(1e-5), not by 1e8."""
     g = torch.Generator().manual_seed(0)
-    center = torch.rand(50, 6, generator=g, dtype=torch.float64)
-    x = center.numpy() / np.linalg.norm(center.numpy(), axis=1, keepdims=True)
-    mean, inv_std = evalpy.full_batch_norm(center)
-    assert np.allclose(mean.numpy(), x.mean(0)) and np.allclose(inv_std.numpy(), 1 / np.sqrt(x.var(0, ddof=1) + 1e-5))
-    same = evalpy.full_batch_norm(torch.ones(8, 3))[1]
-    assert torch.allclose(same, torch.full((3,), 1e-5 ** -0.5))
+    center, x = torch.rand(50, 6, generator=g, dtype=torch.float64), torch.rand(7, 6, generator=g, dtype=torch.float64)
+    unit, xu = (v.numpy() / np.linalg.norm(v.numpy(), axis=1, keepdims=True) for v in (center, x))
+    want = (xu - unit.mean(0)) / np.sqrt(unit.var(0, ddof=1) + 1e-5)
+    assert np.allclose(evalpy.full_batch_norm(center)(x).numpy(), want, atol=1e-5)
+    flat = evalpy.full_batch_norm(torch.ones(8, 3))(torch.tensor([[1.0, 0.0, 0.0]]))
+    assert torch.allclose(flat, (torch.tensor([1.0, 0, 0]) - 3 ** -0.5) / 1e-5 ** 0.5)
 
 
 def test_logistic_regression_matches_scikit_learn():
