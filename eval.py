@@ -5,7 +5,7 @@
     python eval.py runs/<isd-run>/model.pt --linear-probe [cached] [--dataset pets | --label-fraction 1]  # ISD's
     python eval.py --embeddings emb.npz                      # arrays emb, labels [, train_emb, train_labels]
     python eval.py --plot runs/<run> --out curves.png        # metrics.jsonl curves (needs matplotlib)
-Metrics (fp32, TF32 off) go to eval.json next to the checkpoint (--json elsewhere). Bad input: one line, exit code 2.
+Metrics (fp32, TF32 off): eval.json beside the checkpoint (or --json). Bad input: one line, exit code 2; Ctrl-C: 130.
 
 The contract. model.pt = {"method", "args" (resolved), "model" (state_dict), "metrics", "history"}; its method file
 (next to eval.py) has METHOD, RunError, get_args(argv) (vars(get_args([])): every argument), EVAL_ARGS (those that
