@@ -874,6 +874,9 @@ def train_batches(args, data, epoch, skip, device, rank=0, world=1):
         yield common.normalize(x, data["split"].mean, data["split"].std), data["labels"][b.to(device)]
 
 
+EVAL_ARGS = ("dataset", "image_size", "student_arch", "num_classes")  # eval.py: network, test data, evaluation
+
+
 def model_from_args(args):
     """eval.py contract: the deployable student (backbone + classifier), model.pt's "model" (no download)."""
     return build_model(args.student_arch, args.num_classes)

@@ -2,18 +2,22 @@
 
     python eval.py runs/<run>/model.pt [--data-root /data]   # the run's metrics, recomputed, beside the logged ones
     python eval.py runs/<run>/model.pt --export emb.npz --show-retrievals 8   # + embeddings, a picture of neighbours
-    python eval.py runs/<isd-run>/model.pt --linear-probe    # + the official linear protocol (or "cached": fast)
+    python eval.py runs/<isd-run>/model.pt --linear-probe [cached] [--dataset pets | --label-fraction 1]  # ISD's
     python eval.py --embeddings emb.npz                      # arrays emb, labels [, train_emb, train_labels]
     python eval.py --plot runs/<run> --out curves.png        # metrics.jsonl curves (needs matplotlib)
-Metrics go to eval.json next to the checkpoint (--json elsewhere). Any bad input gives one line and exit code 2.
+Metrics (fp32, TF32 off): eval.json beside the checkpoint (or --json). Bad input: one line, exit code 2; Ctrl-C: 130.
 
-The contract. model.pt = {"method", "args" (resolved), "model" (state_dict), "metrics", "history"}; the method file it
-names (one of the four next to eval.py) has METHOD, RunError, get_args(argv) (vars(get_args([])): every argument),
-model_from_args(args) (strict load, no download), load_data(args, "test" | "gallery") -> common.Split,
-embeddings(model, args, device) -> {"emb" [N, D], "labels"} in load_data order (isd also "train_emb", "train_labels":
-the gallery, and teacher_*; camd / spkd "logits"), evaluate(model, args, device) -> {metric: percent} (the training
-loop's own: the logged numbers) and (isd) features(model, args, device, split, augment=False) for the linear probe.
-An --export file read back with --embeddings gives the checkpoint's embedding metrics (the scripts' own functions).
+The contract. model.pt = {"method", "args" (resolved), "model" (state_dict), "metrics", "history"}; its method file
+(next to eval.py) has METHOD, RunError, get_args(argv) (vars(get_args([])): every argument), EVAL_ARGS (those that
+define the network, the test data and the evaluation: a model.pt lacking one is refused, other missing ones get their
+default, with a note), model_from_args(args) (strict load, no download), load_data(args, "test" | "gallery") ->
+common.Split, embeddings(model, args, device) -> {"emb" [N, D], "labels"} in load_data order ({} without a labelled
+test split; isd: + "train_emb", "train_labels" of the gallery, teacher_*; camd / spkd: + "logits"), evaluate(model,
+args, device) -> {metric: percent, or the boolean "collapsed"} (the logged numbers), (isd) features(model, args,
+device, split, augment=False, transform=None) -> (backbone features, labels) of "train" (the gallery), "test" or a
+common.Split. --export's file read back with --embeddings gives the embedding metrics; without a labelled test split
+(isd on a flat folder) --export and --show-retrievals use the gallery (labels -1). ISD's linear probes (Tables 1, 3:
+isd_linear_probe(); Table 2, --dataset X: transfer_probe()) need its features().
 """
 import argparse
 import importlib
@@ -21,7 +25,11 @@ import json
 import math
 import os
 import re
+import signal
 import sys
+
+if __name__ == "__main__":  # Ctrl-C while torch loads: exit 130 quietly (once loaded, main() answers it)
+    signal.signal(signal.SIGINT, lambda *_: os._exit(130))
 
 import numpy as np
 import torch
@@ -32,7 +40,7 @@ import common
 HERE = os.path.dirname(os.path.abspath(__file__))
 METHODS = ("s2sd", "camd", "spkd", "isd")
 NOT_METRICS = ("epoch", "step", "elapsed_s", "images_per_s")  # metrics.jsonl bookkeeping columns
-FRAMES = {"query": (140, 140, 140), "same": (26, 178, 38), "other": (217, 26, 26)}  # retrieval picture frames
+FRAMES = {"query": (140, 140, 140), "same": (26, 178, 38), "other": (217, 26, 26), "neutral": (60, 110, 200)}  # tiles
 PANELS = {r"R@\d+": "Recall@k", r"Rank-\d+": "Rank-k", r"knn\d+w?": "k-NN accuracy",
           r"knn\d+w?_small": "k-NN accuracy, small classes"}  # --plot: a metric family shares one panel
 
@@ -94,10 +102,15 @@ def read_checkpoint(path):
     module = importlib.import_module(method)
     need(isinstance(saved, dict) and all(isinstance(k, str) for k in saved),
          f"{path}: 'args' is a {type(saved).__name__}, not a dict of argument names; not written by {method}.py")
-    missing = sorted(set(vars(module.get_args([]))) - set(saved))
-    need(not missing, f"{path} lacks the argument(s) {', '.join(missing[:6])}{' ...' * (len(missing) > 6)}: written "
-         f"by a different version of {method}.py")
-    return ckpt, module, argparse.Namespace(**saved)
+    missing = [k for k in module.EVAL_ARGS if k not in saved]
+    need(not missing, f"{path} lacks the argument(s) {', '.join(missing)}, which define its network, test data or "
+         f"evaluation: written by a different version of {method}.py")
+    defaults = vars(module.get_args(["--dataset", saved["dataset"]] * (saved["dataset"] in list(module.PRESETS))))
+    filled = sorted(set(defaults) - set(saved))
+    if filled:  # arguments added to the script since: today's default for the run's dataset
+        print(f"note: {path} predates the argument(s) {', '.join(filled)} (they change neither its network nor its "
+              f"evaluation): filled with {method}.py's defaults")
+    return ckpt, module, argparse.Namespace(**{**{k: defaults[k] for k in filled}, **saved})
 
 
 class Checkpoint:
@@ -119,11 +132,6 @@ class Checkpoint:
             model = self.module.model_from_args(self.args)
         except self.module.RunError as e:
             raise EvalError(f"{path}: its arguments do not build a {method} model: {e}") from None
-        except AttributeError as e:
-            if getattr(e, "obj", None) is not self.args:  # not a missing argument: a bug, show it
-                raise
-            raise EvalError(f"{path} lacks the argument {e.name} ({method}.model_from_args needs it): written by a "
-                            f"different version of {method}.py") from None
         state, own = ckpt["model"], model.state_dict()
         need(isinstance(state, dict) and all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()),
              f"{path}: 'model' is not a state_dict (a dict of tensors)")
@@ -204,7 +212,8 @@ def run_embeddings(a):
         train_emb = npz_array(data, "train_emb", path, width=emb.shape[1]) if gallery else None
         train_labels = npz_array(data, "train_labels", path, len(train_emb)) if gallery else None
     classes, norms = len(np.unique(labels)), np.linalg.norm(emb, axis=1)
-    need(classes > 1, f"{path}: 'labels' has {classes} class; retrieval metrics need at least 2")
+    unlabelled = " (every label is -1: unlabelled images)" if (labels < 0).all() else ""
+    need(classes > 1, f"{path}: 'labels' has {classes} class{unlabelled}; retrieval metrics need at least 2")
     if a.l2_normalize:
         emb, train_emb = (x if x is None else x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
                           for x in (emb, train_emb))
@@ -225,8 +234,8 @@ def run_embeddings(a):
 
 # ------------------------------------------------------------------------------------------------ retrieval picture
 def nearest(query_idx, query_emb, gallery_emb, k, exclude_self):
-    """[len(query_idx), k] gallery indices nearest to query_emb[query_idx], by Euclidean distance, ties to the lower
-    index (common's metrics order); exclude_self drops gallery item i for query i (test set = gallery)."""
+    """[len(query_idx), k] gallery indices nearest to query_emb[query_idx] (Euclidean; ties to the lower index, as
+    common's metrics); exclude_self drops gallery item i for query i (test set = gallery)."""
     q, g = query_emb[query_idx].float(), gallery_emb.float()
     d = torch.addmm((g * g).sum(1)[None, :], q, g.T, alpha=-2)  # ||q - g||^2 - ||q||^2
     if exclude_self:
@@ -252,7 +261,7 @@ def tiles(split, indices, tile):
 
 def show_retrievals(ck, out, test, gallery, a, path):
     """Seeded random test queries to `path`, a row each: [class name | query (grey frame) | its top-k as the metrics
-    rank them (isd: in the gallery), framed green (same class) or red] under a legend; cell = tile + 2 frame + 2 px."""
+    rank them (isd: in the gallery), framed green (same class), red or (no labels) blue]; cell = tile + 2 frame + 2."""
     from PIL import Image, ImageDraw, ImageFont
     exclude = gallery is None  # the test set is its own gallery: skip the query itself
     gallery, emb, labels = test if exclude else gallery, out["emb"].cpu(), out["labels"].cpu()
@@ -263,61 +272,57 @@ def show_retrievals(ck, out, test, gallery, a, path):
     need(len(g_emb) > exclude, f"{ck.path}: the gallery has no image to retrieve")
     query = torch.randperm(len(emb), generator=torch.Generator().manual_seed(a.seed))[:a.show_retrievals]
     nn = nearest(query, emb, g_emb, a.topk, exclude)
-    (n, k), frame = nn.shape, max(2, a.tile // 16)
+    (n, k), frame, known = nn.shape, max(2, a.tile // 16), bool((labels >= 0).any())
     cell = a.tile + 2 * frame + 2
     canvas = Image.new("RGB", ((k + 3) * cell + 2, 18 + n * cell + 2), "white")
     draw = ImageDraw.Draw(canvas)
-    for r in range(n):
-        colours = [FRAMES["query"]] + [FRAMES["same" if s else "other"] for s in g_labels[nn[r]] == labels[query[r]]]
-        images = tiles(test, query[r:r + 1], a.tile) + tiles(gallery, nn[r], a.tile)
-        for c, (im, colour) in enumerate(zip(images, colours)):
-            x, y = (c + 2) * cell + 2, 18 + r * cell + 2
-            draw.rectangle((x, y, x + cell - 3, y + cell - 3), fill=colour)
-            canvas.paste(im, (x + frame, y + frame))
     try:
         font, small = ImageFont.load_default(size=13), ImageFont.load_default(size=11)
     except (TypeError, OSError, ImportError):  # old Pillow or no FreeType: the fixed bitmap font
         font = small = ImageFont.load_default()
-    legends = (f"query (grey) and its top-{k} {'in the test set' if exclude else 'in the train split'}: green = same "
-               f"class, red = another class", f"query (grey), top-{k}: green = same class, red = other")
-    draw.text((4, 2), next((t for t in legends if draw.textlength(t, font=small) <= canvas.width - 8),
-                           "green = same class"), fill="black", font=small)
-    for r in range(n):
-        y = int(labels[query[r]])
-        name = str(test.classes[y]) if test.classes and 0 <= y < len(test.classes) else f"class {y}"
+    where = f"query (grey) and its top-{k} {'in the test set' if exclude else 'in the train split'}"
+    legends = [f"{where}: green = same class, red = another class", "green = same class, red = other"] if known \
+        else [f"{where} (no labels)"]
+    draw.text((4, 2), next((t for t in legends if draw.textlength(t, font=small) <= canvas.width - 8), legends[-1]),
+              fill="black", font=small)
+    for r, y in enumerate(labels[query].tolist()):
+        colours = [FRAMES["query"]] + [FRAMES[("same" if s else "other") if known else "neutral"]
+                                       for s in g_labels[nn[r]] == y]
+        for c, (im, colour) in enumerate(zip(tiles(test, query[r:r + 1], a.tile) + tiles(gallery, nn[r], a.tile),
+                                             colours)):
+            x, top = (c + 2) * cell + 2, 18 + r * cell + 2
+            draw.rectangle((x, top, x + cell - 3, top + cell - 3), fill=colour)
+            canvas.paste(im, (x + frame, top + frame))
+        name = str(test.classes[y]) if test.classes and 0 <= y < len(test.classes) else f"class {y}" * known
         while len(name) > 1 and draw.textlength(name, font=font) > 2 * cell - 8:
             name = name[:-2] + "\u2026"
         top = 20 + r * cell + (cell - 2) // 2 - 14
         draw.text((4, top), name, fill="black", font=font)
-        draw.text((4, top + 16), f"test #{int(query[r])}", fill=(90, 90, 90), font=small)
+        draw.text((4, top + 16), f"{'test' if known else 'image'} #{int(query[r])}", fill=(90, 90, 90), font=small)
     atomic_write(path, lambda f: canvas.save(f, "JPEG" if path.lower().endswith((".jpg", ".jpeg")) else "PNG"))
     hits = (g_labels[nn] == labels[query][:, None]).float().mean().item()
-    print(f"wrote {path}: {n} queries x top-{k} ({100 * hits:.1f}% same class), {canvas.width}x{canvas.height} px")
+    print(f"wrote {path}: {n} queries x top-{k}{f' ({100 * hits:.1f}% same class)' * known}, "
+          f"{canvas.width}x{canvas.height} px")
 
 
-# ------------------------------------------------------------------------------------------------ ISD linear probe
-def probe_milestones(epochs):
-    """eval_linear.py's lr steps (x0.1 at 15 and 30 of 40 epochs), scaled to `epochs`."""
-    return [round(epochs * 15 / 40), round(epochs * 30 / 40)]
+# ------------------------------------------------------------------------------------------------ ISD linear probes
+def full_batch_norm(center):
+    """eval_linear.py's Normalize + FullBatchNorm: x -> (x / |x| - mean) * inv_std, inv_std = 1 / sqrt(var + 1e-5), mean
+    and var (unbiased, torch.var_mean) of the L2-normalised centre-crop train features `center`."""
+    var, mean = torch.var_mean(F.normalize(center.float(), dim=1), dim=0)
+    inv_std = 1.0 / torch.sqrt(var + 1e-5)
+    return lambda x: (F.normalize(x.float(), dim=1) - mean) * inv_std
 
 
 def linear_probe(train_features, train_labels, test_features, test_labels, epochs, center_features=None,
                  num_classes=None, lr=0.01, momentum=0.9, weight_decay=1e-4, batch_size=256, seed=0):
-    """A linear classifier on frozen features (ISD eval_linear.py, shared/notes/isd.md); accuracies in percent.
-
-    train_features: [N, D] (the cached probe) or a callable epoch (0-based) -> [N, D] of fresh augmented features (the
-    official protocol; it needs center_features, the centre-crop ones). Features are L2-normalised, then standardised
-    by the mean / std of the L2-normalised center_features (default train_features). SGD, seeded batch order, lr x0.1
-    at probe_milestones(epochs); labels < 0 are left out. -> {"last", "best", "best_epoch" (1-based, chosen on the
-    test set), "history", "lrs"} per epoch."""
-    if callable(train_features) and center_features is None:
-        raise ValueError("linear_probe: a callable train_features needs center_features (the centre-crop features)")
+    """eval_linear.py's classifier (shared/notes/isd.md) on train_features [N, D] (cached) or epoch (0-based) -> fresh
+    augmented [N, D] (official), center_features (default train_features) for full_batch_norm; SGD, seeded order, lr
+    x0.1 at 3/8 and 3/4 of the epochs (15, 30 of 40), labels < 0 left out -> {"last", "best", "best_epoch" (1-based,
+    chosen on the test set), "history", "lrs"}, accuracies in percent."""
     fetch = train_features if callable(train_features) else (lambda epoch: train_features)
-    center = F.normalize((train_features if center_features is None else center_features).float(), dim=1)
-    mean, std, dev = center.mean(0), center.std(0).clamp_min(1e-8), center.device
-
-    def prepare(x):
-        return (F.normalize(x.float(), dim=1) - mean) / std
+    center = train_features if center_features is None else center_features
+    prepare, dev = full_batch_norm(center), center.device
     keep = (train_labels >= 0).to(dev)
     y_train, y_test, test_x = train_labels.to(dev)[keep], test_labels.to(dev), prepare(test_features.to(dev))
     num_classes = num_classes or int(max(y_train.max().item(), y_test.max().item())) + 1
@@ -325,7 +330,7 @@ def linear_probe(train_features, train_labels, test_features, test_labels, epoch
         torch.manual_seed(seed)
         head = torch.nn.Linear(center.shape[1], num_classes).to(dev)
     opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, probe_milestones(epochs), 0.1)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [round(epochs * 15 / 40), round(epochs * 30 / 40)], 0.1)
     order_gen, history, lrs = torch.Generator().manual_seed(seed), [], []
     for epoch in range(epochs):
         x = prepare(fetch(epoch).to(dev))[keep]
@@ -342,46 +347,120 @@ def linear_probe(train_features, train_labels, test_features, test_labels, epoch
     return {"last": history[-1], "best": history[best], "best_epoch": best + 1, "history": history, "lrs": lrs}
 
 
-def isd_linear_probe(ck, mode, epochs, seed):
-    """{"linear", "linear_best", "linear_best_epoch"} (official: torch seeded with seed + epoch before each epoch's
-    augmented train features) or {"linear_cached", ...} (centre-crop features once) of an isd checkpoint."""
-    ck.split("gallery"), ck.split("test")  # EvalError when the dataset has no labelled split
-    center, train_y = ck.call(ck.module.features, "train", False)
-    test_x, test_y = ck.call(ck.module.features, "test", False)
-    need(not bool((train_y < 0).all()) and not bool((test_y < 0).all()),
-         f"{ck.path}: --linear-probe needs labelled train and test splits of {ck.args.dataset}")
+def isd_linear_probe(ck, mode, epochs, seed, fraction=None):
+    """ISD's linear layer on the frozen backbone (eval_linear.py) -> {"linear", "linear_best", "linear_best_epoch"}
+    (official: seed + epoch seeds each epoch's augmented train features) or {"linear_cached", ...}; fraction 1 | 10
+    (Table 3, "linear_1pct" ...): on SimCLR's ImageNet subset only (epochs: neither paper nor code says), val scored."""
+    train, test = ([common.load_split("imagenet", ck.args.data_root, s) for s in (f"train_{fraction}pct", "val")]
+                   if fraction else [ck.split("gallery"), ck.split("test")])  # the run's own: EvalError if unlabelled
+    (center, train_y), (test_x, test_y) = (ck.call(ck.module.features, split, False) for split in (train, test))
+    need(bool((train_y >= 0).any() and (test_y >= 0).any()), f"{ck.path}: --linear-probe needs labelled data")
 
     def augmented(epoch):
         torch.manual_seed(seed + epoch)
-        return ck.call(ck.module.features, "train", True)[0]
-    name = "linear" if mode == "official" else "linear_cached"
-    what = "official: augmented train features every epoch" if mode == "official" else "cached centre-crop features"
-    print(f"linear probe ({what}): {epochs} epochs, lr x0.1 at {probe_milestones(epochs)}, {len(center)} train / "
-          f"{len(test_x)} test features")
+        return ck.call(ck.module.features, train, True)[0]
+    name = ("linear" if mode == "official" else "linear_cached") + (f"_{fraction}pct" if fraction else "")
+    print(f"linear probe ({mode}): {epochs} epochs, {len(center)} train / {len(test_x)} test images")
     out = linear_probe(augmented if mode == "official" else center, train_y, test_x, test_y, epochs,
                        center_features=center, seed=seed)  # num_classes: from the labels
-    ck.model.eval()
     return {name: out["last"], f"{name}_best": out["best"], f"{name}_best_epoch": out["best_epoch"]}
 
 
+OWN_VAL = ("aircraft", "dtd", "flowers102")  # BYOL App. D.1: the creators' validation split, else held out of train:
+HELD_OUT = {"sun397": 10, "pets": 20, "caltech101": 5, "food101": 75,  # per class (D.1; Food-101: Table 10's 7,575)
+            "stanfordcars": 0.2}  # of each class (Table 10: 1,650 of 8,144); other datasets: 10% of each class
+TRANSFER = OWN_VAL + tuple(HELD_OUT)  # ISD Table 2 (+ BYOL's Aircraft) besides CIFAR: for --linear-probe --dataset
+MEAN_PER_CLASS = ("aircraft", "pets", "caltech101", "flowers102")  # BYOL Table 10; top-1 for the others
+L2_GRID = np.logspace(-6, 5, 45)  # BYOL App. D.2
+
+
+def accuracy(pred, labels, per_class=False):
+    """Top-1 in percent, or (per_class) the mean over the classes present of each class's top-1 (BYOL Table 10)."""
+    hit, (ids, which) = (pred == labels).float(), labels.unique(return_inverse=True)
+    per = torch.zeros(len(ids), device=hit.device).index_add_(0, which, hit) / which.bincount()
+    return 100 * (per if per_class else hit).mean().item()
+
+
+def logistic_regression(x, y, l2, num_classes, start=None, max_iter=1000):
+    """(W [C, D], b [C]) minimising mean CE(x W^T + b, y) + l2 / 2 ||W||^2 (scikit-learn's LogisticRegression, C = 1 /
+    (l2 N)) by full-batch L-BFGS (max_iter ours) from `start` (default 0): convex, W unique: the start saves time."""
+    start = start or (x.new_zeros(num_classes, x.shape[1]), x.new_zeros(num_classes))
+    w, b = (t.clone().requires_grad_() for t in start)
+    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def objective():
+        opt.zero_grad()
+        loss = F.cross_entropy(torch.addmm(b, x, w.T), y) + l2 / 2 * w.square().sum()
+        loss.backward()
+        return loss
+    opt.step(objective)
+    return w.detach(), b.detach()
+
+
+def select_l2(train, val, num_classes, per_class, grid=L2_GRID):
+    """Fits on train per l2, strongest first, each from the last -> (best l2 on val (ties: stronger), fit, scores)."""
+    scores, best, fit = {}, None, None
+    for l2 in sorted(map(float, grid), reverse=True):
+        fit = logistic_regression(*train, l2, num_classes, fit)
+        scores[l2] = accuracy(torch.addmm(fit[1], val[0], fit[0].T).argmax(1), val[1], per_class)
+        best = (l2, fit) if best is None or scores[l2] > scores[best[0]] else best
+    return (*best, scores)
+
+
+def held_out(labels, share, seed):
+    """A seeded bool mask of `share` images of each class (a count, or a fraction of the class when < 1)."""
+    g, mask = torch.Generator().manual_seed(seed), torch.zeros(len(labels), dtype=torch.bool)
+    for idx in (torch.nonzero(labels == c).squeeze(1) for c in labels.unique().tolist()):
+        mask[idx[torch.randperm(len(idx), generator=g)[:share if share >= 1 else round(share * len(idx))]]] = True
+    return mask
+
+
+def transfer_probe(ck, dtd_split, seed):
+    """ISD Table 2 ("we follow [BYOL] setting"), BYOL App. D.2 / Kornblith et al. 2019: logistic regression on the
+    unaugmented centre crop's features (files: shorter side to --image-size, bicubic, ImageNet mean / std; SimCLR B.8),
+    its l2 the best of L2_GRID on validation data (OWN_VAL, else HELD_OUT of train), refit on train + validation, scored
+    once on test (MEAN_PER_CLASS, else top-1). Ours: no feature scaling, in-memory images resized whole (bicubic, own
+    mean / std). Deviations: CIFAR, Cars hold out part of each class (BYOL: 5,000 / 5,067 / 1,650 random images); a
+    CIFAR-sized run is probed at its own size (BYOL: 224 px) -> {"linear_<name>": %, "linear_<name>_l2": l2}."""
+    from torchvision import transforms as T
+    name, root, size = ck.args.dataset, ck.args.data_root, ck.args.image_size  # files: BYOL App. D.2, SimCLR B.8
+    files = T.Compose([T.Resize(size, T.InterpolationMode.BICUBIC), T.CenterCrop(size), T.ToTensor(),
+                       T.Normalize(common.IMAGENET_MEAN, common.IMAGENET_STD)])
+
+    def features(split):  # of the centre crop, unaugmented; DTD: the official split --dtd-split of 10
+        data = common.load_split(name, root, f"{split}{dtd_split if name == 'dtd' else ''}", channels=3)
+        return ck.call(ck.module.features, data, False, files if data.images is None else lambda u: common.normalize(
+            u if u.shape[-1] == size else F.interpolate(u / 255.0, (size, size), mode="bicubic", antialias=True)
+            .clamp(0, 1), data.mean, data.std))
+    (x, y), (tx, ty) = features("train"), features("test")
+    held = None if name in OWN_VAL else held_out(y.cpu(), HELD_OUT.get(name, 0.1), seed).to(y.device)
+    (x, y), (vx, vy) = ((x, y), features("val")) if held is None else ((x[~held], y[~held]), (x[held], y[held]))
+    need(len(vy) and y.min() >= 0, f"--dataset {name}: the linear transfer needs labelled train images, 2 of a class")
+    per_class, classes = name in MEAN_PER_CLASS, int(max(y.max(), vy.max(), ty.max())) + 1
+    l2, fit, scores = select_l2((x, y), (vx, vy), classes, per_class)
+    w, b = logistic_regression(torch.cat([x, vx]), torch.cat([y, vy]), l2, classes, fit)
+    print(f"linear transfer to {name}: {len(y)} train + {len(vy)} validation images (l2 {l2:.1e}: {scores[l2]:.2f}%), "
+          f"{len(ty)} test images; {'mean per-class accuracy' if per_class else 'top-1'}")
+    return {f"linear_{name}": accuracy(torch.addmm(b, tx, w.T).argmax(1), ty, per_class), f"linear_{name}_l2": l2}
+
+
 # ------------------------------------------------------------------------------------------------ curves
-def plot_curves(run, out):
-    """Each metric of a run's metrics.jsonl over epochs, one panel per metric family (PANELS); needs matplotlib."""
+def plot_curves(run, out=None):
+    """A run's metrics.jsonl curves, a panel per metric family (PANELS), to `out` (default: curves.png in the run)."""
     path = os.path.join(run, "metrics.jsonl") if os.path.isdir(run) else run
+    out = out or os.path.join(os.path.dirname(path) or ".", "curves.png")
     need(os.path.exists(run), f"--plot {run}: no such run folder")
     need(os.path.isfile(path), f"--plot {run}: no metrics.jsonl in it (a run folder holds one once it has evaluated)")
+    rows = []
     try:
         with open(path) as f:
-            lines = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
+            for i, line in ((i, line) for i, line in enumerate(f, 1) if line.strip()):
+                rows.append(json.loads(line))
+                need(isinstance(rows[-1], dict), f"{path} line {i}: not a metrics row (not a JSON object)")
     except (OSError, UnicodeDecodeError) as e:
         raise EvalError(f"cannot read {path} ({short(e, 80)})") from None
-    rows = []
-    for i, line in lines:
-        try:
-            rows.append(json.loads(line))
-        except ValueError as e:
-            raise EvalError(f"{path} line {i}: not a metrics row ({short(e, 80)})") from None
-        need(isinstance(rows[-1], dict), f"{path} line {i}: not a metrics row (not a JSON object)")
+    except ValueError as e:  # json.loads
+        raise EvalError(f"{path} line {i}: not a metrics row ({short(e, 80)})") from None
     need(rows, f"{path} is empty: the run has not evaluated yet")
     try:
         from matplotlib.figure import Figure
@@ -419,15 +498,18 @@ def plot_curves(run, out):
 
 
 # ------------------------------------------------------------------------------------------------ command line
+def cell(v):  # a table entry: a number to 2 decimals, a boolean ("collapsed") as COLLAPSED / no, else -
+    return ("COLLAPSED" if v else "no") if isinstance(v, bool) else f"{v:.2f}" if isinstance(v, (int, float)) else "-"
+
+
 def report(metrics, path, logged=None, notes=None):
     """The metrics beside the logged ones (a table on stdout), then atomically to `path` as JSON."""
     logged, notes = logged or {}, notes or {}
     print(f"{'metric':<24}{'eval.py':>10}{'run log':>10}{'diff':>10}")
-    for name, value in ((k, v) for k, v in metrics.items() if not k.endswith("_best_epoch")):
-        ref = logged.get(name)
-        known = isinstance(ref, (int, float)) and not isinstance(ref, bool)
-        diff = ("=" if value == ref else f"{value - ref:+.2g}") if known else ""
-        print(f"{name:<24}{value:10.2f}{f'{ref:10.2f}' if known else '-':>10}{diff:>10}{notes.get(name, '')}")
+    for name, value, ref in ((k, v, logged.get(k)) for k, v in metrics.items() if not k.endswith(("epoch", "_l2"))):
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (value, ref))
+        diff = "=" if value == ref else f"{value - ref:+.2g}" if numbers else ""
+        print(f"{name:<24}{cell(value):>10}{cell(ref):>10}{diff:>10}{notes.get(name, '')}")
     atomic_write(path, lambda f: f.write((json.dumps(metrics, indent=2) + "\n").encode()))
     print(f"wrote {path}")
 
@@ -443,7 +525,8 @@ def get_args(argv):
     p.add_argument("checkpoint", nargs="?", help="a run's model.pt")
     p.add_argument("--embeddings", metavar="FILE.npz", help="evaluate arrays emb, labels [, train_emb, train_labels]")
     p.add_argument("--plot", metavar="RUN", help="draw runs/<run>/metrics.jsonl (needs matplotlib) to --out")
-    p.add_argument("--dataset", choices=common.DATASETS, help="evaluate on another dataset than the saved one")
+    p.add_argument("--dataset", choices=list(dict.fromkeys(common.DATASETS + TRANSFER)), help="evaluate on another "
+                   "dataset than the saved one (--linear-probe: the linear transfer to it)")
     p.add_argument("--data-root", help="where the data are now (default: the saved --data-root)")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"], help="default auto")
     p.add_argument("--workers", type=int, help="DataLoader workers for image files (default: the saved value)")
@@ -454,6 +537,8 @@ def get_args(argv):
     p.add_argument("--linear-probe", nargs="?", const="official", choices=["official", "cached"],
                    help="isd: the linear protocol (official: augmented features each epoch; cached: fast)")
     p.add_argument("--probe-epochs", type=int, help="linear probe epochs (default: the checkpoint's probe_epochs)")
+    p.add_argument("--label-fraction", type=int, choices=[1, 10], help="imagenet: the probe on a 1%% or 10%% subset")
+    p.add_argument("--dtd-split", type=int, choices=range(1, 11), help="--dataset dtd: the official split (default 1)")
     p.add_argument("--seed", type=int, default=0, help="seeds the picture's queries and the probe (default 0)")
     p.add_argument("--no-nmi", action="store_true", help="--embeddings: skip NMI (k-means)")
     p.add_argument("--l2-normalize", action="store_true", help="--embeddings: L2-normalise the rows (rank by cosine)")
@@ -469,7 +554,8 @@ def get_args(argv):
     given = (("CHECKPOINT", a.checkpoint), ("--embeddings", a.embeddings), ("--plot", a.plot))
     modes = [m for m, v in given if v is not None]
     orphans = [f"--{k.replace('_', '-')}" for k in ("dataset", "data_root", "workers", "export", "show_retrievals",
-                                                    "linear_probe", "probe_epochs") if getattr(a, k) is not None]
+                                                    "linear_probe", "probe_epochs", "label_fraction", "dtd_split")
+               if getattr(a, k) is not None]
     allowed = (".png", ".pdf", ".svg", ".jpg", ".jpeg") if a.plot is not None else (".png", ".jpg", ".jpeg")
     for bad, message in (
             (len(modes) != 1, f"give exactly one of CHECKPOINT, --embeddings FILE or --plot RUN (got "
@@ -479,6 +565,10 @@ def get_args(argv):
             (a.out is not None and a.plot is None and a.show_retrievals is None,
              "--out names a picture (--show-retrievals, --plot); the metrics JSON goes to --json"),
             (a.plot is not None and a.json is not None, "--plot writes no metrics; drop --json"),
+            (a.dataset in TRANSFER and not a.linear_probe, f"--dataset {a.dataset}: add --linear-probe (transfer)"),
+            (a.label_fraction and not a.linear_probe, "--label-fraction trains the linear probe: add --linear-probe"),
+            (a.label_fraction and a.dataset not in (None, "imagenet"), "--label-fraction: ImageNet's; drop --dataset"),
+            (a.dtd_split and a.dataset != "dtd", "--dtd-split is for --linear-probe --dataset dtd"),
             (a.out is not None and not a.out.lower().endswith(allowed), f"--out {a.out}: use a {' / '.join(allowed)} "
                                                                         f"file name")):
         if bad:
@@ -490,25 +580,32 @@ def run_checkpoint(a):
     """A checkpoint's metrics (+ --linear-probe) beside the logged ones, --export, --show-retrievals; eval.json."""
     ck, folder = Checkpoint(a), os.path.dirname(os.path.abspath(a.checkpoint))
     need(not a.linear_probe or hasattr(ck.module, "features"),
-         f"--linear-probe is ISD's protocol; {a.checkpoint} is a {ck.method} checkpoint")
+         f"--linear-probe is ISD's protocol (self-supervised); {a.checkpoint} is a {ck.method} checkpoint")
+    need(not a.label_fraction or ck.trained_on == "imagenet", f"--label-fraction: the 1% / 10% subsets are ImageNet's;"
+         f" {a.checkpoint} was trained on {ck.trained_on}")
+    transfer = a.linear_probe and ck.args.dataset != ck.trained_on  # Table 2 (and no evaluation on the training data)
+    need(not transfer or (a.linear_probe == "official" and a.probe_epochs is None), f"--dataset {ck.args.dataset}: "
+         f"the linear transfer is BYOL's L-BFGS protocol, without 'cached' and --probe-epochs")
     print(f"{a.checkpoint}: {ck.method}, dataset {ck.args.dataset} ({ck.args.data_root}), device {ck.device}")
-    metrics, notes = ck.call(ck.module.evaluate), {}
+    metrics, notes = transfer_probe(ck, a.dtd_split or 1, a.seed) if transfer else ck.call(ck.module.evaluate), {}
     if not metrics:
         print(f"note: {ck.method}.evaluate gives no metrics on {ck.args.dataset} (no labelled test split)")
-    if a.linear_probe:
-        probe = isd_linear_probe(ck, a.linear_probe, a.probe_epochs or getattr(ck.args, "probe_epochs", 40), a.seed)
+    if a.linear_probe and not transfer:
+        probe = isd_linear_probe(ck, a.linear_probe, a.probe_epochs or ck.args.probe_epochs, a.seed, a.label_fraction)
         metrics.update(probe)
         best = next(k for k in probe if k.endswith("_best"))
         notes[best] = f"  (epoch {probe[best + '_epoch']}, chosen on the test set)"
     if a.export or a.show_retrievals:
         out = ck.call(ck.module.embeddings)
-        need(out, f"{ck.path}: {ck.method}.embeddings gives nothing on {ck.args.dataset} (no labelled test split)")
-        test, gallery = ck.split("test"), (ck.split("gallery") if "train_emb" in out else None)
+        if out:
+            test, gallery = ck.split("test"), (ck.split("gallery") if "train_emb" in out else None)
+        else:  # no labelled test split (isd on a flat folder): the gallery's backbone features, its labels or -1
+            emb, labels = ck.call(ck.module.features, "train")
+            out, test, gallery = {"emb": F.normalize(emb, dim=1), "labels": labels}, ck.split("gallery"), None
     if a.export:  # + image paths of file datasets, class names
         arrays = {k: v.detach().cpu().numpy() for k, v in out.items() if torch.is_tensor(v)}
-        for key, split in (("paths", test), ("train_paths", gallery)):
-            if split is not None and split.paths is not None:
-                arrays[key] = np.array([os.path.abspath(p) for p in split.paths])
+        arrays.update({key: np.array([os.path.abspath(p) for p in split.paths]) for key, split in
+                       (("paths", test), ("train_paths", gallery)) if split is not None and split.paths is not None})
         if test.classes:
             arrays["classes"] = np.array([str(c) for c in test.classes])
         atomic_write(a.export, lambda f: np.savez(f, **arrays))
@@ -516,25 +613,28 @@ def run_checkpoint(a):
     if a.show_retrievals:
         show_retrievals(ck, out, test, gallery, a, a.out or os.path.join(folder, "retrievals.png"))
     for label, ref in ck.references.items():
-        print(f"{label} (logged): " + "  ".join(f"{k} {v:.2f}" for k, v in ref.items() if isinstance(v, (int, float))))
+        print(f"{label} (logged): " + "  ".join(f"{k} {cell(v)}" for k, v in ref.items() if cell(v) != "-"))
     report(metrics, a.json or os.path.join(folder, "eval.json"), ck.logged, notes)
     return metrics
 
 
 def main(argv=None):
-    """Returns the metrics (a dict) of a checkpoint or embeddings file; bad input: one line on stderr, exit 2."""
+    """The metrics (a dict) of a checkpoint or embeddings file; bad input: one line, exit 2; Ctrl-C: exit 130."""
     a = get_args(argv)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # fp32 (cuDNN's default: TF32)
     try:
         if a.plot is not None:
-            folder = a.plot if os.path.isdir(a.plot) else os.path.dirname(a.plot) or "."
-            plot_curves(a.plot, a.out or os.path.join(folder, "curves.png"))
-            return {}
+            return plot_curves(a.plot, a.out) or {}
         return run_checkpoint(a) if a.checkpoint is not None else run_embeddings(a)
     except (EvalError, common.DatasetError,  # and the RunError of each method file loaded by then:
             *(getattr(sys.modules.get(m), "RunError", EvalError) for m in METHODS)) as e:  # a bug keeps its traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C)", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # loaded: Ctrl-C is a KeyboardInterrupt for main()
     main()

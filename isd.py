@@ -440,6 +440,8 @@ def view(x, args, strong, split):
     return common.normalize(v, split.mean, split.std)
 
 
+EVAL_ARGS = ("dataset", "image_size", "synthetic_n", "unbalanced", "subset_file", "seed", "arch", "cifar_stem", "head",
+             "queue_size")  # eval.py: the arguments that define the network, the test data and the evaluation
 model_from_args = ISD  # eval.py contract: model_from_args(args) -> the module saved in model.pt (no downloads)
 
 
@@ -453,13 +455,14 @@ def eval_transform(args, split, augment=False):
 
 
 @torch.no_grad()
-def features(model, args, device, split, augment=False):
-    """eval.py --linear-probe: (student backbone features [N, D], labels [N]) of 'train' (the gallery split) or
-    'test', in eval mode; augment draws a fresh RandomResizedCrop + flip of every image (eval_linear.py)."""
+def features(model, args, device, split, augment=False, transform=None):
+    """eval.py --linear-probe: (student backbone features [N, D], labels [N]) of 'train' (the gallery split), 'test'
+    or a common.Split (eval.py's transfer and few-label probes), in eval mode; augment draws a fresh RandomResizedCrop
+    + flip of every image (eval_linear.py); transform replaces the input pipeline (eval.py's transfer probe: BYOL's)."""
     model.eval()
-    data = load_data(args, "gallery" if split == "train" else "test")
+    data = split if isinstance(split, common.Split) else load_data(args, "gallery" if split == "train" else "test")
     return common.embed(model.student.backbone, data, device, workers=args.workers,
-                        transform=eval_transform(args, data, augment))
+                        transform=transform or eval_transform(args, data, augment))
 
 
 @torch.no_grad()

@@ -366,6 +366,10 @@ def train_batches(args, data, epoch, skip, device):
         yield common.normalize(x, data["split"].mean, data["split"].std), data["labels"][b.to(device)]
 
 
+EVAL_ARGS = ("dataset", "image_size", "arch", "in_channels", "num_classes", "embed_dim", "target_dims",
+             "loss")  # eval.py: the arguments that define the network, the test data and the evaluation
+
+
 def model_from_args(args):
     """eval.py contract: the network whose state_dict is model.pt's "model" (no download)."""
     return EmbeddingNet(args)

@@ -3270,10 +3270,10 @@ def test_linear_probe_on_separable_toy_data():
 
 
 def test_linear_probe_schedule_and_fresh_features():
-    assert evalpy.probe_milestones(40) == [15, 30] and evalpy.probe_milestones(10) == [4, 8]
     x, y = toy_blobs(64, 0)
-    out = evalpy.linear_probe(x, y, x, y, epochs=40)
+    out = evalpy.linear_probe(x, y, x, y, epochs=40)  # eval_linear.py: x0.1 at epochs 15 and 30 of 40
     assert out["lrs"] == pytest.approx([0.01] * 15 + [0.001] * 15 + [0.0001] * 10)
+    assert evalpy.linear_probe(x, y, x, y, epochs=10)["lrs"] == pytest.approx([0.01] * 4 + [0.001] * 4 + [0.0001] * 2)
     seen = []
 
     def fresh(epoch):  # the official protocol: new (augmented) features every epoch
@@ -3281,8 +3281,6 @@ def test_linear_probe_schedule_and_fresh_features():
         return x + 0.01 * torch.randn(x.shape, generator=torch.Generator().manual_seed(epoch))
     evalpy.linear_probe(fresh, y, x, y, epochs=5, center_features=x)
     assert seen == [0, 1, 2, 3, 4]
-    with pytest.raises(ValueError, match="center_features"):
-        evalpy.linear_probe(fresh, y, x, y, epochs=1)
 
 
 def test_isd_linear_probe_official_and_cached(trained, tmp_path, monkeypatch):
@@ -3292,19 +3290,225 @@ def test_isd_linear_probe_official_and_cached(trained, tmp_path, monkeypatch):
     run, calls, real = trained("isd"), [], isd.features
 
     def recording(model, args, device, split, augment=False):
-        calls.append((split, augment, torch.initial_seed()))
+        calls.append((len(split), augment, torch.initial_seed()))  # the gallery split (1,437 images) or test (360)
         return real(model, args, device, split, augment)
     monkeypatch.setattr(isd, "features", recording)
     ckpt = edited(tmp_path, run, "p3.pt", lambda c: c["args"].update(probe_epochs=3))
     out = evalpy.main([str(ckpt), "--linear-probe", "--seed", "5", "--json", str(tmp_path / "p.json")])
     out = {k: v for k, v in out.items() if k.startswith("linear")}
-    assert [c[:2] for c in calls] == [("train", False), ("test", False)] + [("train", True)] * 3
+    assert [c[:2] for c in calls] == [(1437, False), (360, False)] + [(1437, True)] * 3
     assert [c[2] for c in calls[2:]] == [5, 6, 7]
     assert set(out) == {"linear", "linear_best", "linear_best_epoch"} and 0 < out["linear"] <= out["linear_best"] <= 100
     calls.clear()
     cached = evalpy.main([str(run / "model.pt"), "--linear-probe", "cached", "--probe-epochs", "5",
                           "--json", str(tmp_path / "c.json")])
     cached = {k: v for k, v in cached.items() if k.startswith("linear")}
-    assert [c[:2] for c in calls] == [("train", False), ("test", False)]
+    assert [c[:2] for c in calls] == [(1437, False), (360, False)]
     assert set(cached) == {"linear_cached", "linear_cached_best", "linear_cached_best_epoch"}
     assert 30 < cached["linear_cached"] <= 100
+
+
+def test_linear_probe_standardises_as_eval_linear_py():
+    """eval_linear.py's Normalize + FullBatchNorm: (x / |x| - mean) / sqrt(var + 1e-5), mean and var (unbiased) of the
+    L2-normalised centre-crop train features; a feature without spread is scaled by 1 / sqrt(1e-5), not by 1e8."""
+    g = torch.Generator().manual_seed(0)
+    center, x = torch.rand(50, 6, generator=g, dtype=torch.float64), torch.rand(7, 6, generator=g, dtype=torch.float64)
+    unit, xu = (v.numpy() / np.linalg.norm(v.numpy(), axis=1, keepdims=True) for v in (center, x))
+    want = (xu - unit.mean(0)) / np.sqrt(unit.var(0, ddof=1) + 1e-5)
+    assert np.allclose(evalpy.full_batch_norm(center)(x).numpy(), want, atol=1e-5)
+    flat = evalpy.full_batch_norm(torch.ones(8, 3))(torch.tensor([[1.0, 0.0, 0.0]]))
+    assert torch.allclose(flat, (torch.tensor([1.0, 0, 0]) - 3 ** -0.5) / 1e-5 ** 0.5)
+
+
+def test_logistic_regression_matches_scikit_learn():
+    """mean CE + l2 / 2 ||W||^2 (bias free) = scikit-learn's multinomial LogisticRegression with C = 1 / (l2 N); the
+    optimum does not depend on the starting point (warm starts along the grid)."""
+    from sklearn.linear_model import LogisticRegression
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(60) % 3
+    x = torch.randn(60, 5, generator=g, dtype=torch.float64)
+    x[:, :3] += 1.5 * torch.eye(3, dtype=torch.float64)[y]
+    for l2 in (1e-2, 1e-1, 1.0):
+        w, b = evalpy.logistic_regression(x, y, l2, 3)
+        sk = LogisticRegression(C=1 / (l2 * 60), tol=1e-12, max_iter=100000).fit(x.numpy(), y.numpy())
+        assert np.allclose(w.numpy(), sk.coef_, atol=1e-4)
+        assert np.allclose((b - b.mean()).numpy(), sk.intercept_ - sk.intercept_.mean(), atol=1e-4)
+        start = (torch.randn(3, 5, generator=g, dtype=torch.float64), torch.zeros(3, dtype=torch.float64))
+        assert torch.allclose(evalpy.logistic_regression(x, y, l2, 3, start)[0], w, atol=1e-4)
+
+
+def test_l2_selection_picks_the_validation_best_on_a_toy_problem():
+    """Imbalanced train (90 / 10 / 10): a weak l2 puts the class 0 / 1 boundary near the train margin's middle (0),
+    a strong one pushes it past the minority class; validation points at 0.15 (class 0) and 0.45 (class 1) are all
+    right only in between. Every score equals scikit-learn's, and the choice is the strongest l2 among the best."""
+    from sklearn.linear_model import LogisticRegression
+    x = torch.zeros(110, 2, dtype=torch.float64)
+    x[:90, 0], x[90:100, 0], x[100:, 1] = torch.linspace(-1.5, -0.5, 90), torch.linspace(0.5, 1.5, 10), 3.5
+    y = torch.tensor([0] * 90 + [1] * 10 + [2] * 10)
+    vx = torch.tensor([[0.15, 0], [0.15, 0], [0.45, 0], [0.45, 0], [0, 3.5]], dtype=torch.float64)
+    vy = torch.tensor([0, 0, 1, 1, 2])
+    l2, (w, b), scores = evalpy.select_l2((x, y), (vx, vy), 3, per_class=False)
+    assert sorted(scores) == pytest.approx(list(evalpy.L2_GRID))
+    for value, score in scores.items():
+        sk = LogisticRegression(C=1 / (value * 110), tol=1e-12, max_iter=100000).fit(x.numpy(), y.numpy())
+        assert score == pytest.approx(100 * (sk.predict(vx.numpy()) == vy.numpy()).mean()), value
+    assert scores[l2] == 100 and max(v for v, s in scores.items() if s == 100) == l2 and 1e-3 < l2 < 1e-1
+    assert scores[1e-6] < 100 and scores[float(evalpy.L2_GRID[-1])] < 100  # the choice matters at both ends
+    assert torch.allclose(w, evalpy.logistic_regression(x, y, l2, 3)[0], atol=1e-3)  # warm start: the same fit
+
+
+def test_mean_per_class_accuracy_and_held_out_split():
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score
+    g = torch.Generator().manual_seed(0)
+    labels = torch.cat([torch.full((n,), c) for c, n in enumerate((50, 7, 3, 20))])
+    pred = torch.where(torch.rand(len(labels), generator=g) < 0.7, labels, torch.randint(0, 4, (len(labels),), generator=g))
+    assert evalpy.accuracy(pred, labels) == pytest.approx(100 * accuracy_score(labels, pred))
+    assert evalpy.accuracy(pred, labels, per_class=True) == pytest.approx(100 * balanced_accuracy_score(labels, pred))
+    assert set(evalpy.MEAN_PER_CLASS) == {"aircraft", "pets", "caltech101", "flowers102"}  # BYOL Table 10
+    counts = torch.bincount(labels[evalpy.held_out(labels, 5, seed=0)])
+    assert counts.tolist() == [5, 5, 3, 5]  # a count per class (at most the class)
+    mask = evalpy.held_out(labels, 0.2, seed=0)
+    assert torch.bincount(labels[mask]).tolist() == [10, 1, 1, 4] and torch.equal(mask, evalpy.held_out(labels, 0.2, 0))
+    assert not torch.equal(mask, evalpy.held_out(labels, 0.2, seed=1))
+
+
+def colour_split(name, per_class, seed, size=16):
+    """An in-memory labelled Split: one colour per class (+ noise), `per_class` images of each class."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.cat([torch.full((n,), c) for c, n in enumerate(per_class)])
+    base = torch.tensor([[220, 40, 40], [40, 200, 60], [50, 60, 220], [200, 200, 40]])[labels]
+    images = (base[:, :, None, None] + torch.randint(-40, 40, (len(labels), 3, size, size), generator=g)).clamp(0, 255)
+    return common.Split(name, labels, len(per_class), (0.5,) * 3, (0.25,) * 3, images=images.to(torch.uint8))
+
+
+def test_linear_transfer_end_to_end_on_fixture_datasets(trained, tmp_path, monkeypatch, capsys):
+    """--linear-probe --dataset X: BYOL's protocol on the digits ISD checkpoint's backbone. Caltech-101: 5 images of
+    each class held out of train for validation, mean per-class accuracy; DTD: the creators' val split of --dtd-split
+    k, top-1."""
+    requested = []
+
+    def fixture(name, root="./data", split="train", **kw):
+        requested.append((name, split))
+        kind = split[:-1] if name == "dtd" else split
+        return colour_split(name, {"train": (24, 12, 30, 9), "val": (5, 5, 5, 5)}.get(kind, (10, 10, 10, 10)),
+                            seed=len(requested))
+    monkeypatch.setattr(common, "load_split", fixture)
+    ckpt = trained("isd") / "model.pt"
+    out = evalpy.main([str(ckpt), "--linear-probe", "--dataset", "caltech101", "--json", str(tmp_path / "c.json")])
+    assert requested == [("caltech101", "train"), ("caltech101", "test")]
+    assert set(out) == {"linear_caltech101", "linear_caltech101_l2"} and out["linear_caltech101"] >= 90
+    assert out["linear_caltech101_l2"] in evalpy.L2_GRID and json.loads((tmp_path / "c.json").read_text()) == out
+    text = capsys.readouterr().out
+    assert "55 train + 20 validation images" in text and "mean per-class accuracy" in text
+    requested.clear()
+    out = evalpy.main([str(ckpt), "--linear-probe", "--dataset", "dtd", "--dtd-split", "3", "--json",
+                       str(tmp_path / "d.json")])
+    assert requested == [("dtd", "train3"), ("dtd", "test3"), ("dtd", "val3")] and out["linear_dtd"] >= 90
+    text = capsys.readouterr().out
+    assert "75 train + 20 validation images" in text and "top-1" in text
+
+
+def test_label_fraction_trains_on_the_subset_and_scores_the_full_val_set(trained, tmp_path, monkeypatch):
+    isd = importlib.import_module("isd")
+    real, requested, seen = common.load_split, [], []
+
+    def imagenet(name, root="./data", split="train", **kw):  # digits, standing in for ImageNet
+        requested.append(split)
+        out = real("digits", root, "test" if split == "val" else "train", image_size=16, channels=3)
+        return out.subset(torch.arange(100)) if split == "train_1pct" else out
+    monkeypatch.setattr(common, "load_split", imagenet)
+    features = isd.features
+    monkeypatch.setattr(isd, "features", lambda model, args, device, split, *rest: (
+        seen.append(split if isinstance(split, str) else len(split)) or features(model, args, device, split, *rest)))
+    ckpt = edited(tmp_path, trained("isd"), "imagenet.pt", lambda c: c["args"].update(dataset="imagenet"))
+    out = evalpy.main([str(ckpt), "--linear-probe", "cached", "--label-fraction", "1", "--probe-epochs", "3",
+                       "--json", str(tmp_path / "l.json")])
+    assert {"linear_cached_1pct", "linear_cached_1pct_best", "knn1"} <= set(out)
+    assert requested[-2:] == ["train_1pct", "val"] and seen[-2:] == [100, 360]  # the subset; all 360 val images
+
+
+def test_linear_probe_bad_combinations(trained, capsys):
+    isd_ck, s2sd_ck = trained("isd") / "model.pt", trained("s2sd") / "model.pt"
+    expect_error(capsys, [s2sd_ck, "--linear-probe", "--dataset", "pets"], "ISD's protocol", "s2sd")
+    expect_error(capsys, [isd_ck, "--dataset", "pets"], "--dataset pets", "add --linear-probe")
+    expect_error(capsys, [isd_ck, "--label-fraction", "1"], "--label-fraction", "--linear-probe")
+    expect_error(capsys, [isd_ck, "--linear-probe", "--label-fraction", "1"], "ImageNet's", "digits")
+    expect_error(capsys, [isd_ck, "--linear-probe", "--label-fraction", "10", "--dataset", "pets"], "drop --dataset")
+    expect_error(capsys, [isd_ck, "--linear-probe", "--label-fraction", "5"], "--label-fraction")
+    expect_error(capsys, [isd_ck, "--linear-probe", "cached", "--dataset", "pets"], "'cached'")
+    expect_error(capsys, [isd_ck, "--linear-probe", "--dataset", "pets", "--probe-epochs", "3"], "--probe-epochs")
+    expect_error(capsys, [isd_ck, "--linear-probe", "--dataset", "pets", "--dtd-split", "2"], "--dtd-split")
+    expect_error(capsys, [isd_ck, "--linear-probe", "--dataset", "pets", "--data-root", "/nonexistent"], "pets")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_old_checkpoints_get_training_only_arguments_filled(method, trained, tmp_path, capsys):
+    """A model.pt holding only EVAL_ARGS still reproduces the logged metrics (a note names what was filled); one
+    lacking an EVAL_ARGS entry is refused, naming it."""
+    module, run = SCRIPTS[method], trained(method)
+    saved = load(run / "model.pt")["args"]
+    assert set(module.EVAL_ARGS) <= set(saved)
+    bare = edited(tmp_path, run, "bare.pt", lambda c: c.update(args={k: c["args"][k] for k in module.EVAL_ARGS}))
+    assert evalpy.main([str(bare), "--json", str(tmp_path / "e.json")]) == logged(run)
+    note = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert len(note) == 1 and "epochs" in note[0] and "filled with" in note[0]
+    for key in module.EVAL_ARGS:
+        lacking = edited(tmp_path, run, f"no_{key}.pt", lambda c: c["args"].pop(key))
+        expect_error(capsys, [lacking], lacking, key, f"different version of {method}.py")
+
+
+def test_unlabelled_folder_export_and_retrievals(tmp_path, capsys):
+    """isd on a flat folder of images (no labels): --export writes every image's embedding and path, labels -1;
+    --show-retrievals frames every neighbour in the one neutral colour."""
+    for i in range(10):
+        write_image(str(tmp_path / "imgs" / f"{i}.png"), i, size=40)
+    code, _, err = main_of(isd, ["--dataset", "folder", "--data-root", str(tmp_path / "imgs"), "--image-size", "32",
+                                 "--batch-size", "8", "--queue-size", "16", "--workers", "0", "--epochs", "1",
+                                 "--max-steps", "1", "--save-dir", str(tmp_path), "--run-name", "f"])
+    assert code == 0, err
+    out = evalpy.main([str(tmp_path / "f" / "model.pt"), "--export", str(tmp_path / "e.npz"), "--show-retrievals",
+                       "3", "--topk", "4", "--out", str(tmp_path / "r.png")])
+    data = np.load(tmp_path / "e.npz")
+    assert out == {} and (data["labels"] == -1).all() and data["emb"].shape == (10, 512)
+    assert np.allclose(np.linalg.norm(data["emb"], axis=1), 1, atol=1e-5)
+    assert sorted(os.path.basename(p) for p in data["paths"]) == sorted(f"{i}.png" for i in range(10))
+    from PIL import Image
+    assert Image.open(tmp_path / "r.png").size == grid_size(3, 4)
+    for row in frame_colours(tmp_path / "r.png", 3, 4):
+        assert row[0][0] == row[0][1] == row[0][2] and set(row[1:]) == {evalpy.FRAMES["neutral"]}
+    expect_error(capsys, ["--embeddings", tmp_path / "e.npz"], "every label is -1", "at least 2")
+
+
+def test_eval_ctrl_c_exits_130_with_one_line(trained):
+    """While torch loads (numpy is in): exit 130 and nothing on stderr; while evaluating: exit 130, one line."""
+    def start(*argv, importtime=False):
+        return subprocess.Popen([sys.executable, *["-X", "importtime"] * importtime, "eval.py", *argv], cwd=HERE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"))
+    proc = start(str(trained("isd") / "model.pt"), importtime=True)
+    for line in proc.stderr:  # -X importtime: a line per module, once it is loaded
+        if re.search(r"\|\s+numpy$", line):
+            break
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and out == "" and not [e for e in err.splitlines() if "import time:" not in e], err
+    proc = start(str(trained("isd") / "model.pt"), "--linear-probe", "--probe-epochs", "100000", "--json", os.devnull)
+    for line in proc.stdout:
+        if line.startswith("linear probe"):
+            break
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and err == "interrupted (Ctrl-C)\n", err
+
+
+def test_boolean_metrics_and_fp32_evaluation(tmp_path, capsys):
+    """A boolean "collapsed" prints as COLLAPSED (not a number) beside the run log's and goes to JSON as is; eval.py
+    turns TF32 off (cuDNN convolutions default to it)."""
+    evalpy.report({"R@1": 50.0, "collapsed": True}, str(tmp_path / "m.json"), {"R@1": 49.5, "collapsed": False})
+    out = capsys.readouterr().out
+    assert re.search(r"collapsed\s+COLLAPSED\s+no", out) and re.search(r"R@1\s+50\.00\s+49\.50\s+\+0\.5", out)
+    assert json.loads((tmp_path / "m.json").read_text()) == {"R@1": 50.0, "collapsed": True}
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    np.savez(tmp_path / "e.npz", emb=np.eye(4, dtype=np.float32), labels=np.array([0, 0, 1, 1]))
+    evalpy.main(["--embeddings", str(tmp_path / "e.npz"), "--no-nmi"])
+    assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
