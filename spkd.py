@@ -1320,20 +1320,28 @@ def log_eval(run, meter, epoch, step, metrics):
     run["history"].append(dict(epoch=epoch, step=step, **metrics, elapsed_s=round(time.time() - run["t0"], 1),
                                images_per_s=None if meter.rate is None else round(meter.rate, 1)))
     if metrics:  # (none: unlabelled data)
-        print(f"eval  epoch {epoch} step {step} | " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()), flush=True)
+        print(f"eval  epoch {epoch} step {step} | {shown(metrics)}", flush=True)
     if run["dir"] is not None:
         atomic_save("".join(json.dumps(r) + "\n" for r in run["history"]), os.path.join(run["dir"], "metrics.jsonl"),
                     text=True)
     tensorboard(run, "eval/", metrics, step)
 
 
+def shown(metrics):
+    """'R@1 90.12  NMI 49.00' (percent); a boolean metric "collapsed" (every test embedding nearly one point, as a
+    diverged model gives) is said in words: its numbers are chance, not a result."""
+    return "  ".join(f"{k} {v:.2f}" for k, v in metrics.items() if not isinstance(v, bool)) + "".join(
+        f"  | {k.upper()}: every test embedding is (nearly) one point" for k, v in metrics.items() if v is True)
+
+
 def print_summary(run, meter, references=()):
     """The headline (the last evaluation), each metric's best epoch (chosen on the test set), speed, memory."""
-    last, rows, names = run["history"][-1], run["history"], list(final_metrics(run))
+    last, rows = run["history"][-1], run["history"]
+    names = [k for k, v in final_metrics(run).items() if not isinstance(v, bool)]
     for label, metrics in references:
-        print(f"{label}: " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+        print(f"{label}: {shown(metrics)}")
     print(f"final (last epoch {last['epoch']}, step {last['step']}; the headline): "
-          + ("  ".join(f"{k} {last[k]:.2f}" for k in names) or "no metrics (no labelled test data)"))
+          + (shown(final_metrics(run)) or "no metrics (no labelled test data)"))
     best = {k: max((r for r in rows if k in r), key=lambda r: r[k]) for k in names}
     if best:
         print("best epoch of each metric (chosen on the test set): "
