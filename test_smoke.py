@@ -2401,31 +2401,37 @@ def test_camd_table_2_networks_train(tmp_path, monkeypatch, teacher, student, si
     assert set(load(tmp_path / "r" / "model.pt")["model"]) == set(camd.build_model(student, 10).state_dict())
 
 
-def test_spkd_cinic10_preset_runs_at_and_sp_on_shufflenetv2(tmp_path, monkeypatch):
+def test_spkd_cinic10_preset_runs_at_and_sp_on_shufflenetv2(tmp_path):
     a = spkd.get_args(["--dataset", "cinic10"])  # SP Sec. 3.3, Table 7 row 1
     assert (a.teacher_arch, a.student_arch, a.epochs, a.batch_size, a.lr, a.nesterov, a.lr_milestones, a.lr_decay,
             a.sp_weight, a.kd_T, a.at_weight) == ("shufflenetv2_1.0", "shufflenetv2_0.5", 140, 96, 0.01, True,
                                                   [100, 120], 0.1, 2000.0, 16.0, 0.0)
-    seen = []
-    _small_test_split(monkeypatch, cinic10="digits")  # until common.load_split("cinic10") merges: digits as stand-in
-    load = common.load_split
-    monkeypatch.setattr(common, "load_split", lambda name, root, split, **kw: seen.append(split) or load(
-        name, root, split, **kw))
-    code, out, err = main_of(spkd, ["--dataset", "cinic10", "--at-weight", "30", "--teacher-epochs", "0",  # AT+SP
-                                    "--batch-size", "16", "--epochs", "1", "--max-steps", "2", "--save-dir",
-                                    str(tmp_path), "--run-name", "c", "--log-every", "1"])
+    many_images(str(tmp_path / "data" / "cinic-10"), [f"{s}/{c}/{j}.png" for s in ("train", "valid", "test")
+                                                      for c in CINIC for j in range(2)], size=32)  # its real layout
+    code, out, err = main_of(spkd, ["--dataset", "cinic10", "--data-root", str(tmp_path / "data"), "--at-weight", "30",
+                                    "--teacher-epochs", "0", "--batch-size", "16", "--epochs", "1", "--max-steps",
+                                    "2", "--save-dir", str(tmp_path), "--run-name", "c", "--log-every", "1"])  # AT+SP
     assert code == 0, err
-    assert " sp " in out and " at " in out and {"train", "test"} <= set(seen)
+    assert " sp " in out and " at " in out
     cfg = json.load(open(tmp_path / "c" / "config.json"))
-    assert (cfg["at_weight"], cfg["sp_weight"], cfg["pad_mode"]) == (30.0, 2000.0, "reflect")
+    assert (cfg["at_weight"], cfg["sp_weight"], cfg["pad_mode"], cfg["num_classes"]) == (30.0, 2000.0, "reflect", 10)
+    code, out, err = main_of(spkd, ["--dataset", "cinic10", "--data-root", str(tmp_path / "data"), "--sp-weight", "0",
+                                    "--at-weight", "50", "--teacher-epochs", "0", "--batch-size", "16", "--epochs", "1",
+                                    "--max-steps", "2", "--save-dir", str(tmp_path), "--run-name", "at"])  # AT alone
+    assert code == 0 and load(tmp_path / "at" / "model.pt")["args"]["at_weight"] == 50.0, err
 
 
 def test_spkd_dtd_fine_tunes_on_the_chosen_split(tmp_path, monkeypatch):
-    data = write_folder_dataset(tmp_path / "data")
-    seen, sizes = [], []
+    base, classes = tmp_path / "data" / "dtd" / "dtd", ["banded", "blotchy", "braided"]  # DTD's real layout
+    many_images(str(base / "images"), [f"{c}/{c}_{j:04d}.jpg" for c in classes for j in range(6)], size=40)
+    (base / "labels").mkdir()
+    for k in range(1, 11):
+        for s, js in (("train", (0, 1, 2)), ("val", (3,)), ("test", (4, 5))):
+            (base / "labels" / f"{s}{k}.txt").write_text("".join(f"{c}/{c}_{j:04d}.jpg\n" for c in classes for j in js))
+    data, seen, sizes = tmp_path / "data", [], []
     load, transform = common.load_split, common.eval_transform
     monkeypatch.setattr(common, "load_split", lambda name, root, split, **kw: seen.append((name, split)) or load(
-        "folder", root, split.rstrip("0123456789"), **kw))  # until common.load_split("dtd") merges
+        name, root, split, **kw))
     monkeypatch.setattr(common, "eval_transform", lambda resize, crop, **kw: sizes.append((resize, crop)) or transform(
         resize, crop, **kw))
     base = ["--dataset", "dtd", "--split", "3", "--data-root", str(data), "--teacher-arch", "mobilenetv2_0.35",
