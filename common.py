@@ -766,10 +766,8 @@ def _candidates(d, tau, s, col0, grouped_rows=False):
     strided column groups (c in group c mod W/s) whose minimum is <= tau are gathered (d is read twice, not sorted)."""
     n_items = d.shape[0] if grouped_rows else d.shape[1]
     m = n_items // s
-    if grouped_rows:   # queries are the columns of d: min over row groups, a vectorised pass
-        g = d.view(s, m, d.shape[1]).amin(0).T
-    else:
-        g = d.view(d.shape[0], s, m).amin(1)
+    # group minima; when the queries are the columns of d, a min over row groups (a faster, outer-dim pass)
+    g = d.view(s, m, d.shape[1]).amin(0).T if grouped_rows else d.view(d.shape[0], s, m).amin(1)
     rows, grp = (g <= tau[:, None]).nonzero(as_tuple=True)         # sorted by row
     cols = grp[:, None] + m * torch.arange(s, device=d.device)     # [candidate groups, s]
     flat = cols * d.shape[1] + rows[:, None] if grouped_rows else rows[:, None] * n_items + cols
@@ -809,20 +807,16 @@ def _nearest(query, gallery, k, exclude_self):
     if k == 0 or n_q == 0:
         return torch.empty(n_q, k, dtype=torch.long, device=dev)
     symmetric = exclude_self and (query is gallery or (query.shape == gallery.shape and torch.equal(query, gallery)))
-    if symmetric:
-        pq = pg = _block_size(n_q, dev)
-    else:
-        pq, pg = _block_size(n_q, dev, "rows"), _block_size(n_g, dev, "cols")
+    pq, pg = ([_block_size(n_q, dev)] * 2 if symmetric
+              else [_block_size(n_q, dev, "rows"), _block_size(n_g, dev, "cols")])
     s = min(_GROUP, 2 ** int(math.log2(max(1, pg // (4 * k)))), pg & -pg)   # >= 4k groups; s divides pg
     nbq, nbg = math.ceil(n_q / pq), math.ceil(n_g / pg)
     left, right = _augment(query, nbq * pq, left=True), _augment(gallery, nbg * pg, left=False)
     run = torch.full((nbq * pq, k), _EMPTY, dtype=torch.long, device=dev)
     pad_rows = torch.arange(nbq * pq, device=dev) >= n_q   # padding rows (all distances +inf) take no candidates
     buf = torch.empty(pq, pg, device=dev)      # reused: a fresh 16 MB block costs page faults
-    if symmetric:
-        blocks = [(i, i) for i in range(nbq)] + [(i, j) for i in range(nbq) for j in range(i + 1, nbg)]
-    else:
-        blocks = [(i, j) for i in range(nbq) for j in range(nbg)]
+    blocks = ([(i, i) for i in range(nbq)] + [(i, j) for i in range(nbq) for j in range(i + 1, nbg)] if symmetric
+              else [(i, j) for i in range(nbq) for j in range(nbg)])
     for i, j in blocks:
         d = torch.mm(left[i * pq:(i + 1) * pq], right[j * pg:(j + 1) * pg].T, out=buf)
         lo, hi = max(i * pq, j * pg), min((i + 1) * pq, (j + 1) * pg)
@@ -880,24 +874,21 @@ def map_at_r(emb, labels):
     return _retrieval(emb, labels, (), True)[1] if _finite(emb) else math.nan
 
 
-# NMI: scikit-learn's NMI of the labels and faiss's k-means as the field runs it (see nmi), Lloyd's steps sped up
-# exactly by Yinyang bounds (Ding et al., ICML 2015): a point is searched only where its bounds cannot prove its
-# centroid still the nearest. Centroids form m groups (m a multiple of 16, ~k / 64) of S consecutive indices; each
-# point keeps one lower bound per group (SOP: 192, 46 MB).
+# NMI: faiss's k-means as the papers ran it, its Lloyd steps sped up exactly by Yinyang bounds (Ding et al., ICML
+# 2015): m groups (m a multiple of 16, ~k / 64) of S consecutive centroids, a lower bound per point and group.
 
 def _two_smallest(t):
-    """(index of the first minimum, minimum, second smallest) per row of t [R, S] (+inf when S = 1)."""
+    """(index of the first minimum, minimum, second smallest) of each row of t [R, S] (+inf when S = 1)."""
     val, idx = t.min(1)
     return idx, val, t.scatter(1, idx[:, None], math.inf).amin(1)
 
 
 def _search(x, centroids, m, need):
-    """Per row i of x, searching the groups where need[i] (all, or a few): (c, ||c||^2 - 2 x_i . c, [m] each
-    searched group's minimum without c, else +inf), c the first minimum. Rows needing all: blocks of 1024 rows, one
-    product each, laid out member-major (a group's minimum is one vectorised pass). Others: a product per group."""
-    dev, s = x.device, -(-len(centroids) // m)
-    pad = s * m - len(centroids)
-    bias = F.pad((centroids * centroids).sum(1), (0, pad), value=math.inf).view(m, s)   # padding never wins
+    """Per row i of x, over the groups where need[i] (all, or a few): (c, ||c||^2 - 2 x_i . c, [m] each searched
+    group's minimum without c, else +inf), c the first minimum. All groups: blocks of 1024 rows, one product each,
+    laid out member-major (group minima in one vectorised pass); a few: a product per group with its rows."""
+    dev, s, pad = x.device, -(-len(centroids) // m), -len(centroids) % m
+    bias = F.pad((centroids * centroids).sum(1), (0, pad), value=math.inf).view(m, s)     # padding never wins
     grouped = F.pad(centroids, (0, 0, 0, pad)).view(m, s, -1)
     c_t, bias_t = grouped.transpose(0, 1).reshape(s * m, -1).T, bias.T.reshape(-1)
     groups, best, score = torch.full(need.shape, math.inf, device=dev), need[:, 0].long(), x[:, 0].clone()
@@ -909,7 +900,7 @@ def _search(x, centroids, m, need):
         g = g_min.argmin(1)
         pos, score[rows], g_min[r, g] = _two_smallest(d[r, :, g])    # inside the best group
         groups[rows], best[rows] = g_min, g * s + pos
-    grp, row = (need & ~dense[:, None]).T.nonzero(as_tuple=True)       # (group, row) pairs, by group
+    grp, row = (need & ~dense[:, None]).T.nonzero(as_tuple=True)     # (group, row) pairs, by group
     tiles = [_two_smallest(torch.addmm(bias[g], x[r], grouped[g].T, alpha=-2))
              for g, r in enumerate(row.split(torch.bincount(grp, minlength=m).tolist()))]
     pos, first, second = (torch.cat(t) for t in zip(*tiles))
@@ -920,21 +911,9 @@ def _search(x, centroids, m, need):
     return best, score, groups
 
 
-def _cluster_sums(x, assign, k):
-    """Per-cluster sums of x (float64) and counts, deterministic: index_add_ on a CPU (in index order), else prefix
-    sums over the points sorted by cluster (index_add_ on a GPU adds with atomics in no fixed order)."""
-    counts = torch.bincount(assign, minlength=k)
-    if x.device.type == "cpu":
-        return torch.zeros(k, x.shape[1], dtype=torch.float64).index_add_(0, assign, x), counts
-    prefix = F.pad(torch.cumsum(x[torch.argsort(assign, stable=True)], 0), (0, 0, 1, 0))
-    ends = torch.cumsum(counts, 0)
-    return prefix[ends] - prefix[ends - counts], counts
-
-
 def _split_empty(centroids, counts, gen):
-    """faiss's split_clusters (Clustering.cpp) -> (centroids, counts): each empty cluster, in index order, takes a
-    copy of a cluster drawn with probability ~ (size - 1), the two pushed apart by a relative +-1/1024 (signs
-    alternating by coordinate), and half its (fractional) count."""
+    """faiss's split_clusters (Clustering.cpp) -> (centroids, counts): each empty cluster in turn copies one drawn
+    with probability ~ (size - 1), the two pushed apart by a relative +-1/1024 (alternating), and half its count."""
     counts = counts.double().cpu()
     push = (1 - 2 * (torch.arange(centroids.shape[1], device=centroids.device) % 2)) / 1024
     for ci in (counts == 0).nonzero().flatten().tolist():
@@ -946,50 +925,44 @@ def _split_empty(centroids, counts, gen):
 
 
 def _lloyd(x, k, seed=0, niter=20):
-    """faiss Clustering's k-means (niter 20) and a search of its final centroids -> (that assignment [N], the exact
-    k-means objective of every assignment made, float64). Start: the first k points of a seeded random permutation;
-    each iteration assigns every point to its nearest centroid (squared L2, ties to the lower index), then
-    centroids := cluster means (float64 sums), empty clusters split (_split_empty); an assignment that changes
-    nothing is a fixed point: the rest would repeat it (faiss >= 1.11 stops there too).
-    Bounds: upper >= distance to the own centroid, lower[g] <= distance to any other centroid of group g; a centroid
-    update adds its drift to upper and subtracts each group's largest drift from lower[g]; only points whose upper
-    (recomputed) exceeds a lower bound are searched. A float32 score is within E = 8 (d + 1) 2^-24 max ||x||^2 of
-    the exact one (|terms| <= 5 max ||x||^2, centroids being means) and the bounds carry a margin sqrt(E) each, so
-    a point kept beats every other centroid by more than 2E: the float32 search would keep it too."""
+    """faiss Clustering's k-means, then a search of its centroids -> (that assignment, the exact k-means objective of
+    each assignment, float64). Start: the first k points of a seeded permutation; niter times: each point to its
+    nearest centroid (squared L2, ties to the lower index), centroids := means (float64 sums in a fixed order: also
+    deterministic on a GPU), empty clusters split. An unchanged assignment is a fixed point: stop (faiss >= 1.14 too).
+    Bounds: upper >= distance to the own centroid, lower[g] <= to the others of group g, moved by the drifts; a
+    float32 score is within E = 8 (d + 1) 2^-24 max ||x||^2 of the exact one and each bound carries sqrt(E), so a
+    point not searched beats every other centroid by > 2E: the float32 search would keep it too."""
     x = x.float()
-    (n, dim), dev = x.shape, x.device
-    m = 16 * -(-k // 1024)
+    (n, dim), dev, m = x.shape, x.device, 16 * -(-k // 1024)
     gen = torch.Generator().manual_seed(seed)
-    centroids = x[torch.randperm(n, generator=gen)[:k].to(dev)]
-    x_sq = (x * x).sum(1)
-    err = 8 * (dim + 1) * 2.0 ** -24 * float(x_sq.max())
-    margin = err ** 0.5
-    assign = torch.zeros(n, dtype=torch.long, device=dev)
+    centroids, x_sq, x64 = x[torch.randperm(n, generator=gen)[:k].to(dev)], (x * x).sum(1), x.double()
+    err, sq_total = 8 * (dim + 1) * 2.0 ** -24 * float(x_sq.max()), (x64 ** 2).sum()
+    assign, objectives, split = torch.zeros(n, dtype=torch.long, device=dev), [], False
     upper, lower = torch.full((n,), math.inf, device=dev), torch.zeros(n, m, device=dev)
-    x64 = x.double()
-    sq_total, objectives, split = (x64 ** 2).sum(), [], False
     for it in range(niter + 1):
         lower_min = lower.amin(1)
         todo = (upper > lower_min).nonzero().squeeze(1)
-        upper[todo] = ((x[todo] - centroids[assign[todo]]) ** 2).sum(1).add_(err).sqrt_() + margin
+        upper[todo] = ((x[todo] - centroids[assign[todo]]) ** 2).sum(1).add_(err).sqrt_() + err ** 0.5
         todo = todo[upper[todo] > lower_min[todo]]
         old = lower[todo]
         need = old < upper[todo, None]               # groups that may hold a nearer centroid, and the own group
         need[torch.arange(len(todo), device=dev), assign[todo] // -(-k // m)] = True
-        need[need.sum(1) > m // 8] = True            # one dense product is ~2x cheaper per score than per group
+        need[need.sum(1) > m // 8] = True            # then one dense product: ~2x cheaper per score
         c, score, groups = _search(x[todo], centroids, m, need)
-        moved = bool((c != assign[todo]).any())
-        assign[todo] = c
-        upper[todo] = (score + x_sq[todo] + err).clamp_min_(0).sqrt_() + margin
-        lower[todo] = torch.where(need, (groups + x_sq[todo, None] - err).clamp_min_(0).sqrt_() - margin, old)
-        sums, counts = _cluster_sums(x64, assign, k)
+        moved, assign[todo] = bool((c != assign[todo]).any()), c
+        upper[todo] = (score + x_sq[todo] + err).clamp_min_(0).sqrt_() + err ** 0.5
+        lower[todo] = torch.where(need, (groups + x_sq[todo, None] - err).clamp_min_(0).sqrt_() - err ** 0.5, old)
+        counts = torch.bincount(assign, minlength=k)
+        if dev.type == "cpu":
+            sums = torch.zeros(k, dim, dtype=torch.float64).index_add_(0, assign, x64)
+        else:                                        # index_add_ adds in no fixed order there: prefix sums
+            prefix = F.pad(torch.cumsum(x64[torch.argsort(assign, stable=True)], 0), (0, 0, 1, 0))
+            sums = prefix[counts.cumsum(0)] - prefix[counts.cumsum(0) - counts]
         objectives.append(sq_total - ((sums * sums).sum(1) / counts.clamp_min(1)).sum())
         if it == niter or (it > 0 and not moved and not split):
             break
-        new = (sums / counts.clamp_min(1)[:, None]).float()
-        split = bool((counts == 0).any())
-        if split:
-            new = _split_empty(new, counts, gen)[0]
+        new, split = (sums / counts.clamp_min(1)[:, None]).float(), bool((counts == 0).any())
+        new = _split_empty(new, counts, gen)[0] if split else new
         drift = (new - centroids).norm(dim=1)
         upper += drift[assign]
         lower -= F.pad(drift, (0, -k % m)).view(m, -1).amax(1)
@@ -998,13 +971,11 @@ def _lloyd(x, k, seed=0, niter=20):
 
 
 def nmi(emb, labels, seed=0):
-    """The papers' NMI: scikit-learn's normalized_mutual_info_score of the labels and a k-means clustering with
-    k = #distinct labels, as faiss `Clustering(d, k)` with niter 20 and min_points_per_centroid 1 (no subsampling)
-    computes it, the final assignment being a search of the final centroids: Revisiting-DML (S2SD's code)
-    metrics/__init__.py and metrics/nmi.py; pytorch-metric-learning's AccuracyCalculator (FaissKMeans(niter=20),
-    faiss's defaults otherwise, whose max_points_per_centroid 256 would subsample only beyond 256 k points: never on
-    CUB, Cars, SOP or In-Shop). A random start, so NMI varies with the seed (ours: torch's randperm, not faiss's
-    RNG; within faiss's seed spread, tested against scikit-learn's Lloyd). NaN for non-finite embeddings."""
+    """The papers' NMI: sklearn's normalized_mutual_info_score of the labels and the clusters of faiss.Clustering(d,
+    k = #labels) with niter 20, min_points_per_centroid 1, then a search of its centroids (Revisiting-DML, S2SD's
+    code: metrics/__init__.py, nmi.py; pytorch-metric-learning's AccuracyCalculator, FaissKMeans(niter=20), whose
+    subsampling beyond 256 k points never happens on CUB, Cars, SOP, In-Shop). The start is random: NMI varies with
+    the seed (ours draws with torch, not faiss's RNG; tested within sklearn Lloyd's spread). NaN if not finite."""
     from sklearn.metrics import normalized_mutual_info_score
     if not _finite(emb):
         return math.nan
