@@ -891,7 +891,8 @@ def _search(x, centroids, m, need):
     bias = F.pad((centroids * centroids).sum(1), (0, pad), value=math.inf).view(m, s)     # padding never wins
     grouped = F.pad(centroids, (0, 0, 0, pad)).view(m, s, -1)
     c_t, bias_t = grouped.transpose(0, 1).reshape(s * m, -1).T, bias.T.reshape(-1)
-    groups, best, score = torch.full(need.shape, math.inf, device=dev), need[:, 0].long(), x[:, 0].clone()
+    groups = torch.full(need.shape, math.inf, device=dev)
+    best, score = torch.empty(len(x), dtype=torch.long, device=dev), torch.empty(len(x), device=dev)
     dense = need.all(1)
     buf = torch.empty(min(1024, len(x)), s * m, device=dev)    # reused: fresh blocks cost page faults
     for rows in dense.nonzero().squeeze(1).split(1024):
@@ -930,8 +931,9 @@ def _lloyd(x, k, seed=0, niter=20):
     nearest centroid (squared L2, ties to the lower index), centroids := means (float64 sums in a fixed order: also
     deterministic on a GPU), empty clusters split. An unchanged assignment is a fixed point: stop (faiss >= 1.14 too).
     Bounds: upper >= distance to the own centroid, lower[g] <= to the others of group g, moved by the drifts; a
-    float32 score is within E = 8 (d + 1) 2^-24 max ||x||^2 of the exact one and each bound carries sqrt(E), so a
-    point not searched beats every other centroid by > 2E: the float32 search would keep it too."""
+    float32 score is within E = 8 (d + 1) 2^-24 max ||x||^2 of the exact one and each bound carries sqrt(E) (also
+    far above the drifts' rounding), so a point not searched beats every other centroid by > 2E: the float32 search
+    would keep it too."""
     x = x.float()
     (n, dim), dev, m = x.shape, x.device, 16 * -(-k // 1024)
     gen = torch.Generator().manual_seed(seed)
