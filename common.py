@@ -874,8 +874,7 @@ def map_at_r(emb, labels):
     return _retrieval(emb, labels, (), True)[1] if _finite(emb) else math.nan
 
 
-# NMI: faiss's k-means as the papers ran it, its Lloyd steps sped up exactly by Yinyang bounds (Ding et al., ICML
-# 2015): m groups (m a multiple of 16, ~k / 64) of S consecutive centroids, a lower bound per point and group.
+# NMI: faiss's k-means as the papers ran it (see nmi), its Lloyd steps sped up exactly by Yinyang bounds (_lloyd).
 
 def _two_smallest(t):
     """(index of the first minimum, minimum, second smallest) of each row of t [R, S] (+inf when S = 1)."""
@@ -930,10 +929,10 @@ def _lloyd(x, k, seed=0, niter=20):
     each assignment, float64). Start: the first k points of a seeded permutation; niter times: each point to its
     nearest centroid (squared L2, ties to the lower index), centroids := means (float64 sums in a fixed order: also
     deterministic on a GPU), empty clusters split. An unchanged assignment is a fixed point: stop (faiss >= 1.14 too).
-    Bounds: upper >= distance to the own centroid, lower[g] <= to the others of group g, moved by the drifts; a
-    float32 score is within E = 8 (d + 1) 2^-24 max ||x||^2 of the exact one and each bound carries sqrt(E) (also
-    far above the drifts' rounding), so a point not searched beats every other centroid by > 2E: the float32 search
-    would keep it too."""
+    Yinyang bounds (Ding et al., ICML 2015), centroids in m groups (m a multiple of 16, ~k / 64) of S consecutive
+    indices: upper >= distance to the own centroid, lower[g] <= to the others of group g, moved by the drifts. A
+    float32 score is within E = 8 (d + 1) 2^-24 max ||x||^2 of the exact one; each bound carries sqrt(E) (far above
+    the drifts' rounding), so a point not searched beats every other centroid by > 2E: float32 would keep it too."""
     x = x.float()
     (n, dim), dev, m = x.shape, x.device, 16 * -(-k // 1024)
     gen = torch.Generator().manual_seed(seed)

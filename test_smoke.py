@@ -217,8 +217,8 @@ def test_nmi_matches_sklearn_on_separated_clusters():
 @pytest.mark.parametrize("n_classes, per_class, dim, noise", [(100, 59, 128, 2.4), (100, 59, 64, 2.0), (20, 30, 16, 1.5)])
 def test_nmi_within_the_seed_spread_of_sklearn_random_start_lloyd(n_classes, per_class, dim, noise):
     # the papers' protocol, not a better optimum: over 10 seeds, our NMI is distributed as scikit-learn's Lloyd with
-    # the same settings (k random points, 20 iterations); CUB-sized cases (5,900 points, 100 classes) where the old
-    # k-means++ / Hartigan clustering scored 10 points higher (4 standard deviations)
+    # the same settings (k random points, 20 iterations); two CUB-sized cases (5,900 points, 100 classes): in the
+    # first, the k-means++ / Hartigan clustering this replaced scored 93.6 against sklearn's 83.4 +- 2.8
     from sklearn.cluster import KMeans
     from sklearn.metrics import normalized_mutual_info_score
     x, y = clustered(n_classes, per_class, dim, noise, seed=0)
