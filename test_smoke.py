@@ -127,31 +127,6 @@ def test_nearest_matches_brute_force_with_ties_and_duplicates(block, k, monkeypa
         assert torch.equal(common._nearest(q, gal, k, exclude_self=False), brute_nearest(q, gal, min(k, 61), False))
 
 
-def _inertia(x, assign, k):
-    x = x.double()
-    cnt = torch.bincount(assign, minlength=k).double()
-    mu = torch.zeros(k, x.shape[1], dtype=torch.float64).index_add_(0, assign, x) / cnt.clamp_min(1)[:, None]
-    return ((x - mu[assign]) ** 2).sum().item()
-
-
-def test_kmeans_seeded_exact_objective_and_edge_cases(monkeypatch):
-    from sklearn.cluster import KMeans
-    x = F.normalize(torch.randn(2000, 16, generator=torch.Generator().manual_seed(0)), dim=1)
-    a = common._kmeans(x, 40, seed=0)
-    assert torch.equal(a, common._kmeans(x.clone(), 40, seed=0)) and not torch.equal(a, common._kmeans(x, 40, seed=1))
-    ref = KMeans(40, n_init=1, random_state=0).fit(x.numpy().astype(np.float64)).labels_
-    assert _inertia(x, a, 40) <= 1.03 * _inertia(x, torch.from_numpy(ref).long(), 40)
-    objs, refine = [], common._refine  # every refinement round returns its exact objective, never higher
-    monkeypatch.setattr(common, "_refine", lambda *args, **kw: objs.append(refine(*args, **kw)) or objs[-1])
-    b = common._kmeans(x, 300, seed=0)
-    values = [o for _, o in objs]
-    assert all(v2 <= v1 * (1 + 1e-9) for v1, v2 in zip(values, values[1:]))
-    assert _inertia(x, b, 300) == pytest.approx(values[-1], rel=1e-9)
-    assert int(common._kmeans(torch.zeros(10, 3), 4).max()) < 4  # identical points: valid labels, no NaN
-    y = torch.randn(7, 3, generator=torch.Generator().manual_seed(0))
-    assert len(set(common._kmeans(y, 7).tolist())) == 7 and common._kmeans(y, 1).tolist() == [0] * 7
-
-
 def test_non_finite_embeddings_give_nan_metrics_not_a_perfect_score():
     emb = F.normalize(torch.randn(40, 4, generator=torch.Generator().manual_seed(0)), dim=1)
     labels = torch.arange(40) % 4
@@ -210,20 +185,110 @@ def test_metric_bundle_equals_single_functions_and_cache_respects_inplace_change
     assert before != pytest.approx(common_ref)
 
 
+def lloyd_start(x, k, seed):
+    """The protocol's start as common.nmi draws it: the first k points of a seeded random permutation."""
+    return x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:k]]
+
+
+def clustered(n_classes, per_class, dim, noise, seed):
+    """Embeddings like a trained model's: unit class centres plus Gaussian noise, L2-normalised; labels."""
+    g = torch.Generator().manual_seed(seed)
+    centres = F.normalize(torch.randn(n_classes, dim, generator=g), dim=1)
+    y = torch.arange(n_classes).repeat_interleave(per_class)
+    return F.normalize(centres[y] + noise * torch.randn(len(y), dim, generator=g) / dim ** 0.5, dim=1), y
+
+
 def test_nmi_matches_sklearn_on_separated_clusters():
+    # from the same start, scikit-learn's own Lloyd (20 iterations, then the labels of the final centres) gives the
+    # same clustering, so the same NMI: separated, overlapping and structureless points (none empties a cluster,
+    # where scikit-learn relocates and faiss splits)
     from sklearn.cluster import KMeans
-    from sklearn.datasets import make_blobs
     from sklearn.metrics import normalized_mutual_info_score
-    for seed in range(3):
-        x, y = make_blobs(n_samples=400, centers=9, n_features=12, cluster_std=0.5, random_state=seed)
-        ref = normalized_mutual_info_score(y, KMeans(9, n_init=3, random_state=0).fit_predict(x))
-        ours = common.nmi(torch.tensor(x, dtype=torch.float32), torch.tensor(y))
-        assert ours == pytest.approx(ref, abs=1e-6) and ours == pytest.approx(1.0)
-    # random embeddings: same ballpark as sklearn (different local optima are allowed)
-    x = F.normalize(torch.randn(500, 16, generator=torch.Generator().manual_seed(0)), dim=1)
-    y = torch.arange(500) % 20
-    ref = normalized_mutual_info_score(y.numpy(), KMeans(20, n_init=1, random_state=0).fit_predict(x.numpy()))
-    assert abs(common.nmi(x, y) - ref) < 0.05
+    data = [clustered(9, 45, 12, 0.5, seed=0), clustered(12, 40, 32, 1.5, seed=1),
+            (F.normalize(torch.randn(500, 16, generator=torch.Generator().manual_seed(0)), dim=1), torch.arange(500) % 20)]
+    for i, (x, y) in enumerate(data):
+        k = len(torch.unique(y))
+        ref = KMeans(k, init=lloyd_start(x, k, seed=i).numpy(), n_init=1, max_iter=20, tol=0, algorithm="lloyd")
+        ref = normalized_mutual_info_score(y.numpy(), ref.fit(x.numpy()).labels_)
+        assert common.nmi(x, y, seed=i) == pytest.approx(ref, abs=1e-12)
+    assert common.nmi(*data[0], seed=0) > 0.8
+
+
+@pytest.mark.parametrize("n_classes, per_class, dim, noise", [(100, 59, 128, 2.4), (100, 59, 64, 2.0), (20, 30, 16, 1.5)])
+def test_nmi_within_the_seed_spread_of_sklearn_random_start_lloyd(n_classes, per_class, dim, noise):
+    # the papers' protocol, not a better optimum: over 10 seeds, our NMI is distributed as scikit-learn's Lloyd with
+    # the same settings (k random points, 20 iterations); two CUB-sized cases (5,900 points, 100 classes): in the
+    # first, the k-means++ / Hartigan clustering this replaced scored 93.6 against sklearn's 83.4 +- 2.8
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import normalized_mutual_info_score
+    x, y = clustered(n_classes, per_class, dim, noise, seed=0)
+    ours = np.array([common.nmi(x, y, seed=s) for s in range(10)])
+    ref = np.array([normalized_mutual_info_score(y.numpy(), KMeans(
+        n_classes, init="random", n_init=1, max_iter=20, tol=0, algorithm="lloyd", random_state=s).fit_predict(x.numpy()))
+        for s in range(10)])
+    spread = ref.max() - ref.min()
+    assert abs(ours.mean() - ref.mean()) <= 2 * ref.std()
+    assert ((ours >= ref.min() - spread / 2) & (ours <= ref.max() + spread / 2)).all()
+
+
+def plain_lloyd(x, start, niter=20):
+    """Textbook Lloyd in float64 -> (assignment after each of the niter + 1 searches, k-means objective of each)."""
+    x, c = x.double(), start.double()
+    history = []
+    for it in range(niter + 1):
+        a = torch.cdist(x, c).argmin(1)
+        counts = torch.bincount(a, minlength=len(c))
+        mean = torch.zeros_like(c).index_add_(0, a, x) / counts.clamp_min(1)[:, None]
+        history.append((a, ((x - mean[a]) ** 2).sum().item()))
+        assert (counts > 0).all()                       # these data never empty a cluster
+        c = mean.float().double()                       # common.nmi keeps float32 centroids
+    return history
+
+
+@pytest.mark.parametrize("noise", [0.3, 3.0])          # clear and unclear structure
+def test_accelerated_lloyd_is_exactly_plain_lloyd(noise):
+    # the bounds skip only points whose centroid provably stays: same assignments as a plain Lloyd from the same
+    # start, iteration by iteration (k = 300 > 64: several bound groups; searched densely and group by group)
+    x, _ = clustered(60, 40, 24, noise, seed=1)
+    for k, seed in ((300, 0), (40, 1)):
+        assign, objectives = common._lloyd(x, k, seed=seed)
+        history = plain_lloyd(x, lloyd_start(x, k, seed))
+        assert torch.equal(assign, history[-1][0])
+        ref = [o for _, o in history]
+        assert objectives.tolist() == pytest.approx(ref[:len(objectives)], rel=1e-9)   # stopped at a fixed point
+        assert ref[len(objectives) - 1:] == pytest.approx([ref[-1]] * (len(ref) - len(objectives) + 1), rel=1e-12)
+        assert all(b <= a * (1 + 1e-12) for a, b in zip(ref, ref[1:]))   # the objective never rises
+
+
+def test_lloyd_seeded_and_edge_cases():
+    x, y = clustered(30, 20, 16, 2.0, seed=0)
+    a = common._lloyd(x, 30, seed=0)[0]
+    assert torch.equal(a, common._lloyd(x.clone(), 30, seed=0)[0]) and not torch.equal(a, common._lloyd(x, 30, seed=1)[0])
+    assert common.nmi(x, y, seed=3) == common.nmi(x.clone(), y, seed=3)
+    assert common._lloyd(x, 1)[0].tolist() == [0] * len(x)                      # k = 1
+    z = torch.randn(7, 3, generator=torch.Generator().manual_seed(0))
+    assert sorted(common._lloyd(z, 7)[0].tolist()) == list(range(7))            # k = n: one point each
+    dup = torch.tensor([[0.0, 0.0]] * 6 + [[1.0, 0.0]] * 3 + [[0.0, 1.0]])     # 10 points, 3 distinct
+    for seed in range(5):                                                        # k close to n: empty clusters
+        a, objectives = common._lloyd(dup, 8, seed=seed)
+        assert 0 <= int(a.min()) and int(a.max()) < 8 and torch.isfinite(objectives).all()
+        assert len(set(map(tuple, dup[a == a[0]].tolist()))) == 1                 # never two distinct points merged
+    assert common._lloyd(torch.zeros(10, 3), 4)[0].tolist() == [0] * 10          # identical points: ties to index 0
+
+
+def test_empty_clusters_split_as_faiss_does():
+    # one empty cluster, one cluster with size - 1 > 0: it is copied, the pair pushed apart by +-1/1024 (alternating)
+    centroids = torch.tensor([[1.0, 2.0, 3.0], [9.0, 9.0, 9.0], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0]])
+    out, after = common._split_empty(centroids.clone(), torch.tensor([1, 0, 9, 1]), torch.Generator().manual_seed(0))
+    push = torch.tensor([1, -1, 1]) / 1024
+    assert torch.equal(out[1], centroids[2] * (1 + push)) and torch.equal(out[2], centroids[2] * (1 - push))
+    assert after.tolist() == [1.0, 4.5, 4.5, 1.0] and torch.equal(out[[0, 3]], centroids[[0, 3]])
+    # several empties: none left, the total kept; the source drawn with probability ~ (size - 1)
+    out, after = common._split_empty(torch.randn(6, 4), torch.tensor([0, 3, 0, 5, 0, 1]), torch.Generator())
+    assert (after > 0).all() and after.sum() == 9
+    picks = [common._split_empty(centroids.clone(), torch.tensor([0, 3, 5, 1]), torch.Generator().manual_seed(s))[1][1]
+             for s in range(400)]
+    assert np.mean([p == 1.5 for p in picks]) == pytest.approx(2 / 6, abs=0.08)   # cluster 1 (size 3) split
 
 
 def test_knn_accuracy_matches_sklearn_and_weighted_brute_force():
