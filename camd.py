@@ -902,7 +902,7 @@ def evaluate(model, args, device):
     out = embeddings(model, args, device)
     rank = common.retrieval_metrics(out["emb"], out["labels"], ks=(1, 2), with_map=False, with_nmi=False)
     return {"top1": 100 * common.topk_accuracy(out["logits"], out["labels"], ks=(1,))[1],
-            "Rank-1": rank["R@1"], "Rank-2": rank["R@2"]}
+            "Rank-1": rank["R@1"], "Rank-2": rank["R@2"], **{k: True for k in ("collapsed",) if k in rank}}
 
 
 TEACHER_RECIPE = ("dataset", "teacher_arch", "teacher_epochs", "batch_size", "weight_decay", "momentum", "nesterov",

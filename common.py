@@ -1105,6 +1105,13 @@ def _finite(*tensors):
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
+def collapsed(emb, tol=1e-3):
+    """True when every embedding lies within tol (relative to their mean norm) of their mean: a diverged or dead model
+    maps all images to one point, and its metrics are chance, not a result (the scripts say so beside them)."""
+    emb = emb.float()
+    return bool((emb - emb.mean(0)).norm(dim=1).max() <= tol * emb.norm(dim=1).mean()) if len(emb) > 1 else False
+
+
 def _retrieval(emb, labels, ks, with_map):
     """({k: Recall@k}, MAP@R or None), fractions from one search. Recall@k: a same-label item among the k nearest
     (none for a class of one). MAP@R (Musgrave et al., 2020): mean over queries with R = #other same-label
@@ -1279,11 +1286,12 @@ def retrieval_metrics(emb, labels, ks=(1, 2, 4, 8), with_map=True, with_nmi=True
         out["MAP@R"] = 100 * mapr
     if with_nmi:
         out["NMI"] = 100 * nmi(emb, labels, seed=seed)
-    return out
+    return out | ({"collapsed": True} if collapsed(emb) else {})  # (emb is finite here)
 
 
 def knn_metrics(train_emb, train_labels, test_emb, test_labels):
     """ISD's k-NN protocol in percent: 1-NN, 20-NN (majority) and weighted 200-NN (T = 0.1)."""
     protocol = {"knn1": (1, False), "knn20": (20, False), "knn200w": (200, True)}
-    return {name: 100 * knn_accuracy(train_emb, train_labels, test_emb, test_labels, k=k, weighted=w, temperature=0.1)
-            for name, (k, w) in protocol.items()}
+    out = {name: 100 * knn_accuracy(train_emb, train_labels, test_emb, test_labels, k=k, weighted=w, temperature=0.1)
+           for name, (k, w) in protocol.items()}
+    return out | ({"collapsed": True} if _finite(test_emb) and collapsed(test_emb) else {})

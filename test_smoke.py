@@ -140,6 +140,28 @@ def test_non_finite_embeddings_give_nan_metrics_not_a_perfect_score():
     assert math.isnan(common.retrieval_metrics(full, labels, with_nmi=False)["R@1"])
 
 
+def test_a_collapsed_embedding_is_flagged_beside_its_metrics():
+    g = torch.Generator().manual_seed(0)
+    point = F.normalize(torch.randn(1, 16, generator=g), dim=1)
+    same, near = point.repeat(50, 1), F.normalize(point + 1e-5 * torch.randn(50, 16, generator=g), dim=1)
+    spread = F.normalize(torch.randn(50, 16, generator=g), dim=1)
+    labels = torch.arange(50) % 5
+    assert common.collapsed(same) and common.collapsed(near) and not common.collapsed(spread)
+    assert not common.collapsed(torch.zeros(1, 4))  # one item: nothing to compare
+    assert common.retrieval_metrics(same, labels, with_nmi=False)["collapsed"] is True
+    assert "collapsed" not in common.retrieval_metrics(spread, labels, with_nmi=False)
+    assert common.knn_metrics(spread, labels, near, labels)["collapsed"] is True
+
+
+def test_s2sd_a_diverged_run_says_its_embedding_collapsed(tmp_path):
+    code, out, err = main_of(s2sd, ["--lr", "1e10", "--epochs", "2", "--save-dir", str(tmp_path), "--run-name", "c"])
+    assert code == 0, err  # a result, not a crash: but never reported as a normal one
+    assert "| COLLAPSED: every test embedding is (nearly) one point" in next(
+        line for line in out.splitlines() if line.startswith("eval "))
+    assert "the headline): R@1" in out and out.count("COLLAPSED") == 2  # and the summary
+    assert json.loads(open(tmp_path / "c" / "metrics.jsonl").readlines()[-1])["collapsed"] is True
+
+
 def test_self_excluded_by_index_not_by_first_neighbour():
     # two identical points of different classes: dropping "the first neighbour" would drop the
     # wrong one for one of them; exclusion by index must not
