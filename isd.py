@@ -57,11 +57,9 @@ Deviations:
  - ResNet-50 uses adaptive average pooling (official: a 7x7 pool, 224 px only). bf16 autocast on CUDA (--no-amp).
  - ImageNet-100 / folder / CIFAR / STL-10 / digits / fashionmnist settings are ours (the paper has none): PRESETS.
    On digits / fashionmnist ISD and MoCo share the preset's lr and momentum (tuned for few steps per epoch).
-Paper (ImageNet, 200 epochs, linear / 1-NN / 20-NN; Table 1 rows "ISD" and "MoCo-V2 [20] [11] 256 200"): ResNet-18
-ISD 53.8 / 41.5 / 46.6, MoCo-v2 51.0 / 37.7 / 42.1; ResNet-50 ISD 69.8 / 59.2 / 62.0, MoCo-v2 67.5 linear. Table 4
-"Mean" (NN, D1-D10): all 38 classes ISD 58.03, MoCo 57.12; the 30 rare ISD 56.33, MoCo 53.75. Measured: README
-"Results" (Fashion-MNIST, 3 seeds: MoCo-v2 ahead at this scale, 1-NN 80.71 vs ISD 77.78). ImageNet: not measured.
-"""
+Paper (Table 1 rows "ISD", "MoCo-V2 [20] [11] 256 200"; linear / 1-NN / 20-NN): R18 ISD 53.8 / 41.5 / 46.6, MoCo-v2
+51.0 / 37.7 / 42.1; R50 ISD 69.8 / 59.2 / 62.0, MoCo-v2 67.5 linear. Table 4 "Mean" (NN, all 38 / 30 rare classes): ISD
+58.03 / 56.33, MoCo 57.12 / 53.75. Measured: README "Results" (Fashion-MNIST; ImageNet: not yet measured)."""
 import argparse
 import collections
 import contextlib
@@ -238,8 +236,7 @@ def build_backbone(arch, cifar_stem, bn_splits=1):
 
 
 def heads(head, dim):
-    """(projection, predictor, output dim) of details 5, 6: r18 train_isd.py, r50 train_isd_plus.py (official
-    get_mlp), moco moco/builder.py --mlp (no BN)."""
+    """(projection, predictor, out dim), details 5-6: train_isd.py (r18), train_isd_plus.py's get_mlp, MoCo's --mlp."""
     def mlp(i, h, o, bias=True):
         return nn.Sequential(nn.Linear(i, h, bias=bias), nn.BatchNorm1d(h), nn.ReLU(inplace=True), nn.Linear(h, o))
     if head == "moco":
