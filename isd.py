@@ -65,6 +65,8 @@ import collections
 import contextlib
 import copy
 import datetime
+import errno
+import fcntl
 import itertools
 import json
 import math
@@ -157,11 +159,11 @@ def get_args(argv=None):
         args.recipe = "moco" if args.variant == "moco" else args.recipe or ("r50" if args.arch == "resnet50" else "r18")
         args.variant = args.variant or "isd"
         vars(args).update({k: v for k, v in RECIPES[args.recipe].items() if getattr(args, k) is None})
-    for key, fits, why in (("tau_t", None, "MoCo-v2 has one temperature, --tau-s"),
+    for key, fits, reason in (("tau_t", None, "MoCo-v2 has one temperature, --tau-s"),
                            ("head", "moco", "ISD's heads hold its predictor; MoCo-v2 has its own (--head moco)"),
                            ("teacher_view", "strong", "MoCo-v2 augments the query and the key alike (strong)")):
         if args.variant == "moco" and key in given and getattr(args, key) != fits:
-            raise RunError(f"--{key.replace('_', '-')} {getattr(args, key)} does not apply to --variant moco: {why}")
+            raise RunError(f"--{key.replace('_', '-')} {getattr(args, key)} does not apply to --variant moco: {reason}")
     if args.dataset not in TENSOR_FORM and args.image_size < 12:  # detail 7 (in memory: no blur, any size runs)
         raise RunError(f"--image-size {args.image_size}: image files get MoCo-v2's 23-px GaussianBlur: use >= 12")
     if args.dataset not in TENSOR_FORM and args.arch == "small":
@@ -366,7 +368,8 @@ def folder_layout(root):
     found = [d for d in ("train", "test", "val") if os.path.isdir(os.path.join(root, d))]
     if "train" in found:
         return "train", "test" if len(found) > 1 else "holdout"
-    return "all", "holdout" if os.path.isdir(root) and any(e.is_dir() for e in os.scandir(root)) else None
+    classes = os.path.isdir(root) and any(e.is_dir() and not e.name.startswith(".") for e in os.scandir(root))
+    return "all", "holdout" if classes else None
 
 
 def load_data(args, split):
@@ -674,7 +677,7 @@ EXPERIMENT_FLAGS = [  # flag, argparse type (bool: --x/--no-x), help; none has a
     ("--tensorboard", bool, "TensorBoard logs in the run folder (default: on when tensorboard is installed)")]
 RESUME_MAY_CHANGE = ("resume", "max_steps", "device", "workers", "log_every", "data_root", "tensorboard", "compile",
                      "amp")  # amp: a CUDA run resumed on a CPU may take --no-amp
-STATE = dict(signal=0, training=False, group=None, locks=[])  # the stop signal; torchrun's CPU group; folder locks
+STATE = dict(signal=0, at=0.0, training=False, group=None, locks=[])  # a stop signal and when; torchrun's CPU group
 
 
 def experiment_args(p):
@@ -727,7 +730,8 @@ def setup(args):
     torch.use_deterministic_algorithms(args.deterministic, warn_only=True)
     if world > 1 and not dist.is_initialized():  # (a teacher trained first runs setup twice)
         dist.init_process_group("nccl" if kind == "cuda" else "gloo", timeout=datetime.timedelta(hours=2))
-        STATE["group"] = dist.new_group(backend="gloo")  # for the stop flag: its all-reduce never waits for a GPU
+        # the stop flag's group: a CPU all-reduce (the other ranks wait in it for rank 0's evaluation: 2 h too)
+        STATE["group"] = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=2))
     args.amp = kind == "cuda" if args.amp is None else args.amp
     torch.manual_seed(args.seed)
     return device, rank, world
@@ -762,11 +766,13 @@ def atomic_save(obj, path, text=False):
         else:
             torch.save(obj, tmp)
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # a full disk (torch.save: RuntimeError "file write failed"), no permission
+    except (OSError, RuntimeError) as e:  # a full disk (torch.save: "unexpected pos", "file write failed"), no access
         with contextlib.suppress(OSError):
             os.remove(tmp)
+        if isinstance(e, RuntimeError) and "pos" not in str(e) and "write" not in str(e):
+            raise  # not a failed write: a bug, with its traceback
         free = shutil.disk_usage(os.path.dirname(path)).free / 2**20
-        raise RunError(f"cannot write {path} ({why(e)}; {free:.0f} MiB free there); the previous one is intact") from None
+        raise RunError(f"cannot write {path} ({why(e)}; {free:.0f} MiB free there); a previous one is intact") from None
 
 
 def start_run(args, device, rank):
@@ -782,7 +788,7 @@ def start_run(args, device, rank):
     if rank != 0:
         return run
     for name in os.listdir(run["dir"]):  # what a process killed while writing left behind (kill -9, a full disk)
-        if name.rpartition(".tmp")[2].isdigit():
+        if name.rpartition(".tmp")[1] and name.rpartition(".tmp")[2].isdigit():
             os.remove(os.path.join(run["dir"], name))
     git = shutil.which("git") and subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                                                  cwd=os.path.dirname(os.path.abspath(__file__)))
@@ -810,15 +816,17 @@ def run_folder(args):
         try:
             os.makedirs(path)  # atomic: two runs started at once with one name still get two folders
         except FileExistsError:
-            try:  # an unfinished run: last.pt, no model.pt, a config.json of these arguments (--resume's changeable aside)
+            try:  # an unfinished run: last.pt, a config.json of these arguments (the step budget too), no model.pt
                 with open(os.path.join(path, "config.json")) as f:
                     saved = json.load(f)
-                if os.path.isfile(os.path.join(path, "last.pt")) and not os.path.isfile(os.path.join(path, "model.pt")) \
-                        and all(json.dumps(v) == json.dumps(saved.get(k)) for k, v in vars(args).items()
-                                if k not in RESUME_MAY_CHANGE):
-                    args.resume = os.path.join(lock(path), "last.pt")  # RunError if another process runs it
-                    print(f"continuing the unfinished run in {path} (same arguments; --run-name NAME starts a new one)")
-                    return path
+                same = all(json.dumps(v) == json.dumps(saved.get(k)) for k, v in vars(args).items()
+                           if k == "max_steps" or k not in RESUME_MAY_CHANGE)
+                if same and os.path.isfile(os.path.join(path, "last.pt")):
+                    lock(path)  # RunError if another process runs it
+                    if not os.path.isfile(os.path.join(path, "model.pt")):  # (checked once it is ours)
+                        args.resume = os.path.join(path, "last.pt")
+                        print(f"continuing the unfinished run in {path} (same arguments; --run-name NAME starts anew)")
+                        return path
             except (OSError, ValueError, RunError):
                 pass
             continue
@@ -830,14 +838,14 @@ def run_folder(args):
 
 
 def lock(path):
-    """path, once this process holds path/.lock (until it ends); RunError if another one does. (No lock on Windows.)"""
+    """path, once this process holds path/.lock (until it ends); RunError if another one does."""
     try:
-        import fcntl
         STATE["locks"].append(open(os.path.join(path, ".lock"), "a"))
         fcntl.flock(STATE["locks"][-1], fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except ImportError:
-        pass
-    except OSError as e:  # BlockingIOError: locked; or no permission
+    except OSError as e:  # BlockingIOError: locked; or no permission, or a file system without locks
+        if e.errno in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP):
+            print(f"note: {path}: this file system cannot lock ({why(e)}); one process per run folder, please")
+            return path
         raise RunError(f"{path} is in use by another process ({why(e)}); wait for it to finish") from None
     return path
 
@@ -979,8 +987,9 @@ def print_summary(run, meter, references=()):
     if best:
         print("best epoch of each metric (chosen on the test set): "
               + "  ".join(f"{k} {best[k][k]:.2f} (epoch {best[k]['epoch']})" for k in names))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** (30 if sys.platform == "darwin" else 20)  # B / KiB
     memory = (f"{torch.cuda.max_memory_allocated(meter.device) / 2**30:.2f} GiB (CUDA, max allocated)" if
-              meter.device.type == "cuda" else f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (max RSS)")
+              meter.device.type == "cuda" else f"{rss:.2f} GiB (max RSS)")
     rate = f"{meter.rate:.1f} images/s (steady state)" if meter.rate else "not measured (too few steps)"
     print(f"throughput {rate}, peak memory {memory}, wall {time.time() - run['t0']:.1f} s; run folder {run['dir']}")
     if run["tb"]:
@@ -989,12 +998,13 @@ def print_summary(run, meter, references=()):
 
 def on_signal(signum, frame):
     """SIGINT (Ctrl-C) or SIGTERM (a scheduler's preemption, timeout, docker stop). Inside training(), the first one
-    lets the step in flight finish and last.pt be written (stop_requested); else, or the second time, the run stops at
-    once. main() exits with 128 + the signal: 130 / 143."""
-    if torch.utils.data.get_worker_info() is not None or (STATE["signal"] and not STATE["training"]):
+    lets the step in flight finish and last.pt be written (stop_requested); a second one (not the same signal within
+    2 s: a duplicate delivery), or one outside training, stops at once. main() exits with 128 + the signal."""
+    repeat = signum == STATE["signal"] and time.time() - STATE["at"] < 2  # torchrun forwards what Slurm sends all
+    if torch.utils.data.get_worker_info() is not None or (STATE["signal"] and not STATE["training"]) or repeat:
         return  # DataLoader workers inherit this handler (the main process decides); a stopping run ignores repeats
     if STATE["training"] and not STATE["signal"]:
-        STATE["signal"] = signum
+        STATE["signal"], STATE["at"] = signum, time.time()
         print(f"\n{signal.Signals(signum).name}: stopping after the step in flight (again: at once)", file=sys.stderr)
         return
     STATE["signal"] = STATE["signal"] or signum
@@ -1008,6 +1018,8 @@ def training():
         yield
     finally:
         STATE["training"] = False
+    if STATE["signal"]:  # it came during the final evaluation: the run is complete (not stopped)
+        print(f"{signal.Signals(STATE['signal']).name} came after the last step: the run is complete", file=sys.stderr)
 
 
 def stop_requested(world):

@@ -59,6 +59,8 @@ Deviations:
  - Global pooling over the whole map (== the official fixed pools at 32 px; also valid at other sizes).
  - bf16 autocast on CUDA (the papers: fp32; --no-amp). The digits / fashionmnist / folder / synthetic presets are ours.
  - Flags that do nothing (--kd-T without --kd-weight, every weight 0, ...) are refused.
+ - DTD (Table 5): the teacher is fine-tuned on the split with CE first (our reading: Sec. 3.2 says SP "can be applied
+   directly ... without first fine-tuning the teacher", yet Table 5's Teacher column reports errors on DTD).
 
 Paper (median top-1 error %; rows student / KD / AT / SP (/ KD+SP / AT+SP) / teacher): Table 2 row 3 (CIFAR-10,
 WRN-16-2 <- WRN-40-2): 6.07 / 6.00 / 5.89 / 5.52 / 5.18. Table 7 row 1 (CINIC-10, ShuffleNetV2-0.5 <- 1.0): 20.09 /
@@ -71,6 +73,8 @@ student 85.17. The paper settings: not yet measured (no GPU, no datasets here).
 import argparse
 import contextlib
 import datetime
+import errno
+import fcntl
 import functools
 import hashlib
 import itertools
@@ -530,8 +534,8 @@ class CifarMobileNetV2(nn.Module):
 
 class ShuffleV1Unit(nn.Module):
     """RepDistiller ShuffleNetv1.py Bottleneck: grouped 1x1 (1 group on the 24-channel stem output) -> channel
-    shuffle -> 3x3 depthwise (the stride) -> grouped 1x1, BN after each, ReLU after the first; stride 2: concat with
-    the 3x3 avg-pooled input, else add; ReLU."""
+    shuffle -> 3x3 depthwise (the stride) -> grouped 1x1, BN after each, ReLU after the first two; stride 2: concat
+    with the 3x3 avg-pooled input, else add; ReLU."""
 
     def __init__(self, in_planes, out_planes, stride, groups):
         super().__init__()
@@ -730,7 +734,10 @@ def build_model(arch, num_classes, pretrained=False):
     if weights_name:
         state = getattr(torchvision.models, weights_name).IMAGENET1K_V1.get_state_dict(progress=True)
     elif os.path.isfile(path):
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # only torch.load is inside: a foreign or corrupt file fails in many ways
+            raise RunError(f"ImageNet weights for {arch}: {path} is not a readable state_dict ({why(e)})") from None
     else:
         raise RunError(f"--pretrained: torchvision publishes no ImageNet weights for {arch} (of the MobileNets only "
                        f"mobilenetv2_1.0); put a state_dict with this zoo's keys at {path}, or use --no-pretrained")
@@ -850,7 +857,8 @@ def train_batches(args, data, epoch, skip, device, rank=0, world=1):
         yield common.normalize(x, data["split"].mean, data["split"].std), data["labels"][b.to(device)]
 
 
-EVAL_ARGS = ("dataset", "image_size", "student_arch", "num_classes")  # eval.py: network, test data, evaluation
+EVAL_ARGS = ("dataset", "image_size", "student_arch", "num_classes") + (  # eval.py: network, test data, evaluation
+    ("split",) if METHOD == "spkd" else ())  # (spkd: which DTD split is tested)
 
 
 def model_from_args(args):
@@ -876,9 +884,9 @@ def embeddings(model, args, device):
 def evaluate(model, args, device):
     """Top-1 of the logits and Rank-1 / Rank-2 retrieval of the test set against itself (percent)."""
     out = embeddings(model, args, device)
-    rank = common.retrieval_metrics(out["emb"], out["labels"], ks=(1, 2), with_map=False, with_nmi=False)
-    return {"top1": 100 * common.topk_accuracy(out["logits"], out["labels"], ks=(1,))[1],
-            "Rank-1": rank["R@1"], "Rank-2": rank["R@2"], **{k: True for k in ("collapsed",) if k in rank}}
+    ranked = common.retrieval_metrics(out["emb"], out["labels"], ks=(1, 2), with_map=False, with_nmi=False)
+    return {"top1": 100 * common.topk_accuracy(out["logits"], out["labels"], ks=(1,))[1], "Rank-1": ranked["R@1"],
+            "Rank-2": ranked["R@2"], **({"collapsed": True} if ranked.get("collapsed") else {})}
 
 
 TEACHER_RECIPE = ("dataset", "teacher_arch", "teacher_epochs", "batch_size", "weight_decay", "momentum", "nesterov",
@@ -944,6 +952,9 @@ def get_teacher(args, device, rank, world):
     CE teacher of this recipe, trained now by this script's own loop (CE only, --max-steps not applied) unless it
     is cached. Only a finished teacher run writes model.pt; an interrupted one resumes from its last.pt when the
     same command runs again (its checkpoints carry cached_teacher, so --resume refuses them)."""
+    arch = args.student_arch  # ImageNet weights torchvision lacks: refused now, not after the teacher has trained
+    if args.pretrained and not args.resume and arch in TV_ARCHS and not TV_ARCHS[arch][2]:
+        build_model(arch, 2, pretrained=not os.path.isfile(imagenet_weights_file(arch)))
     if args.teacher_path:
         model = load_teacher(args.teacher_path, args.teacher_arch, args.num_classes)
     elif args.dataset == "imagenet":  # CAMD Sec. IV-A: the torchvision ResNet-34
@@ -962,8 +973,10 @@ def get_teacher(args, device, rank, world):
         if not os.path.isfile(os.path.join(folder, "model.pt")):
             last = resumable_teacher(folder)
             if rank == 0 and os.path.isdir(folder) and last is None:  # died before its first checkpoint, or the
+                lock(folder)  # (RunError if a process trains it now)      # other script's unfinished run
+                STATE["locks"].pop().close()
                 print(f"teacher: {folder} holds no run this script can resume; training the teacher again")
-                shutil.rmtree(folder)                                  # other script's unfinished run
+                shutil.rmtree(folder)
             print(f"teacher: training {args.teacher_arch} with CE for {args.teacher_epochs} epochs in {folder}")
             try:
                 run(argparse.Namespace(**{**vars(args), **CE_ONLY, "student_arch": args.teacher_arch,
@@ -975,6 +988,9 @@ def get_teacher(args, device, rank, world):
                 state = f"{last} holds it" if os.path.isfile(last) else "before its first checkpoint"
                 raise KeyboardInterrupt(f"the teacher was stopped ({state}); run the same command again: it continues "
                                         "the teacher, then trains the student") from None
+            if STATE["signal"]:  # it came during the teacher's final evaluation: the teacher is complete
+                raise KeyboardInterrupt("the teacher is trained and cached; run the same command again to train the "
+                                        "student")
             if world > 1:
                 dist.barrier()  # rank 0 writes model.pt
         print(f"teacher: {os.path.join(folder, 'model.pt')}")
@@ -1041,7 +1057,7 @@ EXPERIMENT_FLAGS = [  # flag, argparse type (bool: --x/--no-x), help; none has a
     ("--tensorboard", bool, "TensorBoard logs in the run folder (default: on when tensorboard is installed)")]
 RESUME_MAY_CHANGE = ("resume", "max_steps", "device", "workers", "log_every", "data_root", "tensorboard", "compile",
                      "amp")  # amp: a CUDA run resumed on a CPU may take --no-amp
-STATE = dict(signal=0, training=False, group=None, locks=[])  # the stop signal; torchrun's CPU group; folder locks
+STATE = dict(signal=0, at=0.0, training=False, group=None, locks=[])  # a stop signal and when; torchrun's CPU group
 
 
 def experiment_args(p):
@@ -1094,7 +1110,8 @@ def setup(args):
     torch.use_deterministic_algorithms(args.deterministic, warn_only=True)
     if world > 1 and not dist.is_initialized():  # (a teacher trained first runs setup twice)
         dist.init_process_group("nccl" if kind == "cuda" else "gloo", timeout=datetime.timedelta(hours=2))
-        STATE["group"] = dist.new_group(backend="gloo")  # for the stop flag: its all-reduce never waits for a GPU
+        # the stop flag's group: a CPU all-reduce (the other ranks wait in it for rank 0's evaluation: 2 h too)
+        STATE["group"] = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=2))
     args.amp = kind == "cuda" if args.amp is None else args.amp
     torch.manual_seed(args.seed)
     return device, rank, world
@@ -1129,11 +1146,13 @@ def atomic_save(obj, path, text=False):
         else:
             torch.save(obj, tmp)
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # a full disk (torch.save: RuntimeError "file write failed"), no permission
+    except (OSError, RuntimeError) as e:  # a full disk (torch.save: "unexpected pos", "file write failed"), no access
         with contextlib.suppress(OSError):
             os.remove(tmp)
+        if isinstance(e, RuntimeError) and "pos" not in str(e) and "write" not in str(e):
+            raise  # not a failed write: a bug, with its traceback
         free = shutil.disk_usage(os.path.dirname(path)).free / 2**20
-        raise RunError(f"cannot write {path} ({why(e)}; {free:.0f} MiB free there); the previous one is intact") from None
+        raise RunError(f"cannot write {path} ({why(e)}; {free:.0f} MiB free there); a previous one is intact") from None
 
 
 def start_run(args, device, rank):
@@ -1149,7 +1168,7 @@ def start_run(args, device, rank):
     if rank != 0:
         return run
     for name in os.listdir(run["dir"]):  # what a process killed while writing left behind (kill -9, a full disk)
-        if name.rpartition(".tmp")[2].isdigit():
+        if name.rpartition(".tmp")[1] and name.rpartition(".tmp")[2].isdigit():
             os.remove(os.path.join(run["dir"], name))
     git = shutil.which("git") and subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                                                  cwd=os.path.dirname(os.path.abspath(__file__)))
@@ -1177,15 +1196,17 @@ def run_folder(args):
         try:
             os.makedirs(path)  # atomic: two runs started at once with one name still get two folders
         except FileExistsError:
-            try:  # an unfinished run: last.pt, no model.pt, a config.json of these arguments (--resume's changeable aside)
+            try:  # an unfinished run: last.pt, a config.json of these arguments (the step budget too), no model.pt
                 with open(os.path.join(path, "config.json")) as f:
                     saved = json.load(f)
-                if os.path.isfile(os.path.join(path, "last.pt")) and not os.path.isfile(os.path.join(path, "model.pt")) \
-                        and all(json.dumps(v) == json.dumps(saved.get(k)) for k, v in vars(args).items()
-                                if k not in RESUME_MAY_CHANGE):
-                    args.resume = os.path.join(lock(path), "last.pt")  # RunError if another process runs it
-                    print(f"continuing the unfinished run in {path} (same arguments; --run-name NAME starts a new one)")
-                    return path
+                same = all(json.dumps(v) == json.dumps(saved.get(k)) for k, v in vars(args).items()
+                           if k == "max_steps" or k not in RESUME_MAY_CHANGE)
+                if same and os.path.isfile(os.path.join(path, "last.pt")):
+                    lock(path)  # RunError if another process runs it
+                    if not os.path.isfile(os.path.join(path, "model.pt")):  # (checked once it is ours)
+                        args.resume = os.path.join(path, "last.pt")
+                        print(f"continuing the unfinished run in {path} (same arguments; --run-name NAME starts anew)")
+                        return path
             except (OSError, ValueError, RunError):
                 pass
             continue
@@ -1197,14 +1218,14 @@ def run_folder(args):
 
 
 def lock(path):
-    """path, once this process holds path/.lock (until it ends); RunError if another one does. (No lock on Windows.)"""
+    """path, once this process holds path/.lock (until it ends); RunError if another one does."""
     try:
-        import fcntl
         STATE["locks"].append(open(os.path.join(path, ".lock"), "a"))
         fcntl.flock(STATE["locks"][-1], fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except ImportError:
-        pass
-    except OSError as e:  # BlockingIOError: locked; or no permission
+    except OSError as e:  # BlockingIOError: locked; or no permission, or a file system without locks
+        if e.errno in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP):
+            print(f"note: {path}: this file system cannot lock ({why(e)}); one process per run folder, please")
+            return path
         raise RunError(f"{path} is in use by another process ({why(e)}); wait for it to finish") from None
     return path
 
@@ -1346,8 +1367,9 @@ def print_summary(run, meter, references=()):
     if best:
         print("best epoch of each metric (chosen on the test set): "
               + "  ".join(f"{k} {best[k][k]:.2f} (epoch {best[k]['epoch']})" for k in names))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** (30 if sys.platform == "darwin" else 20)  # B / KiB
     memory = (f"{torch.cuda.max_memory_allocated(meter.device) / 2**30:.2f} GiB (CUDA, max allocated)" if
-              meter.device.type == "cuda" else f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (max RSS)")
+              meter.device.type == "cuda" else f"{rss:.2f} GiB (max RSS)")
     rate = f"{meter.rate:.1f} images/s (steady state)" if meter.rate else "not measured (too few steps)"
     print(f"throughput {rate}, peak memory {memory}, wall {time.time() - run['t0']:.1f} s; run folder {run['dir']}")
     if run["tb"]:
@@ -1356,12 +1378,13 @@ def print_summary(run, meter, references=()):
 
 def on_signal(signum, frame):
     """SIGINT (Ctrl-C) or SIGTERM (a scheduler's preemption, timeout, docker stop). Inside training(), the first one
-    lets the step in flight finish and last.pt be written (stop_requested); else, or the second time, the run stops at
-    once. main() exits with 128 + the signal: 130 / 143."""
-    if torch.utils.data.get_worker_info() is not None or (STATE["signal"] and not STATE["training"]):
+    lets the step in flight finish and last.pt be written (stop_requested); a second one (not the same signal within
+    2 s: a duplicate delivery), or one outside training, stops at once. main() exits with 128 + the signal."""
+    repeat = signum == STATE["signal"] and time.time() - STATE["at"] < 2  # torchrun forwards what Slurm sends all
+    if torch.utils.data.get_worker_info() is not None or (STATE["signal"] and not STATE["training"]) or repeat:
         return  # DataLoader workers inherit this handler (the main process decides); a stopping run ignores repeats
     if STATE["training"] and not STATE["signal"]:
-        STATE["signal"] = signum
+        STATE["signal"], STATE["at"] = signum, time.time()
         print(f"\n{signal.Signals(signum).name}: stopping after the step in flight (again: at once)", file=sys.stderr)
         return
     STATE["signal"] = STATE["signal"] or signum
@@ -1375,6 +1398,8 @@ def training():
         yield
     finally:
         STATE["training"] = False
+    if STATE["signal"]:  # it came during the final evaluation: the run is complete (not stopped)
+        print(f"{signal.Signals(STATE['signal']).name} came after the last step: the run is complete", file=sys.stderr)
 
 
 def stop_requested(world):
