@@ -54,17 +54,15 @@ Deviations (from the paper's prose or the official code):
    code gives NaN for antipodal pairs); the sampled distribution is otherwise identical.
  - bf16 autocast on CUDA (code: fp32; --no-amp); losses and KLs are fp32 inside autocast.
  - d = 512 runs use the Table 1 protocol: Table 2's learning-rate schedule is not published.
- - Metrics follow notes/metrics.md (query excluded by index, NMI with k = #test classes), not the code's.
- - Offline presets (ours): digits / fashionmnist train a 3-block CNN from scratch (trainable BN) on classes 0-4
-   and test on 5-9; see PRESETS.
+ - R@k excludes the query by index (code: drops the 1st neighbour); NMI = the code's faiss k-means, k = #test classes.
+ - Offline presets (ours): digits / fashionmnist, a 3-block CNN from scratch (trainable BN), classes 0-4 -> 5-9.
 
 Paper (Table 1, ResNet-50, d = 128, R@1 / NMI, each metric's best epoch, mean over seeds):
     CUB  MS 62.80/68.55  MS+MSDFA 67.68/71.40  Margin+MSDF 67.58/71.47
     CARS MS 81.68/69.43  MS+MSDFA 85.89/71.45  Margin+MSDF 85.55/71.68
     SOP  MS 77.99/90.00  MS+MSDF  78.59/90.09  Margin+MSDF 79.63/90.70
-Measured here (README "Results"; Fashion-MNIST, classes 0-4 -> 5-9, 3 seeds, R@1 / MAP@R / NMI): MSDFA gamma 5
-90.45 / 38.22 / 49.00, gamma 50 89.65 / 36.80 / 43.23, MS baseline 89.87 / 34.89 / 39.79. Paper settings: not
-yet measured (no GPU, no datasets here).
+Measured (README "Results"; Fashion-MNIST, 3 seeds, R@1 / MAP@R / NMI): MSDFA gamma 5 90.24 / 37.00 / 48.04, gamma
+50 89.72 / 36.82 / 41.95, MS baseline 89.98 / 34.68 / 40.03. The paper's settings: not yet measured (no GPU here).
 """
 import argparse
 import contextlib
