@@ -10,6 +10,7 @@ L2-normalised input), ties go to the lower gallery index, the N x N matrix is ne
 import functools
 import gzip
 import hashlib
+import http.client
 import json
 import math
 import os
@@ -21,6 +22,7 @@ import time
 import urllib.request
 import warnings
 import zipfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -134,16 +136,24 @@ def download_url(url, path, md5=None):
         raise DatasetError(f"could not download {url} ({e}); download it by hand to {path}") from None
     if done and getattr(response, "status", 200) != 206:  # server ignored the range: restart
         done = 0
-    total, last = done + int(response.headers.get("Content-Length") or 0), 0.0
-    with response, open(part, "ab" if done else "wb") as f:
-        while chunk := response.read(1 << 20):
-            f.write(chunk)
-            done += len(chunk)
-            if time.time() - last > 1.0 or done == total:
-                last, pct = time.time(), (f" ({100 * done / total:.1f}%)" if total else "")
-                print(f"\rdownloading {os.path.basename(path)}: {done / 2**20:.1f} MiB{pct}",
-                      end="", file=sys.stderr, flush=True)
+    size, last = response.headers.get("Content-Length"), 0.0
+    total = done + int(size) if size else 0  # bytes of the whole file, if the server said
+    try:
+        with response, open(part, "ab" if done else "wb") as f:
+            while chunk := response.read(1 << 20):
+                f.write(chunk)
+                done += len(chunk)
+                if time.time() - last > 1.0 or done == total:
+                    last, pct = time.time(), (f" ({100 * done / total:.1f}%)" if total else "")
+                    print(f"\rdownloading {os.path.basename(path)}: {done / 2**20:.1f} MiB{pct}",
+                          end="", file=sys.stderr, flush=True)
+        stopped = done < total and "the connection closed early"  # read() gave b"" before Content-Length bytes
+    except (OSError, http.client.HTTPException) as e:  # reset, timed out, disk full
+        stopped = e
     print(file=sys.stderr)
+    if stopped:  # the .part stays: a rerun resumes it
+        of = f" of {total / 2**20:.1f}" if total else ""
+        raise DatasetError(f"download of {url} stopped at {done / 2**20:.1f}{of} MiB ({stopped}); run again to resume")
     if md5 is not None and file_md5(part) != md5:
         os.remove(part)
         raise DatasetError(f"checksum mismatch for {url} (expected md5 {md5}); the partial file "
@@ -167,15 +177,17 @@ def extract(archive, dest_root, top_folder):
     tmp = os.path.join(os.path.dirname(final), f".extracting-{os.path.basename(final)}")
     shutil.rmtree(tmp, ignore_errors=True)
     print(f"extracting {archive} ...", file=sys.stderr)
-    if archive.endswith(".zip"):  # zipfile sanitises member names (shutil's unpacker skips any name with "..")
-        with zipfile.ZipFile(archive) as z:
-            z.extractall(tmp)
-    else:  # a tar archive, any compression; the "data" filter refuses links and paths out of tmp
-        with tarfile.open(archive) as t:
-            t.extractall(tmp, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
-    inner = os.path.join(tmp, os.path.basename(final))
-    os.replace(inner if os.path.isdir(inner) else tmp, final)
-    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        if archive.endswith(".zip"):  # zipfile sanitises member names (shutil's unpacker skips any name with "..")
+            with zipfile.ZipFile(archive) as z:
+                z.extractall(tmp)
+        else:  # a tar archive, any compression; the "data" filter refuses links and paths out of tmp
+            with tarfile.open(archive) as t:
+                t.extractall(tmp, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+        inner = os.path.join(tmp, os.path.basename(final))
+        os.replace(inner if os.path.isdir(inner) else tmp, final)
+    finally:  # a failed extraction leaves no half folder
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _fetch(name, base, need, download, sources):
@@ -191,8 +203,14 @@ def _fetch(name, base, need, download, sources):
                     file = os.path.join(base, os.path.basename(url) if "://" in url else url)
                     if "://" in url:
                         download_url(url, file, md5)
-                    if becomes:
-                        extract(file, base, becomes)
+                    try:
+                        if becomes:
+                            extract(file, base, becomes)
+                    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, zlib.error) as e:
+                        if "://" in url:  # truncated or corrupt, and no md5 caught it: deleted, a rerun fetches it
+                            os.remove(file)
+                        raise DatasetError(f"cannot extract {file} ({(str(e).splitlines() or [type(e).__name__])[0]})"
+                                           + "; deleted it, run again to download it anew" * ("://" in url)) from None
         except DatasetError as e:
             raise DatasetError(f"{e}; or {hint}") from None
     if not os.path.exists(path):

@@ -1042,6 +1042,62 @@ def test_download_checksum_and_extract(tmp_path):
     assert (tmp_path / "dl" / "top" / "sub" / "c.txt").read_text() == "sub"
 
 
+def test_a_dropped_download_resumes_and_an_archive_that_fails_to_extract_is_deleted(tmp_path, monkeypatch):
+    """CINIC-10 publishes no md5. A connection closed before Content-Length bytes: one line, the .part kept, and the
+    rerun resumes it (a Range request). An archive that does not extract (a server without Content-Length that stopped
+    early): one line naming it, the archive and the half-extracted folder deleted, and the rerun downloads it anew."""
+    import http.server
+    import shutil
+    import threading
+    src = tmp_path / "src"
+    many_images(str(src), [f"{s}/{c}/0.png" for s in ("train", "valid", "test") for c in CINIC], size=32)
+    with tarfile.open(tmp_path / "CINIC-10.tar.gz", "w:gz") as t:
+        for s in ("train", "valid", "test"):
+            t.add(src / s, arcname=s)
+    payload, modes, ranges = (tmp_path / "CINIC-10.tar.gz").read_bytes(), [], []
+
+    class Host(http.server.BaseHTTPRequestHandler):  # HTTP/1.0: the connection closes after each answer
+        def do_GET(self):  # modes: "drop" (Content-Length, half the bytes), "quiet" (no Content-Length, half), "ok"
+            mode, asked = modes.pop(0), self.headers["Range"]
+            ranges.append(asked)
+            start = int(asked[6:-1]) if asked and mode == "ok" else 0
+            self.send_response(206 if start else 200)
+            if mode != "quiet":
+                self.send_header("Content-Length", str(len(payload) - start))
+            self.end_headers()
+            self.wfile.write(payload[start:] if mode == "ok" else payload[:len(payload) // 2])
+
+        def log_message(self, *args):
+            pass
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Host)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}/CINIC-10.tar.gz"
+    monkeypatch.setitem(common.SOURCES, "cinic10", [(url, None, "cinic-10")])
+    root, archive = tmp_path / "data", tmp_path / "data" / "CINIC-10.tar.gz"
+    try:
+        modes[:] = ["drop"]
+        with pytest.raises(common.DatasetError, match=r"download of .*CINIC-10.tar.gz stopped at .* of .* MiB .*run "
+                                                      r"again to resume") as e:
+            common.load_split("cinic10", str(root), "valid")
+        assert "\n" not in str(e.value) and not archive.exists()
+        assert (root / "CINIC-10.tar.gz.part").read_bytes() == payload[:len(payload) // 2]
+        modes[:] = ["ok"]
+        assert len(common.load_split("cinic10", str(root), "valid")) == 10   # resumed from the .part
+        assert ranges == [None, f"bytes={len(payload) // 2}-"] and archive.read_bytes() == payload
+        shutil.rmtree(root)
+        common.load_split.cache_clear()
+        modes[:] = ["quiet"]
+        with pytest.raises(common.DatasetError, match=r"cannot extract .*CINIC-10.tar.gz .*deleted it, run again") as e:
+            common.load_split("cinic10", str(root), "valid")
+        assert "\n" not in str(e.value) and sorted(os.listdir(root)) == []  # no archive, no half-extracted folder
+        modes[:] = ["ok"]
+        common.load_split.cache_clear()
+        assert len(common.load_split("cinic10", str(root), "valid")) == 10 and ranges[-1] is None
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_a_download_never_replaces_a_users_dataset_folder(tmp_path, monkeypatch):
     (tmp_path / "tiny-imagenet-200").mkdir()
     (tmp_path / "tiny-imagenet-200" / "notes.txt").write_text("mine")  # an incomplete folder: no wnids.txt
