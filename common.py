@@ -515,8 +515,9 @@ def _caltech101(name, root, split, download):
     return out.subset(torch.nonzero(train == (split == "train")).squeeze(1))
 
 
-# Image folders: ImageNet and your own. Links are followed (each real folder once, so a link loop ends), names
-# starting with '.' skipped (.git, .ipynb_checkpoints, macOS '._' files), and what is left out is said on stderr.
+# Image folders: ImageNet and your own. Links are followed (each real folder once, so a link loop ends, and a link to
+# another class's folder adds nothing: its images are that class's), names starting with '.' skipped (.git,
+# .ipynb_checkpoints, macOS '._' files), and what is left out is said on stderr.
 
 def _is_image(filename):
     return filename.lower().endswith(IMAGE_EXTENSIONS) and not filename.startswith(".")
@@ -533,20 +534,21 @@ def _subfolders(folder):
     return [e.name for e in _entries(folder) if e.is_dir() and not e.name.startswith(".")]
 
 
-def _images_under(folder, hidden):
-    """(image files, other files) at any depth under `folder`, sorted; hidden folders and images go to `hidden`."""
-    found, others, seen, todo = [], [], set(), [folder]
+def _images_under(folder, hidden, seen):
+    """(image files, other files) at any depth under `folder`, sorted, skipping the real folders in `seen` (then added
+    to it); hidden folders and images go to `hidden`."""
+    found, others, todo = [], [], [folder]
+    seen.add(os.path.realpath(folder))
     while todo:
-        d = todo.pop()
-        if os.path.realpath(d) not in seen:
-            seen.add(os.path.realpath(d))
-            for e in _entries(d):
-                if e.name.startswith(".") and (e.is_dir() or _is_image(e.name[1:])):  # a hidden folder or image
-                    hidden.append(e.path)
-                elif e.is_dir():
+        for e in _entries(todo.pop()):
+            if e.name.startswith(".") and (e.is_dir() or _is_image(e.name[1:])):  # a hidden folder or image
+                hidden.append(e.path)
+            elif e.is_dir():
+                if os.path.realpath(e.path) not in seen:
+                    seen.add(os.path.realpath(e.path))
                     todo.append(e.path)
-                else:
-                    (found if _is_image(e.name) else others).append(e.path)
+            else:
+                (found if _is_image(e.name) else others).append(e.path)
     return sorted(found), others
 
 
@@ -561,21 +563,28 @@ def _image_folder(base, wnids=None, unlabeled=False):
     if missing:
         raise DatasetError(f"{base} looks incomplete: it lacks {len(missing)} of the {len(classes)} expected class "
                            f"folders, e.g. {missing[0]}")
-    paths = _images_under(base, hidden)[0] if unlabeled else []
+    seen = {os.path.realpath(os.path.join(base, c)) for c in classes}  # a link to a class folder: its class's only
+    paths, others = _images_under(base, hidden, seen) if unlabeled else ([], [])
     labels = [-1] * len(paths)
     for i, c in enumerate(classes):
-        found, others = _images_under(os.path.join(base, c), hidden)
+        found, other = _images_under(os.path.join(base, c), hidden, seen)
         if not found:
             raise DatasetError(f"class folder {os.path.join(base, c)} has no images" +
-                               (f", only other files, e.g. {others[0]}" if others else ""))
+                               (f", only other files, e.g. {other[0]}" if other else ""))
         paths += found
         labels += [i] * len(found)
-    if loose:
-        print(f"note: left out {len(loose):,} image{'' if len(loose) == 1 else 's'} beside the class folders of "
-              f"{base}, e.g. {loose[0]}: only images inside a class folder have a label", file=sys.stderr)
-    if hidden:
-        print(f"note: left out {len(hidden):,} hidden item{'' if len(hidden) == 1 else 's'} (names starting with "
-              f"'.'), e.g. {hidden[0]}", file=sys.stderr)
+        others += other
+    from PIL import Image
+    kinds = {x for x, f in Image.registered_extensions().items() if f in Image.OPEN}  # .gif, .pgm, .jfif, .avif ...
+    odd = [p for p in others if os.path.splitext(p)[1].lower() in kinds]
+    types = ", ".join(sorted({os.path.splitext(p)[1].lower() for p in odd}))
+    for items, noun, what in (
+            (loose, "image", f"beside the class folders of {base} (only images in a class folder have a label)"),
+            (hidden, "hidden item", "(names starting with '.')"),
+            (odd, "image file", f"of a type not read here ({types}; convert to {', '.join(IMAGE_EXTENSIONS)})")):
+        if items:
+            print(f"note: left out {len(items):,} {noun}{'' if len(items) == 1 else 's'} {what}, e.g. {items[0]}",
+                  file=sys.stderr)
     return paths, labels, classes
 
 

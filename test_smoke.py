@@ -664,23 +664,30 @@ def test_folders_follow_links_skip_hidden_entries_and_say_what_they_left_out(tmp
         for j in range(2):
             write_image(str(base / c / f"{j}.png"), j)
     write_image(str(tmp_path / "elsewhere" / "more.png"), 3)
-    os.symlink(tmp_path / "elsewhere", base / "cat" / "linked")                  # a linked sub-folder: followed
+    write_image(str(tmp_path / "outside" / "far.png"), 3)
+    os.symlink(tmp_path / "outside", base / "cat" / "linked")                    # a linked sub-folder: followed
     os.symlink(base / "cat", base / "cat" / "loop")                              # a link back up: no endless walk
     os.symlink(tmp_path / "elsewhere", base / "bird")                            # a linked class folder
+    os.symlink(tmp_path / "elsewhere", base / "cat" / "birds")                   # a link to class bird's folder
+    os.symlink(base / "dog", base / "bird" / "dogs")                             # ... and to dog's: each image once
     write_image(str(base / ".ipynb_checkpoints" / "0-checkpoint.png"), 4)        # hidden: not a class
     write_image(str(base / "dog" / ".hidden.png"), 5)
     (base / ".git").mkdir()
     (base / "dog" / "notes.txt").write_text("not an image: no line for it")
     write_image(str(base / "loose.png"), 6)                                      # beside the class folders
+    for name in ("anim.gif", "scan.PGM"):                                        # images PIL reads, not this loader
+        write_image(str(base / "dog" / name), 7)
     tr = common.load_split("folder", str(tmp_path / "d"), "train")
     assert tr.classes == ["bird", "cat", "dog"] and tr.labels.tolist() == [0, 1, 1, 1, 2, 2]
     assert [os.path.relpath(p, base) for p in tr.paths] == ["bird/more.png", "cat/0.png", "cat/1.png",
-                                                             "cat/linked/more.png", "dog/0.png", "dog/1.png"]
+                                                             "cat/linked/far.png", "dog/0.png", "dog/1.png"]
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and "notes.txt" not in " ".join(err)
+    assert len(err) == 3 and "notes.txt" not in " ".join(err)
     assert "1 image" in err[0] and str(base / "loose.png") in err[0] and "beside the class folders" in err[0]
     assert "3 hidden" in err[1] and str(base / ".git") in err[1]               # .git, .ipynb_checkpoints, .hidden.png
-    (base / "dog" / "0.png").unlink(), (base / "dog" / "1.png").unlink()
+    assert "2 image files" in err[2] and "(.gif, .pgm;" in err[2] and str(base / "dog" / "anim.gif") in err[2]
+    for name in ("0.png", "1.png", "anim.gif", "scan.PGM"):
+        (base / "dog" / name).unlink()
     common.load_split.cache_clear()
     with pytest.raises(common.DatasetError, match=r"class folder .*dog has no images, only other files.*notes.txt"):
         common.load_split("folder", str(tmp_path / "d"), "train")
