@@ -835,8 +835,8 @@ def _to_rgb(im):
     """8-bit RGB of a PIL image of any mode: PIL's conversion for 1, L, P, CMYK, YCbCr, LAB, HSV; alpha (LA, PA, RGBA)
     dropped, the colours kept (not composited), as torchvision's loader does. Deeper modes are scaled where convert
     would clip: 16-bit ones (I;16, I;16B, I;16L) by v / 257 (an 8-bit image x 257 comes back exactly); I (int32) and
-    F (float) state no range: the first of [0, 1] (F only), [0, 255], [0, 65535] holding all their values (an older
-    Pillow reads a 16-bit PNG as I: the same result), else their own min..max."""
+    F (float) state no range: the first of [0, 1] (F only), [0, 255], [0, 65535] holding all their values, else their
+    own min..max (an older Pillow reads a 16-bit PNG as I: v / 257 too, unless all its values are <= 255: then v)."""
     from PIL import Image
     if im.mode in ("I", "F") or im.mode.startswith("I;16"):
         a = np.nan_to_num(np.asarray(im, dtype=np.float64))
@@ -885,11 +885,11 @@ def open_rgb(path):
 
 
 def check_images(paths, what):
-    """Open each image file of a split once before training (PIL reads the header: format, size, mode; no pixels) to
-    name every empty, non-image or unreadable file now, in one DatasetError line, not when the sampler draws it (a
-    truncated file passes: decoding names it). Files that pass are remembered by (size, mtime) in a JSON file per
-    dataset folder under $SIMDISTILL_CACHE (default ~/.cache/simdistill, never the data folder): a later run only
-    stats them. Measured on 20,000 page-cached JPEGs (2 busy cores): 50 us per new file, 10 us per known one; for
+    """Open each image file of a split once before training (PIL reads the header, no pixels) to find every empty,
+    non-image or unreadable file now, not when the sampler draws it: one DatasetError line with their count and the
+    first three (a truncated file passes: decoding names it). Files that pass are remembered by (size, mtime) in a JSON
+    file per dataset folder under $SIMDISTILL_CACHE (default ~/.cache/simdistill, never the data folder): a later run
+    only stats them. Measured on 20,000 page-cached JPEGs (2 busy cores): 50 us per new file, 10 us per known one; for
     ImageNet's 1.28M files about a minute plus the disk reads, once, then seconds (an 80 MB cache file)."""
     from PIL import Image
     top = os.path.dirname(os.path.commonprefix(paths))  # a folder above every file: the cache's key
@@ -1220,13 +1220,13 @@ def _split_empty(centroids, counts, gen):
 
 def _lloyd(x, k, seed=0, niter=20):
     """faiss Clustering's k-means, then a search of its centroids -> (that assignment, the exact k-means objective of
-    each assignment, float64). Start: the first k points of a seeded permutation; niter times: each point to its
-    nearest centroid (squared L2, ties to the lower index), centroids := means (float64 sums in a fixed order: also
+    each assignment, float64). Start: the first k points of a seeded permutation; niter times: each point to its nearest
+    centroid (squared L2, ties to the lower index), centroids := means (float64 sums in a fixed order: also
     deterministic on a GPU), empty clusters split. An unchanged assignment is a fixed point: stop (faiss >= 1.14 too).
-    Yinyang bounds (Ding et al., ICML 2015), centroids in m groups (m a multiple of 16, ~k / 64) of S consecutive
-    indices: upper >= distance to the own centroid, lower[g] <= to the others of group g, moved by the drifts. A
-    float32 score is within E = 8 (d + 1) 2^-24 max ||x||^2 of the exact one; each bound carries sqrt(E) (far above
-    the drifts' rounding), so a point not searched beats every other centroid by > 2E: float32 would keep it too."""
+    Yinyang bounds (Ding et al., ICML 2015), centroids in m = 16 ceil(k / 1024) groups (16 up to k = 1024, then ~k / 64)
+    of S consecutive indices: upper >= distance to the own centroid, lower[g] <= to the others of group g, moved by the
+    drifts. A float32 score is within E = 8 (d + 1) 2^-24 max ||x||^2 of the exact one; each bound carries sqrt(E) (far
+    above the drifts' rounding), so a point not searched beats every other centroid by > 2E: float32 keeps it too."""
     x = x.float()
     (n, dim), dev, m = x.shape, x.device, 16 * -(-k // 1024)
     gen = torch.Generator().manual_seed(seed)
