@@ -10,6 +10,7 @@ L2-normalised input), ties go to the lower gallery index, the N x N matrix is ne
 import functools
 import gzip
 import hashlib
+import http.client
 import json
 import math
 import os
@@ -21,6 +22,7 @@ import time
 import urllib.request
 import warnings
 import zipfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -134,16 +136,24 @@ def download_url(url, path, md5=None):
         raise DatasetError(f"could not download {url} ({e}); download it by hand to {path}") from None
     if done and getattr(response, "status", 200) != 206:  # server ignored the range: restart
         done = 0
-    total, last = done + int(response.headers.get("Content-Length") or 0), 0.0
-    with response, open(part, "ab" if done else "wb") as f:
-        while chunk := response.read(1 << 20):
-            f.write(chunk)
-            done += len(chunk)
-            if time.time() - last > 1.0 or done == total:
-                last, pct = time.time(), (f" ({100 * done / total:.1f}%)" if total else "")
-                print(f"\rdownloading {os.path.basename(path)}: {done / 2**20:.1f} MiB{pct}",
-                      end="", file=sys.stderr, flush=True)
+    size, last = response.headers.get("Content-Length"), 0.0
+    total = done + int(size) if size else 0  # bytes of the whole file, if the server said
+    try:
+        with response, open(part, "ab" if done else "wb") as f:
+            while chunk := response.read(1 << 20):
+                f.write(chunk)
+                done += len(chunk)
+                if time.time() - last > 1.0 or done == total:
+                    last, pct = time.time(), (f" ({100 * done / total:.1f}%)" if total else "")
+                    print(f"\rdownloading {os.path.basename(path)}: {done / 2**20:.1f} MiB{pct}",
+                          end="", file=sys.stderr, flush=True)
+        stopped = done < total and "the connection closed early"  # read() gave b"" before Content-Length bytes
+    except (OSError, http.client.HTTPException) as e:  # reset, timed out, disk full
+        stopped = e
     print(file=sys.stderr)
+    if stopped:  # the .part stays: a rerun resumes it
+        of = f" of {total / 2**20:.1f}" if total else ""
+        raise DatasetError(f"download of {url} stopped at {done / 2**20:.1f}{of} MiB ({stopped}); run again to resume")
     if md5 is not None and file_md5(part) != md5:
         os.remove(part)
         raise DatasetError(f"checksum mismatch for {url} (expected md5 {md5}); the partial file "
@@ -167,15 +177,17 @@ def extract(archive, dest_root, top_folder):
     tmp = os.path.join(os.path.dirname(final), f".extracting-{os.path.basename(final)}")
     shutil.rmtree(tmp, ignore_errors=True)
     print(f"extracting {archive} ...", file=sys.stderr)
-    if archive.endswith(".zip"):  # zipfile sanitises member names (shutil's unpacker skips any name with "..")
-        with zipfile.ZipFile(archive) as z:
-            z.extractall(tmp)
-    else:  # a tar archive, any compression; the "data" filter refuses links and paths out of tmp
-        with tarfile.open(archive) as t:
-            t.extractall(tmp, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
-    inner = os.path.join(tmp, os.path.basename(final))
-    os.replace(inner if os.path.isdir(inner) else tmp, final)
-    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        if archive.endswith(".zip"):  # zipfile sanitises member names (shutil's unpacker skips any name with "..")
+            with zipfile.ZipFile(archive) as z:
+                z.extractall(tmp)
+        else:  # a tar archive, any compression; the "data" filter refuses links and paths out of tmp
+            with tarfile.open(archive) as t:
+                t.extractall(tmp, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+        inner = os.path.join(tmp, os.path.basename(final))
+        os.replace(inner if os.path.isdir(inner) else tmp, final)
+    finally:  # a failed extraction leaves no half folder
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _fetch(name, base, need, download, sources):
@@ -191,8 +203,14 @@ def _fetch(name, base, need, download, sources):
                     file = os.path.join(base, os.path.basename(url) if "://" in url else url)
                     if "://" in url:
                         download_url(url, file, md5)
-                    if becomes:
-                        extract(file, base, becomes)
+                    try:
+                        if becomes:
+                            extract(file, base, becomes)
+                    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, zlib.error) as e:
+                        if "://" in url:  # truncated or corrupt, and no md5 caught it: deleted, a rerun fetches it
+                            os.remove(file)
+                        raise DatasetError(f"cannot extract {file} ({(str(e).splitlines() or [type(e).__name__])[0]})"
+                                           + "; deleted it, run again to download it anew" * ("://" in url)) from None
         except DatasetError as e:
             raise DatasetError(f"{e}; or {hint}") from None
     if not os.path.exists(path):
@@ -497,8 +515,9 @@ def _caltech101(name, root, split, download):
     return out.subset(torch.nonzero(train == (split == "train")).squeeze(1))
 
 
-# Image folders: ImageNet and your own. Links are followed (each real folder once, so a link loop ends), names
-# starting with '.' skipped (.git, .ipynb_checkpoints, macOS '._' files), and what is left out is said on stderr.
+# Image folders: ImageNet and your own. Links are followed (each real folder once, so a link loop ends, and a link to
+# another class's folder adds nothing: its images are that class's), names starting with '.' skipped (.git,
+# .ipynb_checkpoints, macOS '._' files), and what is left out is said on stderr.
 
 def _is_image(filename):
     return filename.lower().endswith(IMAGE_EXTENSIONS) and not filename.startswith(".")
@@ -515,20 +534,21 @@ def _subfolders(folder):
     return [e.name for e in _entries(folder) if e.is_dir() and not e.name.startswith(".")]
 
 
-def _images_under(folder, hidden):
-    """(image files, other files) at any depth under `folder`, sorted; hidden folders and images go to `hidden`."""
-    found, others, seen, todo = [], [], set(), [folder]
+def _images_under(folder, hidden, seen):
+    """(image files, other files) at any depth under `folder`, sorted, skipping the real folders in `seen` (then added
+    to it); hidden folders and images go to `hidden`."""
+    found, others, todo = [], [], [folder]
+    seen.add(os.path.realpath(folder))
     while todo:
-        d = todo.pop()
-        if os.path.realpath(d) not in seen:
-            seen.add(os.path.realpath(d))
-            for e in _entries(d):
-                if e.name.startswith(".") and (e.is_dir() or _is_image(e.name[1:])):  # a hidden folder or image
-                    hidden.append(e.path)
-                elif e.is_dir():
+        for e in _entries(todo.pop()):
+            if e.name.startswith(".") and (e.is_dir() or _is_image(e.name[1:])):  # a hidden folder or image
+                hidden.append(e.path)
+            elif e.is_dir():
+                if os.path.realpath(e.path) not in seen:
+                    seen.add(os.path.realpath(e.path))
                     todo.append(e.path)
-                else:
-                    (found if _is_image(e.name) else others).append(e.path)
+            else:
+                (found if _is_image(e.name) else others).append(e.path)
     return sorted(found), others
 
 
@@ -543,21 +563,28 @@ def _image_folder(base, wnids=None, unlabeled=False):
     if missing:
         raise DatasetError(f"{base} looks incomplete: it lacks {len(missing)} of the {len(classes)} expected class "
                            f"folders, e.g. {missing[0]}")
-    paths = _images_under(base, hidden)[0] if unlabeled else []
+    seen = {os.path.realpath(os.path.join(base, c)) for c in classes}  # a link to a class folder: its class's only
+    paths, others = _images_under(base, hidden, seen) if unlabeled else ([], [])
     labels = [-1] * len(paths)
     for i, c in enumerate(classes):
-        found, others = _images_under(os.path.join(base, c), hidden)
+        found, other = _images_under(os.path.join(base, c), hidden, seen)
         if not found:
             raise DatasetError(f"class folder {os.path.join(base, c)} has no images" +
-                               (f", only other files, e.g. {others[0]}" if others else ""))
+                               (f", only other files, e.g. {other[0]}" if other else ""))
         paths += found
         labels += [i] * len(found)
-    if loose:
-        print(f"note: left out {len(loose):,} image{'' if len(loose) == 1 else 's'} beside the class folders of "
-              f"{base}, e.g. {loose[0]}: only images inside a class folder have a label", file=sys.stderr)
-    if hidden:
-        print(f"note: left out {len(hidden):,} hidden item{'' if len(hidden) == 1 else 's'} (names starting with "
-              f"'.'), e.g. {hidden[0]}", file=sys.stderr)
+        others += other
+    from PIL import Image
+    kinds = {x for x, f in Image.registered_extensions().items() if f in Image.OPEN}  # .gif, .pgm, .jfif, .avif ...
+    odd = [p for p in others if os.path.splitext(p)[1].lower() in kinds]
+    types = ", ".join(sorted({os.path.splitext(p)[1].lower() for p in odd}))
+    for items, noun, what in (
+            (loose, "image", f"beside the class folders of {base} (only images in a class folder have a label)"),
+            (hidden, "hidden item", "(names starting with '.')"),
+            (odd, "image file", f"of a type not read here ({types}; convert to {', '.join(IMAGE_EXTENSIONS)})")):
+        if items:
+            print(f"note: left out {len(items):,} {noun}{'' if len(items) == 1 else 's'} {what}, e.g. {items[0]}",
+                  file=sys.stderr)
     return paths, labels, classes
 
 
@@ -808,8 +835,8 @@ def _to_rgb(im):
     """8-bit RGB of a PIL image of any mode: PIL's conversion for 1, L, P, CMYK, YCbCr, LAB, HSV; alpha (LA, PA, RGBA)
     dropped, the colours kept (not composited), as torchvision's loader does. Deeper modes are scaled where convert
     would clip: 16-bit ones (I;16, I;16B, I;16L) by v / 257 (an 8-bit image x 257 comes back exactly); I (int32) and
-    F (float) state no range: the first of [0, 1] (F only), [0, 255], [0, 65535] holding all their values (an older
-    Pillow reads a 16-bit PNG as I: the same result), else their own min..max."""
+    F (float) state no range: the first of [0, 1] (F only), [0, 255], [0, 65535] holding all their values, else their
+    own min..max (an older Pillow reads a 16-bit PNG as I: v / 257 too, unless all its values are <= 255: then v)."""
     from PIL import Image
     if im.mode in ("I", "F") or im.mode.startswith("I;16"):
         a = np.nan_to_num(np.asarray(im, dtype=np.float64))
@@ -858,11 +885,11 @@ def open_rgb(path):
 
 
 def check_images(paths, what):
-    """Open each image file of a split once before training (PIL reads the header: format, size, mode; no pixels) to
-    name every empty, non-image or unreadable file now, in one DatasetError line, not when the sampler draws it (a
-    truncated file passes: decoding names it). Files that pass are remembered by (size, mtime) in a JSON file per
-    dataset folder under $SIMDISTILL_CACHE (default ~/.cache/simdistill, never the data folder): a later run only
-    stats them. Measured on 20,000 page-cached JPEGs (2 busy cores): 50 us per new file, 10 us per known one; for
+    """Open each image file of a split once before training (PIL reads the header, no pixels) to find every empty,
+    non-image or unreadable file now, not when the sampler draws it: one DatasetError line with their count and the
+    first three (a truncated file passes: decoding names it). Files that pass are remembered by (size, mtime) in a JSON
+    file per dataset folder under $SIMDISTILL_CACHE (default ~/.cache/simdistill, never the data folder): a later run
+    only stats them. Measured on 20,000 page-cached JPEGs (2 busy cores): 50 us per new file, 10 us per known one; for
     ImageNet's 1.28M files about a minute plus the disk reads, once, then seconds (an 80 MB cache file)."""
     from PIL import Image
     top = os.path.dirname(os.path.commonprefix(paths))  # a folder above every file: the cache's key
@@ -1193,13 +1220,13 @@ def _split_empty(centroids, counts, gen):
 
 def _lloyd(x, k, seed=0, niter=20):
     """faiss Clustering's k-means, then a search of its centroids -> (that assignment, the exact k-means objective of
-    each assignment, float64). Start: the first k points of a seeded permutation; niter times: each point to its
-    nearest centroid (squared L2, ties to the lower index), centroids := means (float64 sums in a fixed order: also
+    each assignment, float64). Start: the first k points of a seeded permutation; niter times: each point to its nearest
+    centroid (squared L2, ties to the lower index), centroids := means (float64 sums in a fixed order: also
     deterministic on a GPU), empty clusters split. An unchanged assignment is a fixed point: stop (faiss >= 1.14 too).
-    Yinyang bounds (Ding et al., ICML 2015), centroids in m groups (m a multiple of 16, ~k / 64) of S consecutive
-    indices: upper >= distance to the own centroid, lower[g] <= to the others of group g, moved by the drifts. A
-    float32 score is within E = 8 (d + 1) 2^-24 max ||x||^2 of the exact one; each bound carries sqrt(E) (far above
-    the drifts' rounding), so a point not searched beats every other centroid by > 2E: float32 would keep it too."""
+    Yinyang bounds (Ding et al., ICML 2015), centroids in m = 16 ceil(k / 1024) groups (16 up to k = 1024, then ~k / 64)
+    of S consecutive indices: upper >= distance to the own centroid, lower[g] <= to the others of group g, moved by the
+    drifts. A float32 score is within E = 8 (d + 1) 2^-24 max ||x||^2 of the exact one; each bound carries sqrt(E) (far
+    above the drifts' rounding), so a point not searched beats every other centroid by > 2E: float32 keeps it too."""
     x = x.float()
     (n, dim), dev, m = x.shape, x.device, 16 * -(-k // 1024)
     gen = torch.Generator().manual_seed(seed)

@@ -8,18 +8,19 @@
 Metrics (fp32, TF32 off): eval.json beside the checkpoint (or --json). Bad input: one line, exit code 2; Ctrl-C: 130.
 
 The contract. model.pt = {"method", "args" (resolved), "model" (state_dict), "metrics", "history"}; its method file
-(next to eval.py) has METHOD, RunError, get_args(argv) (vars(get_args([])): every argument), EVAL_ARGS (those that
-define the network, the test data and the evaluation: a model.pt lacking one is refused, other missing ones get their
-default, with a note), model_from_args(args) (strict load, no download), load_data(args, "test" | "gallery") ->
-common.Split, embeddings(model, args, device) -> {"emb" [N, D], "labels"} in load_data order ({} without a labelled
-test split; isd: + "train_emb", "train_labels" of the gallery, teacher_*; camd / spkd: + "logits"), evaluate(model,
-args, device) -> {metric: percent, or the boolean "collapsed"} (the logged numbers), (isd) features(model, args,
-device, split, augment=False, transform=None) -> (backbone features, labels) of "train" (the gallery), "test" or a
-common.Split. --export's file read back with --embeddings gives the embedding metrics; without a labelled test split
-(isd on a flat folder) --export and --show-retrievals use the gallery (labels -1). ISD's linear probes (Tables 1, 3:
-isd_linear_probe(); Table 2, --dataset X: transfer_probe()) need its features().
+(next to eval.py) has METHOD, RunError, get_args(argv), EVAL_ARGS (what defines the network, test data and evaluation: a
+model.pt lacking one its dataset has is refused; other arguments missing take today's defaults, with a note),
+model_from_args(args) (strict load, no download), load_data(args, "test" | "gallery") -> common.Split, embeddings(model,
+args, device) -> {"emb" [N, D], "labels"} in load_data order ({} without a labelled test split; isd: + "train_emb",
+"train_labels" of the gallery, teacher_*; camd / spkd: + "logits"), evaluate(model, args, device) -> {metric: percent,
+or the boolean "collapsed"} (as logged), (isd) features(model, args, device, split, augment=False, transform=None) ->
+(backbone features, labels) of "train" (the gallery), "test" or a common.Split. --export's file read back with
+--embeddings gives the embedding metrics; without a labelled test split (isd on a flat folder) --export and
+--show-retrievals use the gallery (labels -1). ISD's linear probes (Tables 1, 3: isd_linear_probe(); Table 2, --dataset
+X: transfer_probe()) need features(); not on cub, cars, sop, whose test classes are not training classes.
 """
 import argparse
+import contextlib
 import importlib
 import json
 import math
@@ -55,8 +56,7 @@ def need(ok, message):
         raise EvalError(message)
 
 
-def short(e, limit=160):
-    """The first line of an exception's message (or its type name), at most `limit` characters."""
+def short(e, limit=160):  # the first line of an exception's message (or its type name)
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:limit]
 
 
@@ -102,10 +102,13 @@ def read_checkpoint(path):
     module = importlib.import_module(method)
     need(isinstance(saved, dict) and all(isinstance(k, str) for k in saved),
          f"{path}: 'args' is a {type(saved).__name__}, not a dict of argument names; not written by {method}.py")
-    missing = [k for k in module.EVAL_ARGS if k not in saved]
+    argv = ["--dataset", saved.get("dataset")] * (saved.get("dataset") in list(module.PRESETS))
+    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):  # notes about data: not this checkpoint's
+        defaults = vars(module.get_args(argv + ["--data-root", str(saved.get("data_root", "./data"))]))
+    missing = [k for k in module.EVAL_ARGS if k not in saved and  # a key only presets give: if the run's dataset has it
+               (k in defaults or not any(k in preset for preset in module.PRESETS.values()))]
     need(not missing, f"{path} lacks the argument(s) {', '.join(missing)}, which define its network, test data or "
          f"evaluation: written by a different version of {method}.py")
-    defaults = vars(module.get_args(["--dataset", saved["dataset"]] * (saved["dataset"] in list(module.PRESETS))))
     filled = sorted(set(defaults) - set(saved))
     if filled:  # arguments added to the script since: today's default for the run's dataset
         print(f"note: {path} predates the argument(s) {', '.join(filled)} (they change neither its network nor its "
@@ -123,9 +126,8 @@ class Checkpoint:
         self.trained_on = self.args.dataset
         need(a.dataset != "synthetic" or self.trained_on == "synthetic",
              f"--dataset synthetic: random images for benchmarks, nothing to evaluate {path} on")
-        for key in ("dataset", "data_root", "workers"):
-            if getattr(a, key) is not None:
-                setattr(self.args, key, getattr(a, key))
+        vars(self.args).update({k: getattr(a, k) for k in ("dataset", "data_root", "workers")  # the overrides
+                                if getattr(a, k) is not None})
         self.device = pick_device(a.device)
         self.args.device = self.device.type
         try:
@@ -203,8 +205,7 @@ def run_embeddings(a):
         data = np.load(path, allow_pickle=False)
     except Exception as e:  # only np.load is inside
         raise EvalError(f"cannot read {path}: not an .npz file ({short(e, 100)})") from None
-    need(isinstance(data, np.lib.npyio.NpzFile), f"{path} is a single .npy array, not an .npz archive of emb and "
-         f"labels (np.savez)")
+    need(isinstance(data, np.lib.npyio.NpzFile), f"{path} is a single .npy array, not an .npz of arrays (np.savez)")
     with data:
         emb = npz_array(data, "emb", path)
         labels = npz_array(data, "labels", path, len(emb))
@@ -251,11 +252,9 @@ def tiles(split, indices, tile):
         return [ImageOps.fit(common.open_rgb(split.paths[i]), (tile, tile), Image.BICUBIC) for i in indices.tolist()]
     x = split.images[indices].float() / (255 if split.images.dtype == torch.uint8 else 1)
     x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x[:, :3]
-    h, w = x.shape[-2:]
-    if tile % h == 0 and tile % w == 0:  # 8, 16, 32 px -> 64: crisp pixels
-        x = F.interpolate(x, size=(tile, tile), mode="nearest-exact")
-    else:
-        x = F.interpolate(x, size=(tile, tile), mode="bilinear", antialias=h > tile or w > tile, align_corners=False)
+    (h, w), crisp = x.shape[-2:], tile % x.shape[-2] == 0 and tile % x.shape[-1] == 0  # 8, 16, 32 px -> 64: crisp
+    x = F.interpolate(x, size=(tile, tile), mode="nearest-exact" if crisp else "bilinear",
+                      antialias=not crisp and (h > tile or w > tile))
     return [Image.fromarray(im) for im in (x.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)]
 
 
@@ -266,9 +265,8 @@ def show_retrievals(ck, out, test, gallery, a, path):
     exclude = gallery is None  # the test set is its own gallery: skip the query itself
     gallery, emb, labels = test if exclude else gallery, out["emb"].cpu(), out["labels"].cpu()
     g_emb, g_labels = (emb, labels) if exclude else (out["train_emb"].cpu(), out["train_labels"].cpu())
-    if len(emb) != len(test) or len(g_emb) != len(gallery):  # a method file that breaks the contract: a bug
-        raise RuntimeError(f"{ck.method}.embeddings: {len(emb)} / {len(g_emb)} rows for {len(test)} test / "
-                           f"{len(gallery)} gallery images (not in load_data order)")
+    assert len(emb) == len(test) and len(g_emb) == len(gallery), f"{ck.method}.embeddings: {len(emb)} / " \
+        f"{len(g_emb)} rows for {len(test)} test / {len(gallery)} gallery images (not in load_data order): a bug"
     need(len(g_emb) > exclude, f"{ck.path}: the gallery has no image to retrieve")
     query = torch.randperm(len(emb), generator=torch.Generator().manual_seed(a.seed))[:a.show_retrievals]
     nn = nearest(query, emb, g_emb, a.topk, exclude)
@@ -317,11 +315,11 @@ def full_batch_norm(center):
 def linear_probe(train_features, train_labels, test_features, test_labels, epochs, center_features=None,
                  num_classes=None, lr=0.01, momentum=0.9, weight_decay=1e-4, batch_size=256, seed=0):
     """eval_linear.py's classifier (shared/notes/isd.md) on train_features [N, D] (cached) or epoch (0-based) -> fresh
-    augmented [N, D] (official), center_features (default train_features) for full_batch_norm; SGD, seeded order, lr
-    x0.1 at 3/8 and 3/4 of the epochs (15, 30 of 40), labels < 0 left out -> {"last", "best", "best_epoch" (1-based,
-    chosen on the test set), "history", "lrs"}, accuracies in percent."""
+    augmented [N, D] (official), center_features (default train_features, a function's epoch 0) for full_batch_norm;
+    SGD, seeded order, lr x0.1 at 3/8 and 3/4 of the epochs (15, 30 of 40; epoch 1 always at lr), labels < 0 left out
+    -> {"last", "best", "best_epoch" (1-based, chosen on the test set), "history", "lrs"}, accuracies in percent."""
     fetch = train_features if callable(train_features) else (lambda epoch: train_features)
-    center = train_features if center_features is None else center_features
+    center = fetch(0) if center_features is None else center_features
     prepare, dev = full_batch_norm(center), center.device
     keep = (train_labels >= 0).to(dev)
     y_train, y_test, test_x = train_labels.to(dev)[keep], test_labels.to(dev), prepare(test_features.to(dev))
@@ -330,7 +328,7 @@ def linear_probe(train_features, train_labels, test_features, test_labels, epoch
         torch.manual_seed(seed)
         head = torch.nn.Linear(center.shape[1], num_classes).to(dev)
     opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [round(epochs * 15 / 40), round(epochs * 30 / 40)], 0.1)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [max(1, round(epochs * f)) for f in (15 / 40, 30 / 40)], 0.1)
     order_gen, history, lrs = torch.Generator().manual_seed(seed), [], []
     for epoch in range(epochs):
         x = prepare(fetch(epoch).to(dev))[keep]
@@ -435,7 +433,7 @@ def transfer_probe(ck, dtd_split, seed):
     (x, y), (tx, ty) = features("train"), features("test")
     held = None if name in OWN_VAL else held_out(y.cpu(), HELD_OUT.get(name, 0.1), seed).to(y.device)
     (x, y), (vx, vy) = ((x, y), features("val")) if held is None else ((x[~held], y[~held]), (x[held], y[held]))
-    need(len(vy) and y.min() >= 0, f"--dataset {name}: the linear transfer needs labelled train images, 2 of a class")
+    need(len(y) and len(vy) and y.min() >= 0, f"--dataset {name}: too few labelled train images to hold some out")
     per_class, classes = name in MEAN_PER_CLASS, int(max(y.max(), vy.max(), ty.max())) + 1
     l2, fit, scores = select_l2((x, y), (vx, vy), classes, per_class)
     w, b = logistic_regression(torch.cat([x, vx]), torch.cat([y, vy]), l2, classes, fit)
@@ -542,8 +540,7 @@ def get_args(argv):
     p.add_argument("--seed", type=int, default=0, help="seeds the picture's queries and the probe (default 0)")
     p.add_argument("--no-nmi", action="store_true", help="--embeddings: skip NMI (k-means)")
     p.add_argument("--l2-normalize", action="store_true", help="--embeddings: L2-normalise the rows (rank by cosine)")
-    p.add_argument("--json", metavar="FILE", help="metrics JSON (default: eval.json beside the checkpoint / "
-                   "<name>_eval.json beside the embeddings file)")
+    p.add_argument("--json", metavar="FILE", help="metrics JSON (default: eval.json / <name>_eval.json beside input)")
     p.add_argument("--out", metavar="FILE", help="the picture of --show-retrievals (.png/.jpg; default "
                    "retrievals.png beside the checkpoint) or --plot (.png/.pdf/.svg; default curves.png in the run)")
     a = p.parse_args(argv)
@@ -551,11 +548,9 @@ def get_args(argv):
                       ("seed", 0)):
         if getattr(a, flag) is not None and getattr(a, flag) < low:
             p.error(f"argument --{flag.replace('_', '-')}: must be >= {low}, got {getattr(a, flag)}")
-    given = (("CHECKPOINT", a.checkpoint), ("--embeddings", a.embeddings), ("--plot", a.plot))
-    modes = [m for m, v in given if v is not None]
+    modes = [m for m, v in (("CHECKPOINT", a.checkpoint), ("--embeddings", a.embeddings), ("--plot", a.plot)) if v]
     orphans = [f"--{k.replace('_', '-')}" for k in ("dataset", "data_root", "workers", "export", "show_retrievals",
-                                                    "linear_probe", "probe_epochs", "label_fraction", "dtd_split")
-               if getattr(a, k) is not None]
+               "linear_probe", "probe_epochs", "label_fraction", "dtd_split") if getattr(a, k) is not None]
     allowed = (".png", ".pdf", ".svg", ".jpg", ".jpeg") if a.plot is not None else (".png", ".jpg", ".jpeg")
     for bad, message in (
             (len(modes) != 1, f"give exactly one of CHECKPOINT, --embeddings FILE or --plot RUN (got "
@@ -565,10 +560,9 @@ def get_args(argv):
             (a.out is not None and a.plot is None and a.show_retrievals is None,
              "--out names a picture (--show-retrievals, --plot); the metrics JSON goes to --json"),
             (a.plot is not None and a.json is not None, "--plot writes no metrics; drop --json"),
-            (a.dataset in TRANSFER and not a.linear_probe, f"--dataset {a.dataset}: add --linear-probe (transfer)"),
             (a.label_fraction and not a.linear_probe, "--label-fraction trains the linear probe: add --linear-probe"),
             (a.label_fraction and a.dataset not in (None, "imagenet"), "--label-fraction: ImageNet's; drop --dataset"),
-            (a.dtd_split and a.dataset != "dtd", "--dtd-split is for --linear-probe --dataset dtd"),
+            (a.dtd_split and (a.dataset != "dtd" or not a.linear_probe), "--dtd-split is for --linear-probe on dtd"),
             (a.out is not None and not a.out.lower().endswith(allowed), f"--out {a.out}: use a {' / '.join(allowed)} "
                                                                         f"file name")):
         if bad:
@@ -579,15 +573,20 @@ def get_args(argv):
 def run_checkpoint(a):
     """A checkpoint's metrics (+ --linear-probe) beside the logged ones, --export, --show-retrievals; eval.json."""
     ck, folder = Checkpoint(a), os.path.dirname(os.path.abspath(a.checkpoint))
-    need(not a.linear_probe or hasattr(ck.module, "features"),
-         f"--linear-probe is ISD's protocol (self-supervised); {a.checkpoint} is a {ck.method} checkpoint")
-    need(not a.label_fraction or ck.trained_on == "imagenet", f"--label-fraction: the 1% / 10% subsets are ImageNet's;"
-         f" {a.checkpoint} was trained on {ck.trained_on}")
-    transfer = a.linear_probe and ck.args.dataset != ck.trained_on  # Table 2 (and no evaluation on the training data)
-    need(not transfer or (a.linear_probe == "official" and a.probe_epochs is None), f"--dataset {ck.args.dataset}: "
-         f"the linear transfer is BYOL's L-BFGS protocol, without 'cached' and --probe-epochs")
-    print(f"{a.checkpoint}: {ck.method}, dataset {ck.args.dataset} ({ck.args.data_root}), device {ck.device}")
-    metrics, notes = transfer_probe(ck, a.dtd_split or 1, a.seed) if transfer else ck.call(ck.module.evaluate), {}
+    name, ssl = ck.args.dataset, hasattr(ck.module, "features")  # ssl: ISD, evaluated by k-NN and linear probes
+    transfer = a.linear_probe and name != ck.trained_on  # Table 2 (and no evaluation on the training data)
+    for bad, message in (
+            (a.linear_probe and not ssl, f"--linear-probe: ISD's protocol; {a.checkpoint} is a {ck.method} checkpoint"),
+            (a.label_fraction and ck.trained_on != "imagenet", f"--label-fraction: ImageNet's; a {ck.trained_on} run"),
+            (ssl and name in ("cub", "cars", "sop"), f"--dataset {name}: its test classes are not its training classes"
+                                                     f" (DML), and ISD's k-NN and linear probes need the same classes"),
+            (transfer and (a.linear_probe != "official" or a.probe_epochs is not None),
+             f"--dataset {name}: the linear transfer is BYOL's L-BFGS protocol, without 'cached' and --probe-epochs"),
+            (name in TRANSFER and not transfer and name != ck.trained_on, f"--dataset {name}: " + ("add --linear-probe "
+             "(ISD's linear transfer)" if ssl else f"ISD's transfer; {a.checkpoint} evaluates on its own data only"))):
+        need(not bad, message)
+    print(f"{a.checkpoint}: {ck.method}, dataset {name} ({ck.args.data_root}), device {ck.device}")
+    metrics, notes = (transfer_probe(ck, a.dtd_split or 1, a.seed) if transfer else ck.call(ck.module.evaluate)), {}
     if not metrics:
         print(f"note: {ck.method}.evaluate gives no metrics on {ck.args.dataset} (no labelled test split)")
     if a.linear_probe and not transfer:
@@ -606,8 +605,7 @@ def run_checkpoint(a):
         arrays = {k: v.detach().cpu().numpy() for k, v in out.items() if torch.is_tensor(v)}
         arrays.update({key: np.array([os.path.abspath(p) for p in split.paths]) for key, split in
                        (("paths", test), ("train_paths", gallery)) if split is not None and split.paths is not None})
-        if test.classes:
-            arrays["classes"] = np.array([str(c) for c in test.classes])
+        arrays.update({"classes": np.array([str(c) for c in test.classes])} if test.classes else {})
         atomic_write(a.export, lambda f: np.savez(f, **arrays))
         print(f"wrote {a.export} ({', '.join(f'{k} {tuple(v.shape)}' for k, v in arrays.items())})")
     if a.show_retrievals:
@@ -620,7 +618,7 @@ def run_checkpoint(a):
 
 def main(argv=None):
     """The metrics (a dict) of a checkpoint or embeddings file; bad input: one line, exit 2; Ctrl-C: exit 130."""
-    a = get_args(argv)
+    a, tf32 = get_args(argv), (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # fp32 (cuDNN's default: TF32)
     try:
         if a.plot is not None:
@@ -633,6 +631,8 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("interrupted (Ctrl-C)", file=sys.stderr)
         sys.exit(130)
+    finally:  # a caller in Python gets its own settings back
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 if __name__ == "__main__":

@@ -665,23 +665,30 @@ def test_folders_follow_links_skip_hidden_entries_and_say_what_they_left_out(tmp
         for j in range(2):
             write_image(str(base / c / f"{j}.png"), j)
     write_image(str(tmp_path / "elsewhere" / "more.png"), 3)
-    os.symlink(tmp_path / "elsewhere", base / "cat" / "linked")                  # a linked sub-folder: followed
+    write_image(str(tmp_path / "outside" / "far.png"), 3)
+    os.symlink(tmp_path / "outside", base / "cat" / "linked")                    # a linked sub-folder: followed
     os.symlink(base / "cat", base / "cat" / "loop")                              # a link back up: no endless walk
     os.symlink(tmp_path / "elsewhere", base / "bird")                            # a linked class folder
+    os.symlink(tmp_path / "elsewhere", base / "cat" / "birds")                   # a link to class bird's folder
+    os.symlink(base / "dog", base / "bird" / "dogs")                             # ... and to dog's: each image once
     write_image(str(base / ".ipynb_checkpoints" / "0-checkpoint.png"), 4)        # hidden: not a class
     write_image(str(base / "dog" / ".hidden.png"), 5)
     (base / ".git").mkdir()
     (base / "dog" / "notes.txt").write_text("not an image: no line for it")
     write_image(str(base / "loose.png"), 6)                                      # beside the class folders
+    for name in ("anim.gif", "scan.PGM"):                                        # images PIL reads, not this loader
+        write_image(str(base / "dog" / name), 7)
     tr = common.load_split("folder", str(tmp_path / "d"), "train")
     assert tr.classes == ["bird", "cat", "dog"] and tr.labels.tolist() == [0, 1, 1, 1, 2, 2]
     assert [os.path.relpath(p, base) for p in tr.paths] == ["bird/more.png", "cat/0.png", "cat/1.png",
-                                                             "cat/linked/more.png", "dog/0.png", "dog/1.png"]
+                                                             "cat/linked/far.png", "dog/0.png", "dog/1.png"]
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and "notes.txt" not in " ".join(err)
+    assert len(err) == 3 and "notes.txt" not in " ".join(err)
     assert "1 image" in err[0] and str(base / "loose.png") in err[0] and "beside the class folders" in err[0]
     assert "3 hidden" in err[1] and str(base / ".git") in err[1]               # .git, .ipynb_checkpoints, .hidden.png
-    (base / "dog" / "0.png").unlink(), (base / "dog" / "1.png").unlink()
+    assert "2 image files" in err[2] and "(.gif, .pgm;" in err[2] and str(base / "dog" / "anim.gif") in err[2]
+    for name in ("0.png", "1.png", "anim.gif", "scan.PGM"):
+        (base / "dog" / name).unlink()
     common.load_split.cache_clear()
     with pytest.raises(common.DatasetError, match=r"class folder .*dog has no images, only other files.*notes.txt"):
         common.load_split("folder", str(tmp_path / "d"), "train")
@@ -1041,6 +1048,62 @@ def test_download_checksum_and_extract(tmp_path):
     common.extract(str(tmp_path / "z.zip"), str(tmp_path / "dl"), "top")
     assert (tmp_path / "dl" / "top" / "a..b.txt").read_text() == "dots"
     assert (tmp_path / "dl" / "top" / "sub" / "c.txt").read_text() == "sub"
+
+
+def test_a_dropped_download_resumes_and_an_archive_that_fails_to_extract_is_deleted(tmp_path, monkeypatch):
+    """CINIC-10 publishes no md5. A connection closed before Content-Length bytes: one line, the .part kept, and the
+    rerun resumes it (a Range request). An archive that does not extract (a server without Content-Length that stopped
+    early): one line naming it, the archive and the half-extracted folder deleted, and the rerun downloads it anew."""
+    import http.server
+    import shutil
+    import threading
+    src = tmp_path / "src"
+    many_images(str(src), [f"{s}/{c}/0.png" for s in ("train", "valid", "test") for c in CINIC], size=32)
+    with tarfile.open(tmp_path / "CINIC-10.tar.gz", "w:gz") as t:
+        for s in ("train", "valid", "test"):
+            t.add(src / s, arcname=s)
+    payload, modes, ranges = (tmp_path / "CINIC-10.tar.gz").read_bytes(), [], []
+
+    class Host(http.server.BaseHTTPRequestHandler):  # HTTP/1.0: the connection closes after each answer
+        def do_GET(self):  # modes: "drop" (Content-Length, half the bytes), "quiet" (no Content-Length, half), "ok"
+            mode, asked = modes.pop(0), self.headers["Range"]
+            ranges.append(asked)
+            start = int(asked[6:-1]) if asked and mode == "ok" else 0
+            self.send_response(206 if start else 200)
+            if mode != "quiet":
+                self.send_header("Content-Length", str(len(payload) - start))
+            self.end_headers()
+            self.wfile.write(payload[start:] if mode == "ok" else payload[:len(payload) // 2])
+
+        def log_message(self, *args):
+            pass
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Host)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}/CINIC-10.tar.gz"
+    monkeypatch.setitem(common.SOURCES, "cinic10", [(url, None, "cinic-10")])
+    root, archive = tmp_path / "data", tmp_path / "data" / "CINIC-10.tar.gz"
+    try:
+        modes[:] = ["drop"]
+        with pytest.raises(common.DatasetError, match=r"download of .*CINIC-10.tar.gz stopped at .* of .* MiB .*run "
+                                                      r"again to resume") as e:
+            common.load_split("cinic10", str(root), "valid")
+        assert "\n" not in str(e.value) and not archive.exists()
+        assert (root / "CINIC-10.tar.gz.part").read_bytes() == payload[:len(payload) // 2]
+        modes[:] = ["ok"]
+        assert len(common.load_split("cinic10", str(root), "valid")) == 10   # resumed from the .part
+        assert ranges == [None, f"bytes={len(payload) // 2}-"] and archive.read_bytes() == payload
+        shutil.rmtree(root)
+        common.load_split.cache_clear()
+        modes[:] = ["quiet"]
+        with pytest.raises(common.DatasetError, match=r"cannot extract .*CINIC-10.tar.gz .*deleted it, run again") as e:
+            common.load_split("cinic10", str(root), "valid")
+        assert "\n" not in str(e.value) and sorted(os.listdir(root)) == []  # no archive, no half-extracted folder
+        modes[:] = ["ok"]
+        common.load_split.cache_clear()
+        assert len(common.load_split("cinic10", str(root), "valid")) == 10 and ranges[-1] is None
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_a_download_never_replaces_a_users_dataset_folder(tmp_path, monkeypatch):
@@ -3172,6 +3235,52 @@ def test_bad_checkpoint_arguments_of_other_methods(trained, tmp_path, capsys):
     expect_error(capsys, [queue], queue, "do not fit", "queue")
 
 
+def test_an_isd_folder_checkpoint_reads_without_notes_about_the_working_folder(trained, tmp_path, capsys,
+                                                                             monkeypatch):
+    """read_checkpoint takes the script's defaults with the run's --data-root and keeps their notes to itself: isd's
+    'no class folders, so no k-NN' was printed for every folder checkpoint when ./data held no class folders."""
+    data = write_folder_dataset(tmp_path / "mine")
+    ckpt = edited(tmp_path, trained("isd"), "folder.pt", lambda c: c["args"].update(dataset="folder",
+                                                                                    data_root=str(data)))
+    monkeypatch.chdir(tmp_path)  # ./data: absent
+    _, _, args = evalpy.read_checkpoint(str(ckpt))
+    assert args.data_root == str(data) and capsys.readouterr().out == ""
+
+
+SHARED_EVAL_ARGS = ("dataset", "image_size", "student_arch", "num_classes", "synthetic_n")  # + spkd's "split"
+
+
+def test_eval_args_that_only_some_datasets_have_and_spkd_on_its_own_dtd_split(trained, tmp_path, capsys,
+                                                                              monkeypatch):
+    """camd / spkd with EVAL_ARGS as proposed for their shared appendix (SHARED_EVAL_ARGS, + "split" for spkd): a key
+    only a preset gives (synthetic_n) is required where the run's dataset has it; spkd's DTD checkpoint evaluates on
+    its saved --split, with or without --dataset dtd; --dtd-split and another transfer dataset are refused."""
+    for module in (camd, spkd):
+        monkeypatch.setattr(module, "EVAL_ARGS", SHARED_EVAL_ARGS + ("split",) * (module.METHOD == "spkd"))
+    evalpy.read_checkpoint(str(trained("camd") / "model.pt"))  # no --split, no synthetic_n: nothing lacks
+    run = trained("spkd")
+    nosplit = edited(tmp_path, run, "nosplit.pt", lambda c: c["args"].pop("split"))
+    expect_error(capsys, [nosplit], nosplit, "split", "different version of spkd.py")
+    synthetic = edited(tmp_path, run, "synthetic.pt", lambda c: c["args"].update(dataset="synthetic"))
+    expect_error(capsys, [synthetic], synthetic, "synthetic_n", "different version of spkd.py")
+    base = tmp_path / "dtd" / "dtd"  # torchvision's layout; split k tests image k % 3 of each class
+    many_images(str(base / "images"), [f"{c}/{c}_{j}.jpg" for c in ("banded", "dotted", "zigzagged") for j in range(3)])
+    (base / "labels").mkdir()
+    for k in range(1, 11):
+        for s, j in (("train", (k + 1) % 3), ("val", (k + 2) % 3), ("test", k % 3)):
+            (base / "labels" / f"{s}{k}.txt").write_text("".join(f"{c}/{c}_{j}.jpg\n" for c in ("banded", "dotted",
+                                                                                                  "zigzagged")))
+    dtd = edited(tmp_path, run, "dtd.pt", lambda c: c["args"].update(dataset="dtd", split=2, data_root=str(tmp_path)))
+    real, asked = common.load_split, []
+    monkeypatch.setattr(common, "load_split", lambda name, root, split, **kw: asked.append(split) or real(
+        name, root, split, **kw))
+    own = evalpy.main([str(dtd), "--json", str(tmp_path / "a.json")])
+    assert asked == ["test2"] and {"top1", "Rank-1"} <= set(own)
+    assert evalpy.main([str(dtd), "--dataset", "dtd", "--json", str(tmp_path / "b.json")]) == own
+    expect_error(capsys, [dtd, "--dataset", "dtd", "--dtd-split", "3"], "--dtd-split", "--linear-probe")
+    expect_error(capsys, [dtd, "--dataset", "pets"], "--dataset pets", "ISD's transfer", "its own data")
+
+
 def test_bad_data_and_device_overrides(trained, folder_run, tmp_path, capsys):
     ckpt = trained("s2sd") / "model.pt"
     expect_error(capsys, [ckpt, "--dataset", "imagenet", "--data-root", tmp_path / "none"], "imagenet", ckpt)
@@ -3423,6 +3532,8 @@ def test_linear_probe_schedule_and_fresh_features():
     out = evalpy.linear_probe(x, y, x, y, epochs=40)  # eval_linear.py: x0.1 at epochs 15 and 30 of 40
     assert out["lrs"] == pytest.approx([0.01] * 15 + [0.001] * 15 + [0.0001] * 10)
     assert evalpy.linear_probe(x, y, x, y, epochs=10)["lrs"] == pytest.approx([0.01] * 4 + [0.001] * 4 + [0.0001] * 2)
+    for epochs, lrs in ((1, [0.01]), (2, [0.01, 0.001]), (3, [0.01, 0.001, 0.0001])):  # a milestone 0 would
+        assert evalpy.linear_probe(x, y, x, y, epochs=epochs)["lrs"] == pytest.approx(lrs)  # start at 0.001
     seen = []
 
     def fresh(epoch):  # the official protocol: new (augmented) features every epoch
@@ -3430,6 +3541,9 @@ def test_linear_probe_schedule_and_fresh_features():
         return x + 0.01 * torch.randn(x.shape, generator=torch.Generator().manual_seed(epoch))
     evalpy.linear_probe(fresh, y, x, y, epochs=5, center_features=x)
     assert seen == [0, 1, 2, 3, 4]
+    seen.clear()  # without center_features: those of epoch 0 standardise (the docstring's default)
+    assert evalpy.linear_probe(fresh, y, x, y, epochs=5)["history"] == \
+        evalpy.linear_probe(fresh, y, x, y, epochs=5, center_features=fresh(0))["history"]
 
 
 def test_isd_linear_probe_official_and_cached(trained, tmp_path, monkeypatch):
@@ -3557,6 +3671,32 @@ def test_linear_transfer_end_to_end_on_fixture_datasets(trained, tmp_path, monke
     assert "75 train + 20 validation images" in text and "top-1" in text
 
 
+def test_linear_transfer_through_the_real_loaders_and_class_disjoint_data_refused(trained, tmp_path, monkeypatch,
+                                                                                  capsys):
+    """Caltech-101 in torchvision's layout through common.load_split and BYOL's file transform (a Compose: shorter side
+    to --image-size, bicubic, centre crop, ImageNet mean / std): 30 train images of each class, 5 of them held out,
+    the rest test. Pets' fixture is too small to hold 20 of each class out: one line. CUB (DML: its test classes are
+    not its training classes) is refused for ISD's transfer and its k-NN alike."""
+    isd = importlib.import_module("isd")
+    make_transfer_fixtures(str(tmp_path / "data"))
+    real, seen = isd.features, []
+
+    def recording(model, args, device, split, augment=False, transform=None):
+        seen.append((len(split), split.paths is not None, type(transform).__name__))
+        return real(model, args, device, split, augment, transform)
+    monkeypatch.setattr(isd, "features", recording)
+    ckpt = trained("isd") / "model.pt"
+    out = evalpy.main([str(ckpt), "--linear-probe", "--dataset", "caltech101", "--data-root", str(tmp_path / "data"),
+                       "--json", str(tmp_path / "c.json")])
+    assert seen == [(90, True, "Compose"), (9, True, "Compose")]
+    assert set(out) == {"linear_caltech101", "linear_caltech101_l2"} and 0 <= out["linear_caltech101"] <= 100
+    assert "75 train + 15 validation images" in capsys.readouterr().out
+    expect_error(capsys, [ckpt, "--linear-probe", "--dataset", "pets", "--data-root", tmp_path / "data"],
+                 "--dataset pets", "too few labelled train images")
+    for argv in (["--linear-probe", "--dataset", "cub"], ["--dataset", "cub"]):
+        expect_error(capsys, [ckpt, *argv], "--dataset cub", "test classes are not its training classes")
+
+
 def test_label_fraction_trains_on_the_subset_and_scores_the_full_val_set(trained, tmp_path, monkeypatch):
     isd = importlib.import_module("isd")
     real, requested, seen = common.load_split, [], []
@@ -3596,12 +3736,13 @@ def test_old_checkpoints_get_training_only_arguments_filled(method, trained, tmp
     lacking an EVAL_ARGS entry is refused, naming it."""
     module, run = SCRIPTS[method], trained(method)
     saved = load(run / "model.pt")["args"]
-    assert set(module.EVAL_ARGS) <= set(saved)
-    bare = edited(tmp_path, run, "bare.pt", lambda c: c.update(args={k: c["args"][k] for k in module.EVAL_ARGS}))
+    have = [k for k in module.EVAL_ARGS if k in saved]  # camd / spkd: synthetic_n only on synthetic runs
+    assert set(module.EVAL_ARGS) - set(have) <= {"synthetic_n"}
+    bare = edited(tmp_path, run, "bare.pt", lambda c: c.update(args={k: c["args"][k] for k in have}))
     assert evalpy.main([str(bare), "--json", str(tmp_path / "e.json")]) == logged(run)
     note = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
     assert len(note) == 1 and "epochs" in note[0] and "filled with" in note[0]
-    for key in module.EVAL_ARGS:
+    for key in have:
         lacking = edited(tmp_path, run, f"no_{key}.pt", lambda c: c["args"].pop(key))
         expect_error(capsys, [lacking], lacking, key, f"different version of {method}.py")
 
@@ -3650,14 +3791,21 @@ def test_eval_ctrl_c_exits_130_with_one_line(trained):
     assert proc.returncode == 130 and err == "interrupted (Ctrl-C)\n", err
 
 
-def test_boolean_metrics_and_fp32_evaluation(tmp_path, capsys):
+def test_boolean_metrics_and_fp32_evaluation(tmp_path, capsys, monkeypatch):
     """A boolean "collapsed" prints as COLLAPSED (not a number) beside the run log's and goes to JSON as is; eval.py
-    turns TF32 off (cuDNN convolutions default to it)."""
+    evaluates with TF32 off (cuDNN convolutions default to it) and gives a caller in Python its settings back."""
     evalpy.report({"R@1": 50.0, "collapsed": True}, str(tmp_path / "m.json"), {"R@1": 49.5, "collapsed": False})
     out = capsys.readouterr().out
     assert re.search(r"collapsed\s+COLLAPSED\s+no", out) and re.search(r"R@1\s+50\.00\s+49\.50\s+\+0\.5", out)
     assert json.loads((tmp_path / "m.json").read_text()) == {"R@1": 50.0, "collapsed": True}
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
     np.savez(tmp_path / "e.npz", emb=np.eye(4, dtype=np.float32), labels=np.array([0, 0, 1, 1]))
-    evalpy.main(["--embeddings", str(tmp_path / "e.npz"), "--no-nmi"])
-    assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    real, during = common.retrieval_metrics, []
+    monkeypatch.setattr(common, "retrieval_metrics", lambda *a, **k: during.append(
+        (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)) or real(*a, **k))
+    original = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    for before in ((True, True), (True, False)):
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+        evalpy.main(["--embeddings", str(tmp_path / "e.npz"), "--no-nmi"])
+        assert during[-1] == (False, False)
+        assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == before
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = original
