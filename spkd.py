@@ -857,8 +857,8 @@ def train_batches(args, data, epoch, skip, device, rank=0, world=1):
         yield common.normalize(x, data["split"].mean, data["split"].std), data["labels"][b.to(device)]
 
 
-EVAL_ARGS = ("dataset", "image_size", "student_arch", "num_classes") + (  # eval.py: network, test data, evaluation
-    ("split",) if METHOD == "spkd" else ())  # (spkd: which DTD split is tested)
+EVAL_ARGS = ("dataset", "image_size", "student_arch", "num_classes", "synthetic_n") + (  # eval.py: network, test data,
+    ("split",) if METHOD == "spkd" else ())  # evaluation (synthetic_n: the synthetic test size; spkd: which DTD split)
 
 
 def model_from_args(args):

@@ -3247,16 +3247,12 @@ def test_an_isd_folder_checkpoint_reads_without_notes_about_the_working_folder(t
     assert args.data_root == str(data) and capsys.readouterr().out == ""
 
 
-SHARED_EVAL_ARGS = ("dataset", "image_size", "student_arch", "num_classes", "synthetic_n")  # + spkd's "split"
-
-
 def test_eval_args_that_only_some_datasets_have_and_spkd_on_its_own_dtd_split(trained, tmp_path, capsys,
                                                                               monkeypatch):
-    """camd / spkd with EVAL_ARGS as proposed for their shared appendix (SHARED_EVAL_ARGS, + "split" for spkd): a key
-    only a preset gives (synthetic_n) is required where the run's dataset has it; spkd's DTD checkpoint evaluates on
-    its saved --split, with or without --dataset dtd; --dtd-split and another transfer dataset are refused."""
-    for module in (camd, spkd):
-        monkeypatch.setattr(module, "EVAL_ARGS", SHARED_EVAL_ARGS + ("split",) * (module.METHOD == "spkd"))
+    """camd / spkd's EVAL_ARGS (shared: + "split" for spkd): a key only a preset gives (synthetic_n) is required where
+    the run's dataset has it; spkd's DTD checkpoint evaluates on its saved --split, with or without --dataset dtd;
+    --dtd-split and another transfer dataset are refused."""
+    assert "synthetic_n" in camd.EVAL_ARGS and "split" in spkd.EVAL_ARGS and "split" not in camd.EVAL_ARGS
     evalpy.read_checkpoint(str(trained("camd") / "model.pt"))  # no --split, no synthetic_n: nothing lacks
     run = trained("spkd")
     nosplit = edited(tmp_path, run, "nosplit.pt", lambda c: c["args"].pop("split"))
