@@ -1879,8 +1879,12 @@ def test_contract_non_finite_loss_stops_with_component_and_step(name, save_dir, 
     code, _, err = main_of(SCRIPTS[name], tiny(name, save_dir, "--run-name", f"{name}_nan"))
     assert code == 2 and err.startswith("error:") and len(err.strip().splitlines()) == 1
     assert f"non-finite {POISON[name]} loss at step {bad_step}" in err
+    assert f"{save_dir / (name + '_nan') / 'last.pt'} holds the last good checkpoint" in err
     assert load(save_dir / f"{name}_nan" / "last.pt")["step"] == STEPS_PER_EPOCH[name]  # the last good epoch
     assert not (save_dir / f"{name}_nan" / "model.pt").exists()
+    calls[0], bad_step = 0, 2  # in the first epoch: no last.pt exists, and the message does not promise one
+    code, _, err = main_of(SCRIPTS[name], tiny(name, save_dir, "--run-name", f"{name}_nan_early"))
+    assert code == 2 and "loss at step 2; stopped (no checkpoint was written yet)" in err, err
 
 
 @pytest.mark.parametrize("name,sig", [(n, signal.SIGINT) for n in SCRIPTS] + [(n, signal.SIGTERM) for n in SCRIPTS])
