@@ -13,7 +13,7 @@ Usage:
     python isd.py --dataset cifar10 [--variant moco]       # ResNet-18 (CIFAR stem)
     python isd.py --dataset imagenet --data-root /data --recipe r18   # (or r50) the paper's two recipes
     python isd.py --dataset imagenet --subset-file D1.txt [--variant moco]   # Table 4 (detail 9)
-    python isd.py --dataset folder --data-root DIR         # your own images (detail 11)
+    python isd.py --dataset folder --data-root DIR         # your own images (detail 10)
     torchrun --nproc_per_node=4 isd.py --dataset imagenet ...;  python eval.py runs/<run>/model.pt --linear-probe
 
 Implementation details (the algorithm: step_losses(); file names: the official code):
@@ -23,7 +23,7 @@ Implementation details (the algorithm: step_losses(); file names: the official c
  2. Teacher = copy of the student, moved BEFORE its forward pass each step (official, inside forward): theta_t <- m
     theta_t + (1 - m) theta_s over parameters only; BN statistics stay separate; both in train mode.
  3. Queue (MoCo's memory bank): K x D random L2-normalised rows; a ring buffer (K need not divide B) fed AFTER the loss
-    with the keys of all ranks; registered buffers, so last.pt and model.pt carry it.
+    with all ranks' keys (torchrun: a DDP student, the same teacher update on every rank); buffers: in last.pt too.
  4. ShuffleBN (MoCo builder.py; ISD: DataParallel): keys shuffled across ranks (one process: the --bn-splits BN groups
     of both backbones) and back: BN never pairs a key with its query. Group = images per GPU of the official runs (batch
     256): r18 128 (2 GPUs, README), r50 64 (4, run_isd_plus.sh), MoCo 32 (8); small presets: 8 groups (MoCo CIFAR demo).
@@ -35,20 +35,17 @@ Implementation details (the algorithm: step_losses(); file names: the official c
  6. MoCo-v2 (notes/isd.md): projection Linear(D, D)-ReLU-Linear(D, 128) without BN, no predictor, logits [q.k, q Q^T]
     / tau, positive in column 0, both views strong; RECIPES. Refused: --tau-t, --head r18 / r50, --teacher-view weak.
  7. Views: strong = MoCo-v2 (RRC 0.2-1, jitter 0.4/0.4/0.4/0.1 p 0.8, gray p 0.2, blur p 0.5, flip); weak = RRC +
-    flip. Image files: common.moco_v2_transform in DataLoader workers, >= 12 px (the 23-px blur kernel pads 11 px by
-    reflection); in-memory datasets: common's batched on-device ops at any size (no blur).
+    flip. Files: moco_v2_transform in workers, >= 12 px (the 23-px blur pads 11 px); in memory: on-device, no blur.
  8. Evaluation (fp32, eval mode, unaugmented L2-normalised backbone features, no heads; gallery = the train split):
     1-NN / 20-NN majority vote (the paper's tables), weighted 200-NN; the teacher as eval_knn.py builds it (teacher
     weights, the STUDENT's BN statistics); purity (train_isd_plus.py): the share of a teacher key's top-5 queue anchors
     with its label, over a fixed 1,024 gallery images. Linear probe (eval_linear.py): eval.py --linear-probe.
- 9. Unbalanced (Sec. 3.2, Table 4): --unbalanced trains on a long-tailed subset (8 of 38 classes keep all images, the
-    rest 100 / 1300; scaled to the dataset, classes seeded by --seed) or --subset-file (official D1..D10.txt, 12,872-
-    13,400 images); NN on the balanced test set against ALL train images of those classes, all and small (knn1_small)
-    classes. Recipe (ISD and MoCo, ResNet-18, "400 epochs with a memory bank size of 8192 and cosine learning
-    schedule"): 2x the preset's epochs, cosine, K 8192 on ImageNet, else 8192 N / 13,400 for N images (digits ~375 ->
-    ~229, Fashion-MNIST 15,696 -> 9,596); explicit flags win. lr, tau, m: not stated (code: lists, no script): RECIPES.
-10. torchrun: DDP student, the same teacher update on every rank, keys and labels all-gathered (MoCo), global batch.
-11. --dataset folder, DIR = --data-root: DIR/train + DIR/test (or val): gallery + queries; DIR/train or DIR/<class>/:
+ 9. Unbalanced (Sec. 3.2, Table 4): --unbalanced (8 of 38 seeded classes keep all images, the rest 100 / 1300; scaled
+    to the dataset) or --subset-file (official D1..D10.txt); NN on the balanced test set against ALL train images of
+    those classes, all and small (knn*_small) classes. Recipe, ISD and MoCo ("400 epochs with a memory bank size of
+    8192 and cosine learning schedule"): 2x the preset's epochs, cosine, K 8192 (ImageNet) else 8192 N / 13,400 for N
+    images (Fashion-MNIST: 9,596); explicit flags win; lr, tau, m are not stated (no released script): RECIPES.
+10. --dataset folder, DIR = --data-root: DIR/train + DIR/test (or val): gallery + queries; DIR/train or DIR/<class>/:
     SSL on all, k-NN queries a fixed (seed 0) fifth of each class, gallery the rest; flat DIR: no labels, no k-NN.
 
 Deviations:
@@ -108,7 +105,7 @@ PRESETS = {
     # ours: ResNet-18 with the CIFAR stem, the r50 recipe (weak/strong, like ReSSL), wd 5e-4, K 4096 (ReSSL CIFAR).
     "cifar10": dict(_SMALL, queue_size=4096), "cifar100": dict(_SMALL, queue_size=4096),
     "stl10": dict(_SMALL, image_size=96, queue_size=16384),  # ours: SSL on train+unlabeled (105K images, 96 px)
-    "folder": dict(_BIG, queue_size=16384, workers=8),  # ours; the k-NN monitor: detail 11
+    "folder": dict(_BIG, queue_size=16384, workers=8),  # ours; the k-NN monitor: detail 10
     # ours, the offline demo: K 512 (well below the 1,437 images), m 0.9 (11 steps per epoch: 0.99 makes the teacher
     # ~9 epochs old), crops >= 80% of an 8x8 digit; the probe scaled to 10 epochs.
     "digits": dict(_SMALL, arch="small", image_size=16, epochs=15, batch_size=128, lr=0.05, ema=0.9, queue_size=512,
@@ -187,7 +184,7 @@ def get_args(argv=None):
         raise RunError(f"--batch-size {args.batch_size} must divide by {world} process(es) x --bn-splits "
                        f"{args.bn_splits} and be at most --queue-size {args.queue_size}")
     query = folder_layout(args.data_root)[1] if args.dataset == "folder" else "test"
-    if query != "test" and int(os.environ.get("RANK", 0)) == 0:  # detail 11, said once at the start
+    if query != "test" and int(os.environ.get("RANK", 0)) == 0:  # detail 10, said once at the start
         print(f"note: {args.data_root}: " + ("no test/ or val/ folder: k-NN queries = a fixed fifth of each class "
               "(seed 0), gallery = the rest; SSL on all, labels unused" if query else "no class folders, so no k-NN"))
     args.eval_every = args.eval_every if query else 0  # no labels: only the closing evaluation (empty)
@@ -363,7 +360,7 @@ def read_subset_file(path, root):
 
 
 def folder_layout(root):
-    """--dataset folder (detail 11) -> (training split, k-NN queries): DIR/train + DIR/test or val: ('train', 'test');
+    """--dataset folder (detail 10) -> (training split, k-NN queries): DIR/train + DIR/test or val: ('train', 'test');
     DIR/train alone or DIR/<class>/: ('train' or 'all', 'holdout'); a flat DIR (no labels): ('all', None)."""
     found = [d for d in ("train", "test", "val") if os.path.isdir(os.path.join(root, d))]
     if "train" in found:
@@ -387,7 +384,7 @@ def load_data(args, split):
     if args.dataset == "synthetic":
         kw["synthetic_size"] = (args.synthetic_n // (4 if split == "test" else 1), 10, args.image_size)
     out = common.load_split(args.dataset, args.data_root, name, **kw)
-    if query == "holdout" and split != "train":  # detail 11: a fixed fifth of each class (>= 1 left in the gallery)
+    if query == "holdout" and split != "train":  # detail 10: a fixed fifth of each class (>= 1 left in the gallery)
         g, test = torch.Generator().manual_seed(0), torch.zeros(len(out), dtype=torch.bool)
         for c in range(out.num_classes):
             idx = torch.nonzero(out.labels == c).squeeze(1)
