@@ -779,7 +779,8 @@ class Meter:
         if self.bad is not None and bool((self.bad >= 0).any()):
             step, name = min((s, n) for s, n in zip(self.bad.tolist(), self.names) if s >= 0)
             last = os.path.join(self.run["dir"] or ".", "last.pt")
-            kept = f"{last} holds the last good checkpoint" if os.path.isfile(last) else "no checkpoint was written yet"
+            kept = (f"{last} holds the last good checkpoint" if os.path.isfile(last) else "no checkpoint was written yet"
+                    if self.run["rank"] == 0 else "rank 0's last.pt, if it wrote one, is the last good checkpoint")
             raise RunError(f"non-finite {name} loss at step {step:.0f}; stopped ({kept})")
 
     @contextlib.contextmanager

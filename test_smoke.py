@@ -25,6 +25,7 @@ import sys
 import tarfile
 import time
 import zipfile
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -1885,6 +1886,10 @@ def test_contract_non_finite_loss_stops_with_component_and_step(name, save_dir, 
     calls[0], bad_step = 0, 2  # in the first epoch: no last.pt exists, and the message does not promise one
     code, _, err = main_of(SCRIPTS[name], tiny(name, save_dir, "--run-name", f"{name}_nan_early"))
     assert code == 2 and "loss at step 2; stopped (no checkpoint was written yet)" in err, err
+    args = SimpleNamespace(log_every=1, batch_size=8)  # a torchrun rank != 0 has no run folder: it names rank 0's file
+    meter = SCRIPTS[name].Meter(args, dict(rank=1, dir=None, tb=None), torch.device("cpu"), 0, 4)
+    with pytest.raises(SCRIPTS[name].RunError, match="step 1; stopped \\(rank 0's last.pt, if it wrote one, is the"):
+        meter.add({"loss": torch.tensor(float("inf"))}, 8, 0, 1, 0.1)
 
 
 @pytest.mark.parametrize("name,sig", [(n, signal.SIGINT) for n in SCRIPTS] + [(n, signal.SIGTERM) for n in SCRIPTS])
