@@ -805,9 +805,9 @@ def start_run(args, device, rank):
 
 
 def run_folder(args):
-    """The first of --run-name, name-2, name-3, ... under --save-dir that is new (then created) or holds an unfinished
-    run of these same arguments (then continued: rerunning a preempted command goes on where it stopped); never a
-    finished run's folder nor one another process holds."""
+    """The first of --run-name, name-2, name-3, ... under --save-dir that is new (then created), holds an unfinished
+    run of these same arguments (then continued: rerunning a preempted command goes on where it stopped) or what a
+    start of them left before its first checkpoint (then reused); never a finished run's folder nor one in use."""
     base = os.path.join(args.save_dir, args.run_name)
     for path in (base if i == 1 else f"{base}-{i}" for i in itertools.count(1)):
         try:
@@ -818,11 +818,14 @@ def run_folder(args):
                     saved = json.load(f)
                 same = all(json.dumps(v) == json.dumps(saved.get(k)) for k, v in vars(args).items()
                            if k == "max_steps" or k not in RESUME_MAY_CHANGE)
-                if same and os.path.isfile(os.path.join(path, "last.pt")):
-                    lock(path)  # RunError if another process runs it
-                    if not os.path.isfile(os.path.join(path, "model.pt")):  # (checked once it is ours)
+                if same and lock(path):  # RunError if another process runs it; what is there is then ours to judge
+                    kept = [n for n in ("last.pt", "model.pt") if os.path.isfile(os.path.join(path, n))]
+                    if kept == ["last.pt"]:
                         args.resume = os.path.join(path, "last.pt")
                         print(f"continuing the unfinished run in {path} (same arguments; --run-name NAME starts anew)")
+                        return path
+                    if not kept:  # a start that failed before its first checkpoint (no weights, bad data, kill -9)
+                        print(f"note: {path}: an earlier start of these arguments left no checkpoint; training there")
                         return path
             except (OSError, ValueError, RunError):
                 pass

@@ -1886,6 +1886,10 @@ def test_contract_non_finite_loss_stops_with_component_and_step(name, save_dir, 
     calls[0], bad_step = 0, 2  # in the first epoch: no last.pt exists, and the message does not promise one
     code, _, err = main_of(SCRIPTS[name], tiny(name, save_dir, "--run-name", f"{name}_nan_early"))
     assert code == 2 and "loss at step 2; stopped (no checkpoint was written yet)" in err, err
+    monkeypatch.setattr(SCRIPTS[name], "step_losses", step_losses)  # the same command again trains in that folder
+    code, out, err = main_of(SCRIPTS[name], tiny(name, save_dir, "--run-name", f"{name}_nan_early"))
+    assert code == 0 and f"{save_dir / (name + '_nan_early')}: an earlier start of these arguments left no" in out, err
+    assert (save_dir / f"{name}_nan_early" / "model.pt").exists() and not (save_dir / f"{name}_nan_early-2").exists()
     args = SimpleNamespace(log_every=1, batch_size=8)  # a torchrun rank != 0 has no run folder: it names rank 0's file
     meter = SCRIPTS[name].Meter(args, dict(rank=1, dir=None, tb=None), torch.device("cpu"), 0, 4)
     with pytest.raises(SCRIPTS[name].RunError, match="step 1; stopped \\(rank 0's last.pt, if it wrote one, is the"):
