@@ -83,8 +83,8 @@ def atomic_write(path, write):
 # ------------------------------------------------------------------------------------------------ checkpoints
 def read_checkpoint(path):
     """(checkpoint dict, its method module, its saved arguments), checked: EvalError naming the file and the fault."""
-    need(not os.path.isdir(path), f"checkpoint {path} is a folder, not a file (a run's is {path}/model.pt)")
-    need(os.path.isfile(path), f"checkpoint {path} does not exist")
+    need(os.path.isfile(path), f"checkpoint {path} does not exist" + ("; that run is unfinished (its command again or "
+         "--resume its last.pt finishes it)" if os.path.isfile(os.path.join(os.path.dirname(path), "last.pt")) else ""))
     need(os.path.getsize(path), f"checkpoint {path} is empty (0 bytes): an interrupted copy? Use the run's model.pt")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -520,7 +520,8 @@ class Parser(argparse.ArgumentParser):
 
 def get_args(argv):
     p = Parser(description="Evaluate a checkpoint of s2sd / camd / spkd / isd or an embeddings file; draw pictures.")
-    p.add_argument("checkpoint", nargs="?", help="a run's model.pt")
+    p.add_argument("checkpoint", nargs="?", help="a run's model.pt (or its folder)",
+                   type=lambda path: os.path.join(path, "model.pt") if os.path.isdir(path) else path)
     p.add_argument("--embeddings", metavar="FILE.npz", help="evaluate arrays emb, labels [, train_emb, train_labels]")
     p.add_argument("--plot", metavar="RUN", help="draw runs/<run>/metrics.jsonl (needs matplotlib) to --out")
     p.add_argument("--dataset", choices=list(dict.fromkeys(common.DATASETS + TRANSFER)), help="evaluate on another "
@@ -544,8 +545,7 @@ def get_args(argv):
     p.add_argument("--out", metavar="FILE", help="the picture of --show-retrievals (.png/.jpg; default "
                    "retrievals.png beside the checkpoint) or --plot (.png/.pdf/.svg; default curves.png in the run)")
     a = p.parse_args(argv)
-    for flag, low in (("workers", 0), ("show_retrievals", 1), ("topk", 1), ("tile", 16), ("probe_epochs", 1),
-                      ("seed", 0)):
+    for flag, low in dict(workers=0, show_retrievals=1, topk=1, tile=16, probe_epochs=1, seed=0).items():
         if getattr(a, flag) is not None and getattr(a, flag) < low:
             p.error(f"argument --{flag.replace('_', '-')}: must be >= {low}, got {getattr(a, flag)}")
     modes = [m for m, v in (("CHECKPOINT", a.checkpoint), ("--embeddings", a.embeddings), ("--plot", a.plot)) if v]

@@ -3157,12 +3157,17 @@ def test_eval_refuses_camd_last_pt_with_a_hint(trained, capsys):
     expect_error(capsys, [trained("camd") / "last.pt"], "do not fit", "use the run's model.pt")
 
 
-def test_eval_table_and_default_json(trained, capsys):
+def test_eval_table_and_default_json(trained, capsys, tmp_path):
     run = trained("s2sd")
     evalpy.main([str(run / "model.pt")])
     out = capsys.readouterr().out
     assert "eval.py" in out and "run log" in out and "R@1" in out
     assert json.loads((run / "eval.json").read_text()) == logged(run)
+    (run / "eval.json").unlink()
+    assert evalpy.main([str(run)]) == logged(run) and (run / "eval.json").exists()  # the run folder: its model.pt
+    (tmp_path / "unfinished").mkdir()
+    (tmp_path / "unfinished" / "last.pt").write_bytes((run / "last.pt").read_bytes())
+    expect_error(capsys, [tmp_path / "unfinished"], "model.pt does not exist; that run is unfinished (its command")
 
 
 def edited(tmp_path, run, name, change):
