@@ -3202,7 +3202,7 @@ def test_bad_checkpoints_give_one_line(trained, tmp_path, capsys):
         return ck(name, lambda c: change(c["model"]))
     cases = [
         (tmp_path / "missing.pt", ["does not exist"]),
-        (run, ["is a folder", "model.pt"]),
+        (tmp_path, [f"{tmp_path / 'model.pt'} does not exist"]),  # a folder: its model.pt (none here)
         (tmp_path / "empty.pt", ["empty"]),
         (tmp_path / "truncated.pt", ["cannot read checkpoint"]),
         (tmp_path / "random.pt", ["cannot read checkpoint"]),
